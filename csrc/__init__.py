@@ -1,0 +1,13 @@
+"""Kernel sources shipped as package data (``segloss_csrc``): framework-free kernels
+(``kernels/``), CUDA launchers (``cuda/``), CPU launchers (``cpu/``) and the PyTorch glue
+(``torch/``). Backends compile them on the user's machine."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+
+def source_dir() -> Path:
+    """Directory holding the kernel sources (inside the installed package)."""
+    return Path(str(resources.files(__name__)))

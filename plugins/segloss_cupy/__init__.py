@@ -1,0 +1,1 @@
+"""CuPy backend of segloss (see plugin.py)."""

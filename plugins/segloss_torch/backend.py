@@ -1,0 +1,84 @@
+"""The PyTorch backend object: availability, options, conformance adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from segloss_core import Backend, ConformanceDtype, LossPlan, Param
+
+IMPL = Param(
+    "impl",
+    "choice",
+    "auto",
+    "statistics implementation: native (plain torch ops, autograd), fused (C++/CUDA kernels: one read of the "
+    "logits forward, one read + one gradient write backward), auto (fused when built and applicable)",
+    choices=("auto", "native", "fused"),
+)
+
+VOXELWISE_LOSSES = frozenset({"topk_ce", "lovasz_softmax"})
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    description = "PyTorch nn.Module losses (CPU and CUDA; float16/bfloat16 accumulated in float32)"
+    options = (IMPL,)
+    voxelwise_losses = VOXELWISE_LOSSES
+    conformance_dtypes = (
+        ConformanceDtype("float64", 1e-7, 1e-9),
+        ConformanceDtype("float32", 2e-4, 2e-5),
+        ConformanceDtype("bfloat16", 5e-2, 2e-2),
+    )
+
+    def availability(self) -> str | None:
+        try:
+            import torch  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - any import failure means "not here"
+            return f"torch cannot be imported ({type(exc).__name__}: {exc}); pip install 'segloss[torch]'"
+        return None
+
+    def status(self) -> Mapping[str, str]:
+        import torch
+
+        from . import fused
+
+        info = {"torch": torch.__version__, "fused": fused.status_line()}
+        info["cuda"] = "available" if torch.cuda.is_available() else "not available"
+        return info
+
+    def build(self, plan: LossPlan, **options: Any) -> Any:
+        from .module import SeglossLoss
+
+        return SeglossLoss(plan, impl=options.get("impl", "auto"))
+
+    def run_for_conformance(
+        self,
+        loss: Any,
+        pred: np.ndarray,
+        target: np.ndarray,
+        mask: np.ndarray | None,
+        dtype: str,
+        inputs: Mapping[str, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() and _conformance_on_cuda() else "cpu"
+        torch_dtype = getattr(torch, dtype)
+        x = torch.tensor(pred, dtype=torch_dtype, device=device, requires_grad=True)
+        y = torch.from_numpy(np.ascontiguousarray(target)).to(device)
+        if y.is_floating_point():
+            y = y.to(torch_dtype)
+        m = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask)).to(device)
+        extra = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in (inputs or {}).items()}
+        value = loss(x, y, m, **extra)
+        value.sum().backward()  # reduction="none": the gradient of the sum, as the reference
+        assert x.grad is not None
+        return value.detach().double().cpu().numpy(), x.grad.double().cpu().numpy()
+
+
+def _conformance_on_cuda() -> bool:
+    import os
+
+    return os.environ.get("SEGLOSS_CONFORMANCE_DEVICE", "cpu") == "cuda"

@@ -1,0 +1,65 @@
+"""segloss: one registry of segmentation losses, specified once, computed by any backend.
+
+>>> from segloss_core import get_loss, list_losses, describe
+>>> "dice" in list_losses()
+True
+"""
+
+from __future__ import annotations
+
+from .backend import API_VERSION, Backend, ConformanceDtype
+from .describe import LossDescription, describe
+from .hookspecs import hookimpl, hookspec
+from .plugins import PluginProblem, SeglossPluginWarning
+from .registry import (
+    BackendInfo,
+    BackendUnavailableError,
+    UnknownBackendError,
+    UnknownLossError,
+    UnsupportedLossError,
+    compound,
+    get_loss,
+    list_backends,
+    list_losses,
+    plugin_manager,
+    problems,
+    registry,
+)
+from .spec import LossPlan, LossSpec, Param, Params, PlanTerm, Preset, Term
+from .validation import PreparedInputs, validate_inputs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "API_VERSION",
+    "Backend",
+    "BackendInfo",
+    "BackendUnavailableError",
+    "ConformanceDtype",
+    "LossDescription",
+    "LossPlan",
+    "LossSpec",
+    "Param",
+    "Params",
+    "PlanTerm",
+    "PluginProblem",
+    "PreparedInputs",
+    "Preset",
+    "SeglossPluginWarning",
+    "Term",
+    "UnknownBackendError",
+    "UnknownLossError",
+    "UnsupportedLossError",
+    "__version__",
+    "compound",
+    "describe",
+    "get_loss",
+    "hookimpl",
+    "hookspec",
+    "list_backends",
+    "list_losses",
+    "plugin_manager",
+    "problems",
+    "registry",
+    "validate_inputs",
+]

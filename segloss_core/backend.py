@@ -1,0 +1,89 @@
+"""The backend interface: what a plugin implements to compute segloss losses.
+
+A backend turns a :class:`~segloss_core.spec.LossPlan` (resolved, checked parameters)
+into a loss object for its framework. It declares what it can do
+(:meth:`Backend.supports`), reports whether it can run here
+(:meth:`Backend.availability`), and gives the conformance suite a way to run its losses
+on NumPy inputs (:meth:`Backend.run_for_conformance`). See ``docs/plugins.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .spec import LossPlan, LossSpec, Param
+
+API_VERSION = 1
+"""Version of this interface. A backend states the version it was written for in
+``api_version``; the registry refuses backends written for a newer one."""
+
+
+@dataclass(frozen=True)
+class ConformanceDtype:
+    """A dtype a backend wants checked, with its tolerances against the float64 reference."""
+
+    name: str
+    rtol: float
+    atol: float
+
+
+DEFAULT_DTYPES = (ConformanceDtype("float64", 1e-7, 1e-9), ConformanceDtype("float32", 2e-4, 2e-5))
+
+
+class Backend:
+    """Base class for backends. Subclasses set ``name`` and implement :meth:`build`.
+
+    ``voxelwise_losses`` lists the names of voxelwise losses (those not computed from
+    statistics) this backend implements; statistics-based and compound losses are
+    supported by any backend that computes the statistics.
+    """
+
+    name: str = ""
+    description: str = ""
+    api_version: int = API_VERSION
+    voxelwise_losses: frozenset[str] = frozenset()
+    conformance_dtypes: tuple[ConformanceDtype, ...] = DEFAULT_DTYPES
+    options: tuple[Param, ...] = ()
+    """Backend options accepted by ``get_loss`` besides the loss parameters (e.g. torch's
+    ``impl``); they must not share a name with any loss parameter."""
+
+    def availability(self) -> str | None:
+        """``None`` if this backend can run here, else the reason it cannot (one line)."""
+        return None
+
+    def supports(self, spec: LossSpec) -> bool:
+        """Whether :meth:`build` can build ``spec`` (for compound specs: all its terms)."""
+        if spec.kind == "voxelwise":
+            return spec.name in self.voxelwise_losses
+        return True
+
+    def build(self, plan: LossPlan, **options: Any) -> Any:
+        """Return a loss object for ``plan``; called only if available and supported.
+
+        ``options`` are the checked values of :attr:`options` (defaults filled in)."""
+        raise NotImplementedError
+
+    def status(self) -> Mapping[str, str]:
+        """Extra facts shown by ``segloss backends``/``describe`` (e.g. active implementation)."""
+        return {}
+
+    # -- conformance -------------------------------------------------------------------
+    def run_for_conformance(
+        self,
+        loss: Any,
+        pred: np.ndarray,
+        target: np.ndarray,
+        mask: np.ndarray | None,
+        dtype: str,
+        inputs: Mapping[str, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Evaluate ``loss`` (built by :meth:`build`) on NumPy inputs cast to ``dtype``.
+
+        Return (value, d value / d pred) as float64 NumPy arrays. ``pred`` and ``mask`` are
+        float64, ``target`` integer labels or float64 probabilities.
+        """
+        raise NotImplementedError(f"backend {self.name!r} does not implement run_for_conformance")

@@ -1,0 +1,211 @@
+"""Conformance cases, generated from the loss specs.
+
+A case is (loss, preset, parameters, input kind, seed); its arrays are regenerated
+deterministically from that key, so a failing case prints a one-line reproducer.
+
+Input kinds cover what the rules of the house ask for: 2D and 3D, one sigmoid channel and
+several softmax channels, classes absent from a sample, single-voxel objects, ignored
+voxels, a sample with every voxel ignored, soft targets, voxel masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..spec import LossSpec, Param
+
+IGNORE = 255
+
+
+@dataclass(frozen=True)
+class InputKind:
+    name: str
+    spatial: tuple[int, ...]
+    channels: int
+    activation: str  # the activation the inputs are made for
+    target: str = "labels"  # labels | soft
+    ignore: bool = False
+    all_ignored_sample: bool = False
+    mask: bool = False
+
+
+INPUT_KINDS: dict[str, InputKind] = {
+    k.name: k
+    for k in (
+        InputKind("3d-softmax", (5, 4, 3), 3, "softmax"),
+        InputKind("2d-softmax", (7, 6), 4, "softmax"),
+        InputKind("1d-softmax", (11,), 3, "softmax"),
+        InputKind("2d-sigmoid-binary", (6, 5), 1, "sigmoid"),
+        InputKind("3d-sigmoid-multilabel", (4, 4, 3), 3, "sigmoid", target="soft"),
+        InputKind("3d-soft", (4, 5, 3), 3, "softmax", target="soft"),
+        InputKind("2d-ignore", (6, 6), 3, "softmax", ignore=True),
+        InputKind("2d-all-ignored", (5, 5), 3, "softmax", ignore=True, all_ignored_sample=True),
+        InputKind("3d-mask", (4, 4, 4), 3, "softmax", mask=True),
+        InputKind("2d-sigmoid-ignore", (6, 6), 1, "sigmoid", ignore=True),
+    )
+}
+PARAM_SWEEP_KINDS = ("3d-softmax", "2d-sigmoid-binary")
+
+
+@dataclass(frozen=True)
+class Case:
+    loss: str
+    preset: str | None
+    params: Mapping[str, Any]
+    kind: str
+    seed: int = 0
+    arrays: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def id(self) -> str:
+        parts = [self.loss]
+        if self.preset:
+            parts.append(self.preset)
+        parts += [f"{k}={_short(v)}" for k, v in sorted(self.params.items())]
+        parts.append(self.kind)
+        return "-".join(parts)
+
+    def reproducer(self, backend: str, dtype: str) -> str:
+        return (
+            "from segloss_core.conformance import Case, check_case\n"
+            f"case = Case({self.loss!r}, {self.preset!r}, {dict(self.params)!r}, {self.kind!r}, seed={self.seed})\n"
+            f"print(check_case({backend!r}, case, {dtype!r}))"
+        )
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "(" + ",".join(_short(v) for v in value) + ")"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def make_arrays(kind_name: str, seed: int, activation: str) -> dict[str, np.ndarray]:
+    """pred (float64), target, mask for an input kind; pred are probabilities for activation 'none'."""
+    kind = INPUT_KINDS[kind_name]
+    rng = np.random.default_rng(seed + 7919 * sum(map(ord, kind_name)))
+    batch = 2
+    shape = (batch, kind.channels, *kind.spatial)
+    pred = rng.normal(scale=1.5, size=shape)
+    out: dict[str, np.ndarray] = {}
+    if kind.target == "soft":
+        raw = rng.random(shape)
+        if kind.activation == "softmax":
+            target = raw / raw.sum(axis=1, keepdims=True)
+        else:
+            target = raw
+        # one exactly one-hot sample keeps the hard-label paths honest
+        target[0] = (
+            (target[0] == target[0].max(axis=0, keepdims=True)).astype(np.float64)
+            if kind.channels > 1
+            else (target[0] > 0.5)
+        )
+        out["target"] = target.astype(np.float64)
+    else:
+        high = 2 if kind.channels == 1 else kind.channels
+        labels = rng.integers(0, high, size=(batch, *kind.spatial))
+        if kind.channels > 1:
+            labels[0][labels[0] == kind.channels - 1] = 0  # last class absent from sample 0
+            flat = labels[1].reshape(-1)
+            flat[flat == kind.channels - 1] = 1
+            flat[rng.integers(flat.size)] = kind.channels - 1  # ... and a single voxel in sample 1
+        else:
+            labels[0] = 0  # empty foreground in sample 0
+            labels[0].reshape(-1)[rng.integers(labels[0].size)] = 1  # ... but for one voxel
+        if kind.ignore:
+            ignored = rng.random(labels.shape) < 0.25
+            labels[ignored] = IGNORE
+            if kind.all_ignored_sample:
+                labels[0] = IGNORE
+        out["target"] = labels.astype(np.int64)
+    if kind.mask:
+        mask = rng.random((batch, 1, *kind.spatial))
+        mask[mask < 0.2] = 0.0
+        out["mask"] = mask
+    if activation == "none":
+        if kind.channels == 1 or kind.activation == "sigmoid":
+            pred = 1.0 / (1.0 + np.exp(-pred))
+        else:
+            e = np.exp(pred - pred.max(axis=1, keepdims=True))
+            pred = e / e.sum(axis=1, keepdims=True)
+    out["pred"] = pred
+    return out
+
+
+def materialise(case: Case) -> Case:
+    activation = case.params.get("activation", INPUT_KINDS[case.kind].activation)
+    arrays = make_arrays(case.kind, case.seed, activation)
+    return Case(case.loss, case.preset, case.params, case.kind, case.seed, arrays)
+
+
+def _kind_params(spec: LossSpec, kind: InputKind) -> dict[str, Any]:
+    """Parameters an input kind requires (its activation, its ignore_index)."""
+    names = {p.name for p in spec.params}
+    params: dict[str, Any] = {}
+    if "activation" in names:
+        choices = spec.param("activation").choices or ()
+        if kind.activation in choices:
+            params["activation"] = kind.activation
+    if kind.ignore and "ignore_index" in names:
+        params["ignore_index"] = IGNORE
+    return params
+
+
+def _variants(param: Param) -> list[Any]:
+    values: list[Any] = []
+    if param.kind == "bool":
+        values.append(not param.default)
+    elif param.kind == "choice":
+        values.extend(c for c in param.choices or () if c != param.default)
+    values.extend(v for v in param.examples if v != param.default)
+    if param.name in ("class_weights", "pos_weight"):
+        values.append("per-class")
+    return values
+
+
+def _per_class(name: str, channels: int) -> tuple[float, ...]:
+    return (
+        tuple(0.5 + 0.75 * c for c in range(channels))
+        if name == "class_weights"
+        else tuple(2.0 - 0.5 * c for c in range(channels))
+    )
+
+
+def generate(spec: LossSpec, *, quick: bool = False, seed: int = 0) -> Iterator[Case]:
+    """Every case for ``spec``: defaults and presets on each input kind, then each
+    parameter at each non-default value on the sweep kinds."""
+    kinds = list(INPUT_KINDS.values())
+    if quick:
+        kinds = [INPUT_KINDS[k] for k in ("3d-softmax", "2d-sigmoid-binary", "2d-ignore")]
+    presets: list[str | None] = [None, *(p.name for p in spec.presets)]
+    seen: set[str] = set()
+
+    def emit(case: Case) -> Iterator[Case]:
+        if case.id not in seen:
+            seen.add(case.id)
+            yield case
+
+    for kind in kinds:
+        for preset in presets if not quick else presets[:2]:
+            yield from emit(Case(spec.name, preset, _kind_params(spec, kind), kind.name, seed))
+    sweep = [INPUT_KINDS[k] for k in PARAM_SWEEP_KINDS]
+    for param in spec.params:
+        if param.name in ("activation", "ignore_index"):
+            continue
+        for value in _variants(param):
+            for kind in sweep if not quick else sweep[:1]:
+                params = _kind_params(spec, kind)
+                params[param.name] = _per_class(param.name, kind.channels) if value == "per-class" else value
+                yield from emit(Case(spec.name, None, params, kind.name, seed))
+    # the "none" activation (probabilities in), where the spec offers it
+    if "activation" in {p.name for p in spec.params} and "none" in (spec.param("activation").choices or ()):
+        for kind_name in ("3d-softmax", "2d-sigmoid-binary"):
+            kind = INPUT_KINDS[kind_name]
+            params = _kind_params(spec, kind)
+            params["activation"] = "none"
+            yield from emit(Case(spec.name, None, params, kind.name, seed))

@@ -1,0 +1,161 @@
+"""Run conformance cases against a backend and report, with reproducers, what disagrees."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..backend import Backend, ConformanceDtype
+from ..reference.evaluate import evaluate
+from ..registry import registry
+from .cases import Case, generate, materialise
+
+
+@dataclass(frozen=True)
+class Outcome:
+    case: Case
+    backend: str
+    dtype: str
+    status: str  # "pass", "fail", "skip"
+    what: str = ""  # "value", "gradient", "error", "invalid"
+    detail: str = ""
+    max_abs_error: float = 0.0
+
+    def __str__(self) -> str:
+        head = f"{self.status.upper():4} {self.case.id} [{self.backend}/{self.dtype}]"
+        return head + (f" {self.what}: {self.detail}" if self.detail else "")
+
+
+@dataclass
+class Report:
+    backend: str
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "fail"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        counts = {s: sum(o.status == s for o in self.outcomes) for s in ("pass", "fail", "skip")}
+        return f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped"
+
+    def __str__(self) -> str:
+        lines = [f"segloss conformance of backend {self.backend!r}: {self.summary()}"]
+        for failure in self.failures:
+            lines.append(f"  {failure}")
+            lines.append("    reproduce:")
+            lines += ["      " + line for line in failure.case.reproducer(failure.backend, failure.dtype).splitlines()]
+        return "\n".join(lines)
+
+
+def round_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    """x rounded to ``dtype`` and back to float64 (bfloat16 by round-to-nearest-even)."""
+    if dtype == "bfloat16":
+        bits = np.asarray(x, dtype=np.float32).view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+        return rounded.view(np.float32).astype(np.float64)
+    return np.asarray(x).astype(dtype).astype(np.float64)
+
+
+def _compare(got: np.ndarray, want: np.ndarray, tol: ConformanceDtype, scale: float) -> tuple[bool, float, str]:
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        return False, float("inf"), f"shape {got.shape}, reference {want.shape}"
+    if not np.all(np.isfinite(want)):
+        return False, float("inf"), "the reference itself is not finite on these inputs (a spec bug)"
+    err = np.abs(got - want)
+    err = np.where(np.isfinite(err), err, np.inf)
+    allowed = tol.atol * max(scale, 1.0) + tol.rtol * np.abs(want)
+    bad = err > allowed
+    worst = float(err.max()) if err.size else 0.0
+    if bad.any():
+        index = np.unravel_index(int(np.argmax(np.where(bad, err, -1.0))), err.shape)
+        return (
+            False,
+            worst,
+            (
+                f"max abs error {worst:.3g} (at {tuple(int(i) for i in index)}: got {got[index]!r}, reference "
+                f"{want[index]!r}; tolerance rtol={tol.rtol:g}, atol={tol.atol:g})"
+            ),
+        )
+    return True, worst, ""
+
+
+def check_case(backend_name: str, case: Case, dtype: str | ConformanceDtype = "float64") -> Outcome:
+    """Run one case on one dtype: compare value and gradient with the float64 reference."""
+    reg = registry()
+    backend: Backend = reg.backend(backend_name)
+    if isinstance(dtype, str):
+        matches = [d for d in backend.conformance_dtypes if d.name == dtype]
+        tol = matches[0] if matches else ConformanceDtype(dtype, 1e-4, 1e-5)
+    else:
+        tol = dtype
+    if not case.arrays:
+        case = materialise(case)
+    spec = reg.loss(case.loss)
+    try:
+        params = spec.resolve(case.preset, **case.params)
+        plan = spec.plan(params, reg)
+    except (TypeError, ValueError) as exc:
+        return Outcome(case, backend_name, tol.name, "skip", "invalid", f"parameters refused: {exc}")
+    pred = round_to_dtype(case.arrays["pred"], tol.name)
+    target = case.arrays["target"]
+    if target.dtype.kind == "f":
+        target = round_to_dtype(target, tol.name)
+    mask = case.arrays.get("mask")
+    try:
+        want_value, _ = evaluate(plan, pred, target, mask, with_grad=False)
+        ones = None if np.ndim(want_value) == 0 else np.ones_like(want_value)
+        want_value, want_grad = evaluate(plan, pred, target, mask, grad_output=ones)
+    except ValueError as exc:
+        return Outcome(case, backend_name, tol.name, "skip", "invalid", f"inputs refused by the reference: {exc}")
+    try:
+        loss = reg.build(plan, backend_name)
+        got_value, got_grad = backend.run_for_conformance(loss, pred, target, mask, tol.name)
+    except Exception as exc:  # noqa: BLE001 - any backend error is a failure to report
+        return Outcome(case, backend_name, tol.name, "fail", "error", f"{type(exc).__name__}: {exc}")
+    assert want_grad is not None
+    ok, err, detail = _compare(got_value, want_value, tol, 1.0)
+    if not ok:
+        return Outcome(case, backend_name, tol.name, "fail", "value", detail, err)
+    scale = float(np.nanmax(np.abs(want_grad))) if want_grad.size else 1.0
+    ok, err, detail = _compare(got_grad, want_grad, tol, scale if np.isfinite(scale) else 1.0)
+    if not ok:
+        return Outcome(case, backend_name, tol.name, "fail", "gradient", detail, err)
+    return Outcome(case, backend_name, tol.name, "pass", max_abs_error=err)
+
+
+def cases_for(losses: Iterable[str] | None = None, *, quick: bool = False) -> list[Case]:
+    reg = registry()
+    names = list(losses) if losses is not None else reg.loss_names()
+    out: list[Case] = []
+    for name in names:
+        out.extend(generate(reg.loss(name), quick=quick))
+    return out
+
+
+def check_backend(
+    backend_name: str,
+    losses: Sequence[str] | None = None,
+    dtypes: Sequence[str] | None = None,
+    *,
+    quick: bool = False,
+) -> Report:
+    """Every case of every loss the backend supports, on each of its conformance dtypes."""
+    reg = registry()
+    backend = reg.backend(backend_name)
+    names = [n for n in (losses or reg.loss_names()) if reg._supports(backend, reg.loss(n))]
+    wanted = [d for d in backend.conformance_dtypes if dtypes is None or d.name in dtypes]
+    report = Report(backend_name)
+    for case in cases_for(names, quick=quick):
+        case = materialise(case)
+        for dtype in wanted:
+            report.outcomes.append(check_case(backend_name, case, dtype))
+    return report

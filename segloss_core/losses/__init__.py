@@ -1,0 +1,17 @@
+"""The built-in loss catalog, registered through the same hook a plugin uses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..hookspecs import hookimpl
+from ..spec import LossSpec
+from . import compound, cross_entropy, region
+
+BUILTIN_SPECS: tuple[LossSpec, ...] = (*region.SPECS, *cross_entropy.SPECS, *compound.SPECS)
+
+
+@hookimpl
+def segloss_register_losses(register: Callable[[LossSpec], None]) -> None:
+    for spec in BUILTIN_SPECS:
+        register(spec)

@@ -1,0 +1,55 @@
+"""Array-API helpers for formulas over (rows, classes) statistics.
+
+Rules for formula code (so the same text runs on NumPy, CuPy, PyTorch, JAX and the
+differentiating tape): take the namespace ``xp`` as an argument, pass no Python scalars to
+``xp`` functions (use :func:`full`), and keep to the functions the tape implements
+(``segloss_core.reference.autodiff.TapeNamespace``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import array_api_compat
+
+Array = Any
+
+
+def full(xp: Any, like: Array, value: float) -> Array:
+    """An array shaped and typed like ``like`` filled with ``value`` (a constant)."""
+    return xp.full_like(like, value)
+
+
+def device_of(x: Array) -> Any:
+    return array_api_compat.device(x)
+
+
+def constant_vector(xp: Any, like: Array, values: Sequence[float]) -> Array:
+    """A 1-D constant with ``like``'s dtype and device."""
+    return xp.asarray([float(v) for v in values], dtype=like.dtype, device=device_of(like))
+
+
+def safe_ratio(xp: Any, num: Array, den: Array, zero_value: float) -> Array:
+    """num / den, with ``zero_value`` (and zero gradient) where den == 0."""
+    zero = den == 0
+    safe_den = xp.where(zero, full(xp, den, 1.0), den)
+    return xp.where(zero, full(xp, num, zero_value), num / safe_den)
+
+
+def select_columns(xp: Any, x: Array, columns: Sequence[int] | None) -> Array:
+    """x[:, columns] (all columns when None)."""
+    if columns is None:
+        return x
+    index = xp.asarray(list(columns), device=device_of(x))
+    return xp.take(x, index, axis=1)
+
+
+def included_classes(params: Any, num_classes: int) -> list[int]:
+    """The channels a region loss averages over, from ``classes``/``include_background``."""
+    classes = params.get("classes")
+    if classes is not None:
+        return sorted(set(classes))
+    if num_classes == 1 or params.get("include_background", True):
+        return list(range(num_classes))
+    return list(range(1, num_classes))

@@ -1,0 +1,64 @@
+"""Parameters shared by several losses: one name, one meaning, everywhere."""
+
+from __future__ import annotations
+
+from ..spec import Param
+
+ACTIVATION = Param(
+    "activation",
+    "choice",
+    "softmax",
+    "softmax: mutually exclusive classes; sigmoid: independent channels (C = 1 is binary "
+    "foreground); none: pred already holds probabilities",
+    choices=("softmax", "sigmoid", "none"),
+)
+
+IGNORE_INDEX = Param(
+    "ignore_index",
+    "int",
+    None,
+    "voxels with this label contribute nothing to any statistic or gradient (may lie outside [0, C))",
+    optional=True,
+    examples=(255,),
+)
+
+REDUCTION = Param(
+    "reduction",
+    "choice",
+    "mean",
+    "mean or sum over the loss elements, or none to return them",
+    choices=("mean", "sum", "none"),
+)
+
+CLASS_WEIGHTS = Param(
+    "class_weights",
+    "float_seq",
+    None,
+    "one non-negative weight per channel (C entries, background included)",
+    optional=True,
+    low=0.0,
+)
+
+BATCH = Param(
+    "batch",
+    "bool",
+    False,
+    "sum the statistics over the batch too ('batch dice'): one score per class instead of per (sample, class)",
+)
+
+INCLUDE_BACKGROUND = Param(
+    "include_background",
+    "bool",
+    True,
+    "include channel 0 (no effect with a single sigmoid channel, which is foreground)",
+)
+
+CLASSES = Param(
+    "classes",
+    "int_seq",
+    None,
+    "explicit channels to include (overrides include_background), e.g. (1, 3)",
+    optional=True,
+    low=0,
+    examples=((1,),),
+)

@@ -1,0 +1,125 @@
+"""Plugin discovery: the pluggy manager, entry-point loading, and what went wrong.
+
+Loading is lazy (first use of the registry) and happens once. Each entry point of the group
+``segloss`` is imported in its own ``try``: one broken plugin becomes a warning and a
+:class:`PluginProblem`, never an error for the others. Environment switches:
+
+``SEGLOSS_DISABLE_PLUGIN_AUTOLOAD=1``
+    load only the entry points of the ``segloss`` distribution itself (numpy, torch,
+    cupy backends), no third-party plugin — for debugging.
+``SEGLOSS_LOAD_PLUGINS=a,b``
+    load only these entry points (by name).
+``SEGLOSS_TRACE_PLUGINS=1``
+    print every hook call (pluggy tracing) to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+
+GROUP = "segloss"
+DISTRIBUTION = "segloss"
+BUILTIN_LOSSES_PLUGIN = "segloss.losses"
+
+
+class SeglossPluginWarning(UserWarning):
+    """A plugin failed to load or registered something invalid."""
+
+
+@dataclass(frozen=True)
+class PluginProblem:
+    """Something a plugin did wrong; shown by ``segloss backends`` and kept for errors."""
+
+    plugin: str
+    stage: str  # "import", "register", "hook", "validate"
+    message: str
+    error: BaseException | None = None
+
+    def __str__(self) -> str:
+        return f"plugin {self.plugin!r} ({self.stage}): {self.message}"
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+class SeglossPluginManager(pluggy.PluginManager):
+    """pluggy's manager, telling the registry when plugins come and go (tests register
+    throwaway plugins with ``register(obj, name=...)``)."""
+
+    def __init__(self, on_change: Callable[[], None]):
+        super().__init__(hookspecs.PROJECT)
+        self.add_hookspecs(hookspecs)
+        self._on_change = on_change
+        if _truthy("SEGLOSS_TRACE_PLUGINS"):
+            self.trace.root.setwriter(lambda text: sys.stderr.write(text))
+            self.enable_tracing()
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        result = super().register(plugin, name)
+        self._on_change()
+        return result
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
+        result = super().unregister(plugin, name)
+        self._on_change()
+        return result
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    return sorted(metadata.entry_points(group=GROUP), key=lambda ep: ep.name)
+
+
+def _distribution_name(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return (dist.metadata["Name"] if dist is not None else "") or ""
+
+
+def load_entry_points(pm: SeglossPluginManager, problems: list[PluginProblem]) -> dict[str, PluginProblem]:
+    """Import and register every entry point; returns {entry-point name: problem} for broken ones."""
+    broken: dict[str, PluginProblem] = {}
+    only = {n.strip() for n in os.environ.get("SEGLOSS_LOAD_PLUGINS", "").split(",") if n.strip()}
+    builtin_only = _truthy("SEGLOSS_DISABLE_PLUGIN_AUTOLOAD")
+    for ep in _entry_points():
+        if only and ep.name not in only:
+            continue
+        if builtin_only and _distribution_name(ep).lower() != DISTRIBUTION:
+            continue
+        if pm.has_plugin(ep.name):
+            dist = _distribution_name(ep)
+            problem = PluginProblem(
+                ep.name, "register", f"two entry points are named {ep.name!r}; the one from {dist!r} was skipped"
+            )
+            problems.append(problem)
+            warnings.warn(str(problem), SeglossPluginWarning, stacklevel=3)
+            continue
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
+            problem = PluginProblem(ep.name, "import", f"{type(exc).__name__}: {exc}", exc)
+            problems.append(problem)
+            broken[ep.name] = problem
+            warnings.warn(f"segloss: {problem}", SeglossPluginWarning, stacklevel=3)
+    while True:  # a misspelt hook name fails its own plugin only
+        try:
+            pm.check_pending()
+            break
+        except pluggy.PluginValidationError as exc:
+            name = pm.get_name(exc.plugin) or repr(exc.plugin)
+            pm.unregister(exc.plugin)
+            problem = PluginProblem(name, "validate", str(exc), exc)
+            problems.append(problem)
+            broken[name] = problem
+            warnings.warn(f"segloss: {problem}", SeglossPluginWarning, stacklevel=3)
+    return broken

@@ -1,0 +1,101 @@
+"""Evaluate a loss plan in float64 on NumPy (or CuPy) arrays: value and exact gradient.
+
+This is the oracle every backend is checked against: statistics from
+:mod:`segloss_core.reference.statistics`, formulas differentiated by the tape of
+:mod:`segloss_core.reference.autodiff`, voxelwise terms by their spec's ``reference``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import array_api_compat
+
+from ..spec import LossPlan
+from ..validation import PreparedInputs, validate_inputs
+from . import statistics as reference_statistics
+from .autodiff import TapeNamespace, Var, gradients
+
+Array = Any
+
+
+def required_statistics(plan: LossPlan) -> frozenset[str]:
+    names: set[str] = set()
+    for term in plan.terms:
+        if term.spec.kind == "statistics":
+            assert term.spec.required_statistics is not None
+            names |= term.spec.required_statistics(term.params)
+    return frozenset(names)
+
+
+def evaluate_prepared(
+    plan: LossPlan,
+    prepared: PreparedInputs,
+    inputs: Mapping[str, Array] | None = None,
+    *,
+    with_grad: bool = True,
+    grad_output: Array | None = None,
+) -> tuple[Array, Array | None]:
+    """(value, d⟨grad_output, value⟩/d pred); ``grad_output`` None needs a scalar value."""
+    xp = array_api_compat.array_namespace(prepared.pred)
+    names = required_statistics(plan)
+    total: Any = None
+    grad = None
+    if names:
+        stats, vjp = reference_statistics.compute(prepared, names)
+        tape = TapeNamespace(xp)
+        leaves = {name: tape.variable(value) for name, value in stats.items()}
+        for term in plan.terms:
+            if term.spec.kind != "statistics":
+                continue
+            assert term.spec.from_statistics is not None
+            value = term.spec.from_statistics(tape, leaves, term.params)
+            contribution = value if term.weight == 1.0 else value * term.weight
+            total = contribution if total is None else total + contribution
+        if isinstance(total, Var):
+            if with_grad:
+                if grad_output is None:
+                    _require_scalar(total.value, plan)
+                seed = None if grad_output is None else xp.astype(xp.asarray(grad_output), xp.float64)
+                grads = gradients(total, list(leaves.values()), seed)
+                grad = vjp(dict(zip(leaves, grads, strict=True)))
+            total = total.value
+        elif with_grad:  # a formula that ignores every statistic (constant loss)
+            grad = xp.zeros(tuple(prepared.pred.shape), dtype=xp.float64)
+    for term in plan.terms:
+        if term.spec.kind != "voxelwise":
+            continue
+        assert term.spec.reference is not None
+        value, term_grad = term.spec.reference(prepared, term.params, inputs or {}, with_grad=with_grad)
+        total = value * term.weight if total is None else total + value * term.weight
+        if with_grad:
+            grad = term_grad * term.weight if grad is None else grad + term_grad * term.weight
+    return total, grad
+
+
+def _require_scalar(value: Array, plan: LossPlan) -> None:
+    if getattr(value, "ndim", 0) != 0:
+        raise ValueError(
+            f"loss {plan.name!r}: value_and_grad needs a scalar loss; reduction='none' returns shape "
+            f"{tuple(value.shape)}"
+        )
+
+
+def evaluate(
+    plan: LossPlan,
+    pred: Array,
+    target: Array,
+    mask: Array | None = None,
+    inputs: Mapping[str, Array] | None = None,
+    *,
+    with_grad: bool = True,
+    grad_output: Array | None = None,
+) -> tuple[Array, Array | None]:
+    """Validate, then return (value, d value / d pred or None), float64.
+
+    For a non-scalar value (``reduction="none"``) pass ``grad_output`` (same shape as the
+    value): the gradient is then d⟨grad_output, value⟩ / d pred, as ``Tensor.backward``.
+    """
+    prepared = validate_inputs(pred, target, mask, plan)
+    return evaluate_prepared(plan, prepared, inputs, with_grad=with_grad, grad_output=grad_output)

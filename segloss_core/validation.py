@@ -1,0 +1,223 @@
+"""The input contract, shared by every backend: checked before any computation.
+
+``pred``
+    (B, C, *spatial) floating point, 1–3 spatial dims: logits for ``activation="softmax"``
+    (mutually exclusive classes) or ``"sigmoid"`` (independent channels; C = 1 is binary
+    foreground), probabilities for ``"none"``.
+``target``
+    integer labels (B, *spatial) or (B, 1, *spatial) with values in [0, C) (0/1 for a
+    single sigmoid channel) or ``ignore_index``; or floating one-hot/soft targets with the
+    shape of ``pred``.
+``mask``
+    optional voxel weights, (B, *spatial), (B, 1, *spatial) or per class (B, C, *spatial)
+    (a leading 1 broadcasts over the batch); bool or floating. Applied after the
+    activation: a voxel of weight 0 contributes nothing to any statistic or gradient.
+
+Out-of-range labels raise here, with the offending value, so they can never reach a kernel
+that indexes with them. Logits are *not* checked for finiteness (that would cost a pass
+over the largest tensor): a NaN or infinite logit gives a NaN/infinite loss and gradient,
+never a silently finite one (tests/test_validation.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+
+from .spec import LossPlan
+
+Array = Any
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    """Validated inputs in canonical layout (no copies of ``pred``)."""
+
+    pred: Array  # (B, C, *S) floating
+    labels: Array | None  # (B, *S) integer, or None for probability targets
+    target: Array | None  # (B, C, *S) floating, or None for labels
+    mask: Array | None  # (B|1, 1|C, *S), or None
+    num_classes: int
+    ignore_index: int | None
+    activation: str
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.pred.shape[0])
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.pred.shape[2:])
+
+
+def _shape(x: Array) -> tuple[int, ...]:
+    return tuple(int(s) for s in x.shape)
+
+
+def _dtype_name(x: Array) -> str:
+    return str(x.dtype).replace("torch.", "")
+
+
+def _namespace(name: str, x: Array) -> Any:
+    try:
+        return array_api_compat.array_namespace(x)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an array or tensor (numpy, cupy, torch, ...), got {type(x).__name__}"
+        ) from None
+
+
+def _same_device(name: str, x: Array, pred: Array) -> None:
+    if array_api_compat.device(x) != array_api_compat.device(pred):
+        raise ValueError(
+            f"{name} is on device {array_api_compat.device(x)} but pred is on {array_api_compat.device(pred)}"
+        )
+
+
+def label_range_error(labels: Array, xp: Any, valid_max: int, ignore_index: int | None) -> str | None:
+    """Describe the first label outside [0, valid_max) that is not ``ignore_index``, or None."""
+    lo, hi = int(xp.min(labels)), int(xp.max(labels))
+    if lo >= 0 and hi < valid_max:
+        return None
+    bad = xp.logical_or(labels < 0, labels >= valid_max)
+    if ignore_index is not None:
+        bad = xp.logical_and(bad, labels != ignore_index)
+    if not bool(xp.any(bad)):
+        return None
+    offending = xp.reshape(labels, (-1,))[xp.reshape(bad, (-1,))]
+    values = sorted({int(offending[i]) for i in range(min(64, int(offending.shape[0])))})
+    return ", ".join(str(v) for v in values[:5]) + (" ..." if len(values) > 5 else "")
+
+
+def validate_inputs(
+    pred: Array,
+    target: Array,
+    mask: Array | None,
+    plan: LossPlan,
+    *,
+    check_label_values: bool = True,
+) -> PreparedInputs:
+    """Check ``pred``/``target``/``mask`` against the contract and the plan's parameters.
+
+    Raises ``TypeError`` for wrong kinds (integer predictions, non-arrays) and
+    ``ValueError`` for shapes, devices and values; the message names the argument, what
+    was expected and what was given.
+    """
+    xp = _namespace("pred", pred)
+    activation = plan.activation
+    ignore_index = plan.ignore_index
+    shape = _shape(pred)
+    if not xp.isdtype(pred.dtype, "real floating"):
+        raise TypeError(
+            f"pred must be floating point (logits or probabilities), got dtype {_dtype_name(pred)}; "
+            "integer predictions usually mean argmax labels were passed instead of the network output"
+        )
+    if len(shape) < 3 or len(shape) > 5:
+        raise ValueError(f"pred must have shape (B, C, *spatial) with 1 to 3 spatial dims, got shape {shape}")
+    if any(s == 0 for s in shape):
+        raise ValueError(f"pred is empty (shape {shape}); every dimension must be at least 1")
+    batch, channels, spatial = shape[0], shape[1], shape[2:]
+    if activation == "softmax" and channels == 1:
+        raise ValueError(
+            "activation='softmax' with a single channel is constant 1; use activation='sigmoid' for binary "
+            f"segmentation with one output channel (pred shape {shape})"
+        )
+
+    # target ------------------------------------------------------------------------------
+    _namespace("target", target)
+    _same_device("target", target, pred)
+    tshape = _shape(target)
+    labels = probabilities = None
+    if xp.isdtype(target.dtype, "integral") or xp.isdtype(target.dtype, "bool"):
+        if tshape == (batch, *spatial):
+            labels = target
+        elif tshape == (batch, 1, *spatial):
+            labels = xp.reshape(target, (batch, *spatial))
+        else:
+            raise ValueError(
+                f"integer target must have shape (B, *spatial) = {(batch, *spatial)} or (B, 1, *spatial) = "
+                f"{(batch, 1, *spatial)} for pred of shape {shape}; got {tshape}"
+            )
+        if xp.isdtype(labels.dtype, "bool"):
+            labels = xp.astype(labels, xp.int64)
+        valid_max = 2 if (activation != "softmax" and channels == 1) else channels
+        if check_label_values:
+            problem = label_range_error(labels, xp, valid_max, ignore_index)
+            if problem is not None:
+                extra = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
+                raise ValueError(
+                    f"target has labels outside [0, {valid_max}){extra}: found {problem} "
+                    f"(pred has {channels} channel{'s' if channels > 1 else ''})"
+                )
+    elif xp.isdtype(target.dtype, "real floating"):
+        if tshape == shape:
+            probabilities = target
+        elif channels == 1 and tshape == (batch, *spatial):
+            probabilities = xp.reshape(target, shape)
+        elif tshape in ((batch, *spatial), (batch, 1, *spatial)):
+            raise ValueError(
+                f"target is a floating label map of shape {tshape} but pred has {channels} channels; pass integer "
+                "labels (e.g. target.long()) or a one-hot/soft target of shape " + f"{shape}"
+            )
+        else:
+            raise ValueError(f"floating (one-hot/soft) target must have the shape of pred {shape}; got {tshape}")
+        if ignore_index is not None:
+            raise ValueError(
+                "ignore_index applies to integer label targets; for one-hot/soft targets pass mask= "
+                "(0 on the voxels to ignore) instead"
+            )
+    else:
+        raise TypeError(
+            f"target must be integer labels or floating one-hot/soft targets, got dtype {_dtype_name(target)}"
+        )
+
+    # mask --------------------------------------------------------------------------------
+    canonical_mask = None
+    if mask is not None:
+        _namespace("mask", mask)
+        _same_device("mask", mask, pred)
+        mshape = _shape(mask)
+        if len(mshape) == len(shape) - 1:
+            mshape = (mshape[0], 1, *mshape[1:])
+            mask = xp.reshape(mask, mshape)
+        if (
+            len(mshape) != len(shape)
+            or mshape[0] not in (1, batch)
+            or mshape[1] not in (1, channels)
+            or tuple(mshape[2:]) != tuple(spatial)
+        ):
+            raise ValueError(
+                f"mask must have shape (B, *spatial), (B, 1, *spatial) or (B, C, *spatial) (B may be 1) "
+                f"for pred of shape {shape}; got {_shape(mask) if mask is not None else None}"
+            )
+        if not (xp.isdtype(mask.dtype, "bool") or xp.isdtype(mask.dtype, "real floating")):
+            raise TypeError(f"mask must be bool or floating point, got dtype {_dtype_name(mask)}")
+        canonical_mask = mask
+
+    # per-class parameters ------------------------------------------------------------------
+    for term in plan.terms:
+        for param in term.spec.params:
+            value = term.params.get(param.name)
+            if value is None:
+                continue
+            if param.name in ("class_weights", "pos_weight") and len(value) != channels:
+                raise ValueError(
+                    f"loss {term.spec.name!r}: {param.name} has {len(value)} entries but pred has {channels} "
+                    "channels; give one value per channel (background included)"
+                )
+            if param.name == "classes" and max(value) >= channels:
+                raise ValueError(
+                    f"loss {term.spec.name!r}: classes={list(value)} names a channel >= {channels} (pred has "
+                    f"{channels} channels)"
+                )
+    return PreparedInputs(
+        pred=pred,
+        labels=labels,
+        target=probabilities,
+        mask=canonical_mask,
+        num_classes=channels,
+        ignore_index=ignore_index,
+        activation=activation,
+    )
