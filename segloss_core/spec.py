@@ -267,11 +267,30 @@ class LossPlan:
     def reduction(self) -> str:
         return self.terms[0].params.get("reduction", "mean")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # specs hold functions (closures) that pickle cannot carry: rebuild from registered names
+        terms = tuple((t.weight, t.spec.name, dict(t.params), t.params.preset) for t in self.terms)
+        return (_plan_from_names, (self.name, terms, self.preset))
+
     def describe(self) -> str:
         parts = []
         for term in self.terms:
             parts.append(f"{term.weight:g}·{term.spec.name}({', '.join(f'{k}={v!r}' for k, v in term.params.items())})")
         return " + ".join(parts)
+
+
+def _plan_from_names(name: str, terms: tuple[tuple[float, str, dict[str, Any], str | None], ...], preset: str | None):
+    from .registry import registry
+
+    reg = registry()
+    rebuilt = []
+    for weight, loss_name, values, term_preset in terms:
+        spec = reg.loss(loss_name)
+        params = Params(values, loss_name, term_preset)
+        if spec.check is not None:
+            spec.check(params)
+        rebuilt.append(PlanTerm(weight, spec, params))
+    return LossPlan(name, tuple(rebuilt), preset)
 
 
 StatisticsFn = Callable[[Params], frozenset[str]]

@@ -344,9 +344,17 @@ DICE_PRESETS = (
     ),
     Preset(
         "keras",
-        {"activation": "sigmoid", "batch": True, "average": "micro", "smooth_nr": 1.0, "smooth_dr": 1.0},
-        "the Keras recipe dice_coef_loss: everything flattened, 1 − (2I + 1)/(P + G + 1) (binary, sigmoid output)",
-        "keras-team/keras issue 3611 / the U-Net Keras threads (dice_coef with smooth=1)",
+        {
+            "activation": "sigmoid",
+            "batch": True,
+            "average": "micro",
+            "smooth_nr": 1.0,
+            "smooth_dr": 1.0,
+            "loss_form": "negative",
+        },
+        "the classic Keras recipe: dice_coef over everything flattened, (2I + 1)/(P + G + 1), loss −dice_coef "
+        "(single sigmoid output channel); '1 - dice_coef' variants have the same gradient",
+        "jocicmarko/ultrasound-nerve-segmentation train.py (df9eb77) = keras-team/keras issue #3611",
     ),
     Preset(
         "ivadomed",
@@ -358,21 +366,23 @@ DICE_PRESETS = (
             "smooth_dr": 1.0,
             "loss_form": "negative",
         },
-        "ivadomed DiceLoss: everything flattened, −(2I + 1)/(P + G + 1)",
-        "ivadomed/ivadomed ivadomed/losses.py, DiceLoss(smooth=1.0), v2.9",
+        "ivadomed DiceLoss: everything flattened (batch, channels, space), −(2I + 1)/(P + G + 1); the models "
+        "end in a sigmoid",
+        "ivadomed/ivadomed ivadomed/losses.py, DiceLoss(smooth=1.0), v2.9.10 (46248ae8)",
     ),
     Preset(
         "vnet",
         {"squared": True, "smooth_nr": 0.0, "smooth_dr": 1e-5, "include_background": False},
-        "V-Net: 1 − 2Σpg/(Σp² + Σg² + 1e-5) on the foreground channel(s)",
-        "Milletari, Navab & Ahmadi, V-Net (3DV 2016), eq. (1); faustomilletari/VNet pyLayer.py",
+        "V-Net eq. (1) as a soft loss: 1 − 2Σpg/(Σp² + Σg² + 1e-5) on the foreground channel(s), per sample. "
+        "(The original Caffe layer's forward pass is the hard Dice; its backward implements this squared form.)",
+        "Milletari, Navab & Ahmadi, V-Net (3DV 2016), eq. (1)-(2); faustomilletari/VNet pyLayer.py DiceLoss",
     ),
     Preset(
         "isensee2017",
-        {"smooth_nr": 0.0, "smooth_dr": 1e-7, "loss_form": "negative"},
-        "Isensee et al. 2017 (BraTS) multi-class soft Dice: −mean over (sample, class) of 2I/(P + G + 1e-7)",
-        "Isensee et al., Brain Tumor Segmentation and Radiomics Survival Prediction (BrainLes 2017), eq. (1); "
-        "the Lasagne implementation soft_dice_per_img_in_batch",
+        {"smooth_nr": 0.0, "smooth_dr": 1e-6, "loss_form": "negative", "include_background": False},
+        "Isensee et al. 2017 (BraTS) multi-class soft Dice: −mean over (sample, foreground class) of "
+        "2I/(P + G + 1e-6) (1e-7 in that code base is the validation metric's, not the loss's)",
+        "MIC-DKFZ/BraTS2017 soft_dice_per_img_in_batch (Lasagne/Theano); Isensee et al., BrainLes 2017, eq. (1)",
     ),
     Preset(
         "diceloss_cpp",
@@ -382,8 +392,9 @@ DICE_PRESETS = (
             "zero_division": 1.0,
             "count_excluded_classes": True,
         },
-        "nslay/diceloss_cpp DiceLoss(): 1 − 2I/(P + G), loss 0 where P + G = 0, mean over all C channels "
-        "(an excluded channel counts with loss 0)",
+        "nslay/diceloss_cpp DiceLoss() for C >= 2 softmax channels: 1 − 2I/(P + G), loss 0 where P + G = 0, "
+        "mean over all C channels (an excluded channel, its ignore_channel, counts with loss 0). Its C = 1 "
+        "path (two pseudo-channels 1 − s, s) has no preset",
         "nslay/diceloss_cpp DiceLoss.py + diceloss.cpp (44ab05a)",
     ),
     Preset(

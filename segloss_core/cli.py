@@ -1,0 +1,110 @@
+"""The ``segloss`` command line.
+
+segloss list                 losses, with summaries
+segloss describe NAME        parameters, presets, formula, references, backends
+segloss backends             backends: available / unavailable (why) / broken (error)
+segloss demo                 every loss on every available backend, synthetic 3D volume
+segloss check BACKEND        the conformance suite against the float64 reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .describe import describe
+from .registry import list_backends, problems, registry
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    reg = registry()
+    names = reg.loss_names()
+    width = max(map(len, names))
+    for name in names:
+        spec = reg.loss(name)
+        presets = f" [presets: {', '.join(p.name for p in spec.presets)}]" if spec.presets and args.presets else ""
+        print(f"{name:<{width}}  {spec.summary}{presets}")
+    return 0
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    print(describe(args.name))
+    return 0
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    rows = list_backends()
+    width = max((len(r.name) for r in rows), default=7)
+    for row in rows:
+        print(f"{row.name:<{width}}  {row.state:<11}  {row.description or row.reason or ''}")
+        if row.state != "available" and row.reason:
+            print(f"{'':<{width}}  {'':<11}  reason: {row.reason}")
+        for key, value in row.status.items():
+            print(f"{'':<{width}}  {'':<11}  {key}: {value}")
+    trouble = [p for p in problems() if p.stage != "import"]
+    if trouble:
+        print("\nplugin problems:")
+        for problem in trouble:
+            print(f"  {problem}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(shape=(args.size, args.size, args.size), repeat=args.repeat)
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .conformance import check_backend
+
+    report = check_backend(args.backend, losses=args.loss or None, dtypes=args.dtype or None, quick=args.quick)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segloss", description="Segmentation losses, specified once.")
+    parser.add_argument("--version", action="version", version=f"segloss {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="registered losses")
+    p.add_argument("--presets", action="store_true", help="show preset names")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("describe", help="everything about one loss")
+    p.add_argument("name")
+    p.set_defaults(func=_cmd_describe)
+
+    p = sub.add_parser("backends", help="registered backends and their state")
+    p.set_defaults(func=_cmd_backends)
+
+    p = sub.add_parser("demo", help="every loss on every available backend, on a synthetic 3D volume")
+    p.add_argument("--size", type=int, default=40, help="edge of the cubic volume (default 40)")
+    p.add_argument("--repeat", type=int, default=3, help="timed repetitions per call (median shown)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("check", help="run the conformance suite against a backend")
+    p.add_argument("backend")
+    p.add_argument("--loss", action="append", help="only this loss (repeatable)")
+    p.add_argument("--dtype", action="append", help="only this dtype (repeatable)")
+    p.add_argument("--quick", action="store_true", help="fewer cases")
+    p.set_defaults(func=_cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError, RuntimeError) as exc:
+        print(f"segloss: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

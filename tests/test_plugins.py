@@ -1,0 +1,240 @@
+"""The plugin contract: entry points, hooks, broken plugins, throwaway registrations."""
+
+from __future__ import annotations
+
+import warnings
+from importlib import metadata
+
+import numpy as np
+import pytest
+
+import segloss_core
+from segloss_core import Backend, LossSpec, get_loss, hookimpl, list_backends, plugin_manager
+from segloss_core import plugins as plugin_loading
+from segloss_core.numpy_backend import NumpyLoss
+from segloss_core.registry import BackendUnavailableError, Registry, UnsupportedLossError
+
+
+class EchoBackend(Backend):
+    """A throwaway backend: the NumPy reference under another name."""
+
+    name = "echo"
+    description = "test backend"
+
+    def build(self, plan, **options):
+        return NumpyLoss(plan)
+
+
+class EchoPlugin:
+    @hookimpl
+    def segloss_register_backends(self, register):
+        register(EchoBackend())
+
+
+@pytest.fixture
+def registered():
+    """Register plugin objects for one test, as llm's conftest does."""
+    pm = plugin_manager()
+    names = []
+
+    def add(obj, name):
+        pm.register(obj, name=name)
+        names.append(name)
+
+    yield add
+    for name in names:
+        pm.unregister(name=name)
+
+
+def test_throwaway_backend_through_the_plugin_manager(registered, rng):
+    registered(EchoPlugin(), "echo-plugin")
+    loss = get_loss("dice", backend="echo", include_background=False)
+    x = rng.normal(size=(2, 3, 4, 5))
+    y = rng.integers(0, 3, size=(2, 4, 5))
+    reference = get_loss("dice", backend="numpy", include_background=False)
+    assert float(loss(x, y)) == float(reference(x, y))
+    assert "echo" in [b.name for b in list_backends()]
+
+
+def test_unregistering_removes_the_backend(registered):
+    pm = plugin_manager()
+    pm.register(EchoPlugin(), name="echo-temp")
+    assert "echo" in [b.name for b in list_backends()]
+    pm.unregister(name="echo-temp")
+    assert "echo" not in [b.name for b in list_backends()]
+
+
+def test_builtin_backends_come_from_entry_points():
+    eps = {ep.name: ep.value for ep in metadata.entry_points(group="segloss")}
+    assert eps["numpy"] == "segloss_core.numpy_backend"
+    assert eps["torch"] == "segloss_torch.plugin"
+    origins = {b.name: b.plugin for b in list_backends()}
+    assert origins["numpy"] == "numpy" and origins["torch"] == "torch"
+
+
+def test_hookimpl_is_reexported():
+    assert segloss_core.hookimpl is plugin_loading.hookspecs.hookimpl
+
+
+class GarbagePlugin:
+    @hookimpl
+    def segloss_register_backends(self, register):
+        register("not a backend")
+        return 42
+
+
+class CrashingPlugin:
+    @hookimpl
+    def segloss_register_losses(self, register):
+        raise RuntimeError("boom")
+
+
+def test_garbage_and_crashes_become_warnings_naming_the_plugin(registered):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registered(GarbagePlugin(), "garbage")
+        registered(CrashingPlugin(), "crasher")
+        names = [b.name for b in list_backends()]
+    messages = [str(w.message) for w in caught]
+    assert any("'garbage'" in m and "not a named Backend" in m for m in messages)
+    assert any("'garbage'" in m and "returned int 42" in m for m in messages)
+    assert any("'crasher'" in m and "RuntimeError: boom" in m for m in messages)
+    assert "numpy" in names and "torch" in names  # the others still work
+    assert get_loss("dice", backend="numpy") is not None
+
+
+class DuplicateLossPlugin:
+    @hookimpl
+    def segloss_register_losses(self, register):
+        from segloss_core.losses.region import DICE
+
+        register(LossSpec(**{**DICE.__dict__, "summary": "impostor"}))
+
+
+def test_builtin_loss_override_is_refused(registered):
+    with pytest.warns(plugin_loading.SeglossPluginWarning, match="loss 'dice' is already registered"):
+        registered(DuplicateLossPlugin(), "impostor")
+        assert segloss_core.registry().loss("dice").summary != "impostor"
+
+
+class DuplicateBackendPlugin:
+    @hookimpl
+    def segloss_register_backends(self, register):
+        register(EchoBackend())
+
+
+def test_two_plugins_claiming_one_backend_name_are_reported(registered):
+    registered(EchoPlugin(), "echo-a")
+    with pytest.warns(plugin_loading.SeglossPluginWarning, match="backend 'echo' is already registered by 'echo-a'"):
+        registered(DuplicateBackendPlugin(), "echo-b")
+        list_backends()
+
+
+class FutureBackend(EchoBackend):
+    name = "future"
+    api_version = 99
+
+
+class FuturePlugin:
+    @hookimpl
+    def segloss_register_backends(self, register):
+        register(FutureBackend())
+
+
+def test_backend_for_a_newer_api_is_refused(registered):
+    with pytest.warns(plugin_loading.SeglossPluginWarning, match="needs segloss plugin API 99"):
+        registered(FuturePlugin(), "future")
+        states = {b.name: b.state for b in list_backends()}
+    assert states["future"] == "broken"
+    with pytest.raises(BackendUnavailableError, match="broken"):
+        get_loss("dice", backend="future")
+
+
+class UnavailableBackend(EchoBackend):
+    name = "nogpu"
+
+    def availability(self):
+        return "no CUDA device"
+
+
+class UnavailablePlugin:
+    @hookimpl
+    def segloss_register_backends(self, register):
+        register(UnavailableBackend())
+
+
+def test_unavailable_backend_says_why(registered):
+    registered(UnavailablePlugin(), "nogpu")
+    with pytest.raises(BackendUnavailableError, match="'nogpu' is not available here: no CUDA device"):
+        get_loss("dice", backend="nogpu")
+
+
+class NoVoxelwiseBackend(EchoBackend):
+    name = "statsonly"
+
+
+def test_unsupported_loss_names_backends_that_have_it(registered):
+    class Plugin:
+        @hookimpl
+        def segloss_register_backends(self, register):
+            register(NoVoxelwiseBackend())
+
+        @hookimpl
+        def segloss_register_losses(self, register):
+            register(LossSpec("needs_voxels", "test", (), "x", reference=lambda *a, **k: (0.0, 0.0)))
+
+    registered(Plugin(), "statsonly")
+    with pytest.raises(UnsupportedLossError, match="'statsonly' does not implement loss 'needs_voxels'.*numpy"):
+        get_loss("needs_voxels", backend="statsonly")
+
+
+def _fake_entry_points(monkeypatch, entries):
+    monkeypatch.setattr(plugin_loading, "_entry_points", lambda: entries)
+
+
+def test_broken_entry_point_is_reported_and_others_load(monkeypatch):
+    real = {ep.name: ep for ep in metadata.entry_points(group="segloss")}
+    broken = metadata.EntryPoint("brokenbackend", "segloss_missing_module_xyz", "segloss")
+    _fake_entry_points(monkeypatch, [broken, real["numpy"]])
+    reg = Registry()
+    with pytest.warns(plugin_loading.SeglossPluginWarning, match="'brokenbackend' \\(import\\): ModuleNotFoundError"):
+        infos = {b.name: b for b in reg.backend_infos()}
+    assert infos["brokenbackend"].state == "broken"
+    assert infos["numpy"].state == "available"
+    with pytest.raises(BackendUnavailableError, match="'brokenbackend' is broken") as excinfo:
+        reg.backend("brokenbackend")
+    assert isinstance(excinfo.value.__cause__, ModuleNotFoundError)
+
+
+def test_misspelt_hook_fails_only_its_plugin(monkeypatch, tmp_path):
+    module = tmp_path / "segloss_misspelt_plugin.py"
+    module.write_text(
+        "from segloss_core import hookimpl\n@hookimpl\ndef segloss_register_backend(register):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = {ep.name: ep for ep in metadata.entry_points(group="segloss")}
+    _fake_entry_points(
+        monkeypatch, [metadata.EntryPoint("misspelt", "segloss_misspelt_plugin", "segloss"), real["numpy"]]
+    )
+    reg = Registry()
+    with pytest.warns(plugin_loading.SeglossPluginWarning, match="'misspelt' \\(validate\\)"):
+        names = reg.backend_names()
+    assert "numpy" in names
+
+
+def test_disable_autoload_keeps_only_segloss_own_entry_points(monkeypatch):
+    real = {ep.name: ep for ep in metadata.entry_points(group="segloss")}
+    third_party = metadata.EntryPoint("thirdparty", "segloss_missing_module_xyz", "segloss")
+    _fake_entry_points(monkeypatch, [third_party, real["numpy"]])
+    monkeypatch.setenv("SEGLOSS_DISABLE_PLUGIN_AUTOLOAD", "1")
+    reg = Registry()
+    assert reg.backend_names() == ["numpy"]
+
+
+def test_load_plugins_selects_by_name(monkeypatch):
+    monkeypatch.setenv("SEGLOSS_LOAD_PLUGINS", "numpy")
+    reg = Registry()
+    assert reg.backend_names() == ["numpy"]
+    loss = reg.build(reg.loss("dice").plan(reg.loss("dice").resolve(), reg), "numpy")
+    x = np.zeros((1, 2, 3, 3))
+    assert np.isfinite(loss(x, np.zeros((1, 3, 3), dtype=np.int64)))

@@ -1,0 +1,169 @@
+"""The input contract: clear errors before any computation, on every backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segloss_core import get_loss
+
+BACKENDS = ["numpy", "torch"]
+
+
+def _arrays(backend, pred, target, mask=None):
+    if backend == "torch":
+        conv = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        return conv(pred), conv(target), conv(mask)
+    return pred, target, mask
+
+
+def _call(backend, pred, target, mask=None, **params):
+    loss = get_loss("dice", backend=backend, **params)
+    p, t, m = _arrays(backend, pred, target, mask)
+    return loss(p, t, m)
+
+
+@pytest.fixture
+def good(rng):
+    return rng.normal(size=(2, 3, 4, 5)), rng.integers(0, 3, size=(2, 4, 5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_predictions_are_refused(backend, good):
+    _, labels = good
+    with pytest.raises(TypeError, match=r"pred must be floating point .*argmax"):
+        _call(backend, np.zeros((2, 3, 4, 5), dtype=np.int64), labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 3), (2, 3, 4, 5, 6, 7), (3,)])
+def test_pred_dimensionality(backend, shape):
+    with pytest.raises(ValueError, match=r"pred must have shape \(B, C, \*spatial\) with 1 to 3 spatial dims"):
+        _call(backend, np.zeros(shape), np.zeros((2,), dtype=np.int64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_tensors(backend):
+    with pytest.raises(ValueError, match=r"pred is empty \(shape \(0, 3, 4\)\)"):
+        _call(backend, np.zeros((0, 3, 4)), np.zeros((0, 4), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"pred is empty"):
+        _call(backend, np.zeros((1, 3, 0)), np.zeros((1, 0), dtype=np.int64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_needs_two_channels(backend):
+    with pytest.raises(ValueError, match=r"activation='softmax' with a single channel .* use activation='sigmoid'"):
+        _call(backend, np.zeros((1, 1, 4)), np.zeros((1, 4), dtype=np.int64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_shape_mismatch_names_both_shapes(backend, good):
+    pred, _ = good
+    with pytest.raises(
+        ValueError, match=r"integer target must have shape \(B, \*spatial\) = \(2, 4, 5\).*got \(2, 5, 4\)"
+    ):
+        _call(backend, pred, np.zeros((2, 5, 4), dtype=np.int64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_with_channel_axis_are_accepted(backend, good):
+    pred, labels = good
+    a = _call(backend, pred, labels[:, None])
+    b = _call(backend, pred, labels)
+    assert float(a) == pytest.approx(float(b), rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [3, -1, 255])
+def test_out_of_range_labels_name_the_value(backend, good, bad):
+    pred, labels = good
+    labels = labels.copy()
+    labels[1, 2, 3] = bad
+    with pytest.raises(ValueError, match=rf"target has labels outside \[0, 3\): found {bad}"):
+        _call(backend, pred, labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_is_exempt_but_other_bad_labels_are_not(backend, good):
+    pred, labels = good
+    labels = labels.copy()
+    labels[0, 0, 0] = 255
+    _call(backend, pred, labels, ignore_index=255)
+    labels[0, 0, 1] = 7
+    with pytest.raises(ValueError, match=r"outside \[0, 3\) or ignore_index=255: found 7"):
+        _call(backend, pred, labels, ignore_index=255)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigmoid_single_channel_labels_are_binary(backend, rng):
+    pred = rng.normal(size=(2, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"outside \[0, 2\): found 2"):
+        _call(backend, pred, np.full((2, 4, 4), 2), activation="sigmoid")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_label_map_is_refused_with_advice(backend, good):
+    pred, labels = good
+    with pytest.raises(ValueError, match=r"floating label map .* pass integer labels"):
+        _call(backend, pred, labels[:, None].astype(np.float64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_needs_labels(backend, good):
+    pred, labels = good
+    onehot = np.eye(3)[labels].transpose(0, 3, 1, 2)
+    with pytest.raises(ValueError, match=r"ignore_index applies to integer label targets.*mask="):
+        _call(backend, pred, onehot, ignore_index=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_shape_and_dtype(backend, good):
+    pred, labels = good
+    with pytest.raises(ValueError, match=r"mask must have shape"):
+        _call(backend, pred, labels, np.ones((2, 2, 4, 5)))
+    with pytest.raises(TypeError, match=r"mask must be bool or floating point"):
+        _call(backend, pred, labels, np.ones((2, 4, 5), dtype=np.int64))
+    for shape in [(2, 4, 5), (2, 1, 4, 5), (2, 3, 4, 5), (1, 1, 4, 5)]:
+        _call(backend, pred, labels, np.ones(shape))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_weights_length_checked_against_channels(backend, good):
+    pred, labels = good
+    with pytest.raises(ValueError, match=r"class_weights has 2 entries but pred has 3 channels"):
+        _call(backend, pred, labels, class_weights=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_array_inputs(backend, good):
+    _, labels = good
+    loss = get_loss("dice", backend=backend)
+    with pytest.raises(TypeError, match="pred must be a"):
+        loss([[[1.0]]], _arrays(backend, labels, labels)[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_non_finite_logits_give_non_finite_loss(backend, good, bad_value):
+    """Documented behaviour: no finiteness check (a pass over the logits); the loss shows it."""
+    pred, labels = good
+    pred = pred.copy()
+    pred[0, 1, 2, 2] = bad_value
+    for name in ("dice", "cross_entropy", "dice_ce"):
+        loss = get_loss(name, backend=backend)
+        p, t, _ = _arrays(backend, pred, labels)
+        assert not np.isfinite(float(loss(p, t))), name
+
+
+def test_torch_rejects_numpy_and_mixed_inputs(good):
+    pred, labels = good
+    loss = get_loss("dice", backend="torch")
+    with pytest.raises(TypeError, match="pred must be a torch.Tensor"):
+        loss(pred, torch.from_numpy(labels))
+
+
+def test_unexpected_call_argument():
+    loss = get_loss("dice", backend="torch")
+    with pytest.raises(TypeError, match=r"unexpected call argument\(s\) \['weights'\]"):
+        loss(torch.zeros(1, 2, 3), torch.zeros(1, 3, dtype=torch.long), weights=None)
