@@ -81,7 +81,7 @@ def test_reproducer_runs():
     outcome = check_case("numpy", case, "float64")
     assert outcome.status == "pass"
     namespace: dict = {}
-    exec(case.reproducer("numpy", "float64"), namespace)  # noqa: S102 - the printed reproducer must run
+    exec(case.reproducer("numpy", "float64"), namespace)
 
 
 def test_backend_errors_are_failures_not_crashes():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given

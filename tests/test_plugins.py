@@ -184,7 +184,7 @@ def test_unsupported_loss_names_backends_that_have_it(registered):
             register(LossSpec("needs_voxels", "test", (), "x", reference=lambda *a, **k: (0.0, 0.0)))
 
     registered(Plugin(), "statsonly")
-    with pytest.raises(UnsupportedLossError, match="'statsonly' does not implement loss 'needs_voxels'.*numpy"):
+    with pytest.raises(UnsupportedLossError, match=r"'statsonly' does not implement loss 'needs_voxels'.*numpy"):
         get_loss("needs_voxels", backend="statsonly")
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import array_api_compat.numpy as xnp
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import array_api_compat.numpy as xnp
 from segloss_core import get_loss
 from segloss_core.reference.autodiff import TapeNamespace, gradients
 

@@ -159,7 +159,7 @@ def test_non_finite_logits_give_non_finite_loss(backend, good, bad_value):
 def test_torch_rejects_numpy_and_mixed_inputs(good):
     pred, labels = good
     loss = get_loss("dice", backend="torch")
-    with pytest.raises(TypeError, match="pred must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"pred must be a torch\.Tensor"):
         loss(pred, torch.from_numpy(labels))
 
 
