@@ -8,6 +8,7 @@ True
 from __future__ import annotations
 
 from .backend import API_VERSION, Backend, ConformanceDtype
+from .deep_supervision import deep_supervision_weights
 from .describe import LossDescription, describe
 from .hookspecs import hookimpl, hookspec
 from .plugins import PluginProblem, SeglossPluginWarning
@@ -52,6 +53,7 @@ __all__ = [
     "UnsupportedLossError",
     "__version__",
     "compound",
+    "deep_supervision_weights",
     "describe",
     "get_loss",
     "hookimpl",

@@ -10,7 +10,7 @@ written for clarity (every intermediate is materialised), not speed.
 >>> logits = np.zeros((1, 2, 4, 4)); labels = np.zeros((1, 4, 4), dtype=np.int64)
 >>> value, grad = loss.value_and_grad(logits, labels)
 >>> round(float(value), 6), grad.shape
-(0.333335, (1, 2, 4, 4))
+(0.666666, (1, 2, 4, 4))
 """
 
 from __future__ import annotations

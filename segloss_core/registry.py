@@ -360,8 +360,9 @@ def compound(
 
     ``terms`` holds ``(name, weight)`` or ``(name, weight, {"preset": ..., **params})``;
     ``options`` are backend options (e.g. ``impl`` for torch).
-    Statistics-based terms must agree on ``activation`` and ``ignore_index`` (they share
-    one pass over the voxels).
+    Terms must agree on ``ignore_index``; terms with the same ``activation`` share one pass
+    of statistics over the voxels (different activations are allowed, e.g. MONAI's
+    DiceFocalLoss: softmax Dice + sigmoid focal).
 
     >>> loss = compound([("dice", 1.0, {"preset": "nnunet"}), ("cross_entropy", 0.5)], backend="numpy")
     >>> [t.spec.name for t in loss.plan.terms]
@@ -375,16 +376,16 @@ def compound(
         if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
             raise TypeError(f"each compound term must be (name, weight) or (name, weight, params); got {entry!r}")
         name, weight = entry[0], entry[1]
-        options = dict(entry[2]) if len(entry) == 3 else {}
+        term_params = dict(entry[2]) if len(entry) == 3 else {}
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(f"compound term {name!r}: weight must be a non-negative number, got {weight!r}")
         spec = reg.loss(name)
-        preset = options.pop("preset", None)
-        sub = spec.plan(spec.resolve(preset, **options), reg)
+        preset = term_params.pop("preset", None)
+        sub = spec.plan(spec.resolve(preset, **term_params), reg)
         plan_terms.extend(PlanTerm(float(weight) * t.weight, t.spec, t.params) for t in sub.terms)
     first = plan_terms[0].params
     for term in plan_terms[1:]:
-        for key in ("activation", "ignore_index"):
+        for key in ("ignore_index",):
             if term.params.get(key) != first.get(key):
                 raise ValueError(
                     f"compound terms must share {key}: {plan_terms[0].spec.name!r} has {first.get(key)!r}, "

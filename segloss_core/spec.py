@@ -250,7 +250,12 @@ class LossPlan:
 
     @property
     def activation(self) -> str:
-        return self.terms[0].params["activation"]
+        return self.activations[0]
+
+    @property
+    def activations(self) -> tuple[str, ...]:
+        """Distinct activations of the terms, in order (a compound may mix them)."""
+        return tuple(dict.fromkeys(t.params.get("activation", "none") for t in self.terms))
 
     @property
     def ignore_index(self) -> int | None:

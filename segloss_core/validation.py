@@ -98,6 +98,7 @@ def validate_inputs(
     plan: LossPlan,
     *,
     check_label_values: bool = True,
+    activation: str | None = None,
 ) -> PreparedInputs:
     """Check ``pred``/``target``/``mask`` against the contract and the plan's parameters.
 
@@ -106,7 +107,7 @@ def validate_inputs(
     was expected and what was given.
     """
     xp = _namespace("pred", pred)
-    activation = plan.activation
+    activation = activation or plan.activation
     ignore_index = plan.ignore_index
     shape = _shape(pred)
     if not xp.isdtype(pred.dtype, "real floating"):

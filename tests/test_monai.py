@@ -242,3 +242,74 @@ def test_numpy_reference_matches_monai_too():
     expected = float(monai(x, y[:, None]))
     got = float(get_loss("dice_ce", backend="numpy")(x.numpy(), y.numpy()))
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+@given(
+    seed=st.integers(0, 10_000),
+    channels=st.integers(1, 4),
+    spatial=spatial_st,
+    gamma=st.sampled_from([0.0, 0.5, 2.0]),
+    alpha=st.sampled_from([None, 0.25]),
+    include_background=st.booleans(),
+    weighted=st.booleans(),
+)
+def test_sigmoid_focal_matches_monai(seed, channels, spatial, gamma, alpha, include_background, weighted):
+    x, y = _problem(seed, max(channels, 2), spatial, 2)
+    if channels == 1:
+        x, y = x[:, :1], (y > 0).long()
+        include_background = True
+    n_kept = channels if include_background else channels - 1
+    assume(n_kept >= 1)
+    weights = [0.5 + c for c in range(channels)] if weighted and n_kept > 1 else None
+    monai = monai_losses.FocalLoss(
+        include_background=include_background,
+        to_onehot_y=channels > 1,
+        gamma=gamma,
+        alpha=alpha,
+        weight=None if weights is None else (weights if include_background else weights[1:]),
+    )
+    ours = get_loss(
+        "focal",
+        backend="torch",
+        activation="sigmoid",
+        gamma=gamma,
+        alpha=alpha,
+        include_background=include_background,
+        class_weights=weights,
+    )
+    target = y[:, None] if channels > 1 else y[:, None].double()
+    _assert_same(monai, target, ours, y, x, rtol=1e-6, atol=1e-7)  # MONAI's focal computes in float32
+
+
+@given(
+    seed=st.integers(0, 10_000),
+    channels=st.integers(2, 4),
+    spatial=spatial_st,
+    gamma=st.sampled_from([0.0, 2.0]),
+    alpha=st.sampled_from([None, 0.25]),
+)
+def test_softmax_focal_matches_monai(seed, channels, spatial, gamma, alpha):
+    x, y = _problem(seed, channels, spatial, 2)
+    monai = monai_losses.FocalLoss(to_onehot_y=True, gamma=gamma, alpha=alpha, use_softmax=True)
+    ours = get_loss("focal", backend="torch", preset="monai_softmax", gamma=gamma, alpha=alpha)
+    _assert_same(monai, y[:, None], ours, y, x, rtol=1e-6, atol=1e-7)
+
+
+def test_focal_with_gamma_zero_is_cross_entropy():
+    x, y = _problem(1, 3, (4, 4), 2)
+    focal = get_loss("focal", backend="torch", gamma=0.0)
+    ce = get_loss("cross_entropy", backend="torch")
+    assert float(focal(x, y)) == pytest.approx(float(ce(x, y)), rel=1e-12)
+
+
+@given(seed=st.integers(0, 10_000), channels=st.integers(2, 4), spatial=spatial_st)
+def test_mixed_activation_compound_reproduces_monai_dice_focal(seed, channels, spatial):
+    """MONAI DiceFocalLoss(softmax=True) = softmax Dice + *sigmoid* focal on the same logits."""
+    from segloss_core import compound
+
+    x, y = _problem(seed, channels, spatial, 2)
+    monai = monai_losses.DiceFocalLoss(softmax=True, to_onehot_y=True)
+    ours = compound(
+        [("dice", 1.0, {"activation": "softmax"}), ("focal", 1.0, {"activation": "sigmoid"})], backend="torch"
+    )
+    _assert_same(monai, y[:, None], ours, y, x, rtol=1e-6, atol=1e-7)

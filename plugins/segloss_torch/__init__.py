@@ -5,12 +5,14 @@
 >>> loss = get_loss("dice", backend="torch", preset="nnunet")
 >>> logits = torch.zeros(1, 3, 4, 4, requires_grad=True)
 >>> labels = torch.zeros(1, 4, 4, dtype=torch.long)
+>>> labels[:, :2] = 1
 >>> round(loss(logits, labels).item(), 4)
--0.0
+-0.2
 """
 
 from __future__ import annotations
 
+from .deep_supervision import DeepSupervisionLoss
 from .module import SeglossLoss
 
-__all__ = ["SeglossLoss"]
+__all__ = ["DeepSupervisionLoss", "SeglossLoss"]

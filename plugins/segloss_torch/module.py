@@ -34,6 +34,7 @@ class SeglossLoss(nn.Module):
         self.plan = plan
         self.impl = impl
         self._statistics = required_statistics(plan)
+        self._groups = {act: required_statistics(plan, act) for act in plan.activations}
         self._voxelwise = [t for t in plan.terms if t.spec.kind == "voxelwise"]
         if impl == "fused":
             fused.require(self._statistics, plan)
@@ -62,21 +63,29 @@ class SeglossLoss(nn.Module):
             )
         if not isinstance(pred, torch.Tensor):
             raise TypeError(f"pred must be a torch.Tensor for backend 'torch', got {type(pred).__name__}")
-        prepared = validate_inputs(pred, target, mask, self.plan, check_label_values=not _compiling())
+        check = not _compiling()
+        prepared = {
+            act: validate_inputs(pred, target, mask, self.plan, check_label_values=check, activation=act)
+            for act in self.plan.activations
+        }
         total: torch.Tensor | None = None
-        if self._statistics:
-            if self.implementation(prepared) == "fused":
-                stats = fused.compute_statistics(prepared, self._statistics)
+        for activation, names in self._groups.items():
+            if not names:
+                continue
+            group = prepared[activation]
+            if self.implementation(group) == "fused":
+                stats = fused.compute_statistics(group, names)
             else:
-                stats = native.compute_statistics(prepared, self._statistics)
+                stats = native.compute_statistics(group, names)
             for term in self.plan.terms:
-                if term.spec.kind != "statistics":
+                if term.spec.kind != "statistics" or term.params.get("activation", "none") != activation:
                     continue
                 value = term.spec.from_statistics(xp_torch, stats, term.params)
                 value = value if term.weight == 1.0 else value * term.weight
                 total = value if total is None else total + value
         for term in self._voxelwise:
-            value = voxelwise.evaluate(term.spec.name, prepared, term.params, inputs)
+            group = prepared[term.params.get("activation", "none")]
+            value = voxelwise.evaluate(term.spec.name, group, term.params, inputs)
             value = value if term.weight == 1.0 else value * term.weight
             total = value if total is None else total + value
         assert total is not None

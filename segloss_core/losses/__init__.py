@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 from ..hookspecs import hookimpl
 from ..spec import LossSpec
-from . import compound, cross_entropy, region
+from . import compound, cross_entropy, region, voxelwise
 
-BUILTIN_SPECS: tuple[LossSpec, ...] = (*region.SPECS, *cross_entropy.SPECS, *compound.SPECS)
+BUILTIN_SPECS: tuple[LossSpec, ...] = (*region.SPECS, *cross_entropy.SPECS, *voxelwise.SPECS, *compound.SPECS)
 
 
 @hookimpl

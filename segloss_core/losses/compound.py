@@ -19,8 +19,9 @@ from typing import Any
 
 from ..spec import LossSpec, Param, Params, Preset, Term, compound_params
 from . import _params as common
-from .cross_entropy import CROSS_ENTROPY
+from .cross_entropy import CROSS_ENTROPY, FOCAL
 from .region import DICE
+from .voxelwise import TOPK_CE
 
 COMPOUND_REDUCTION = replace(common.REDUCTION, choices=("mean", "sum"), doc="mean or sum, applied to every term")
 
@@ -103,4 +104,45 @@ DICE_CE = build_compound(
     references=("Isensee et al. nnU-Net. Nature Methods 2021", "MONAI DiceCELoss"),
 )
 
-SPECS = (DICE_CE,)
+DICE_FOCAL = build_compound(
+    "dice_focal",
+    "Dice + focal (MONAI DiceFocalLoss with one shared activation)",
+    [
+        (DICE, "lambda_dice", 1.0, "weight of the Dice term"),
+        (FOCAL, "lambda_focal", 1.0, "weight of the focal term"),
+    ],
+    presets=(
+        Preset(
+            "monai_sigmoid",
+            {"activation": "sigmoid"},
+            "MONAI DiceFocalLoss(sigmoid=True) defaults (γ = 2, smoothing 1e-5). MONAI's DiceFocalLoss(softmax=True) "
+            "applies a sigmoid focal term to the same logits; reproduce it with segloss_core.compound([('dice', 1, "
+            "{'activation': 'softmax'}), ('focal', 1, {'activation': 'sigmoid'})])",
+            "Project-MONAI/MONAI monai/losses/dice.py, DiceFocalLoss, v1.5.0",
+        ),
+    ),
+    references=("Zhu et al. AnatomyNet. Medical Physics 2019 (Dice + focal)", "MONAI DiceFocalLoss"),
+    overrides={"gamma": FOCAL.param("gamma")},
+)
+
+DICE_TOPK = build_compound(
+    "dice_topk",
+    "Dice + top-k cross-entropy (nnU-Net DC_and_topk_loss)",
+    [
+        (DICE, "lambda_dice", 1.0, "weight of the Dice term"),
+        (TOPK_CE, "lambda_ce", 1.0, "weight of the top-k cross-entropy term"),
+    ],
+    presets=(
+        Preset(
+            "nnunet",
+            merge_presets(DICE.preset("nnunet").values, TOPK_CE.preset("nnunet").values),
+            "nnU-Net DC_and_topk_loss as nnUNetTrainerDiceTopK10Loss builds it: TopK(10 %) + (−Dice), smooth 1e-5, "
+            "no background",
+            "MIC-DKFZ/nnUNet nnunetv2/training/loss/compound_losses.py, variants/loss/nnUNetTrainerTopkLoss.py, v2.8.1",
+        ),
+    ),
+    references=("Ma et al. Loss odyssey in medical image segmentation. MedIA 2021",),
+    overrides={"activation": replace(common.ACTIVATION, choices=("softmax", "none"))},
+)
+
+SPECS = (DICE_CE, DICE_FOCAL, DICE_TOPK)

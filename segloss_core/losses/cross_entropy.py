@@ -22,8 +22,9 @@ from dataclasses import replace
 from typing import Any
 
 from ..spec import LossSpec, Param, Params, Preset
+from ..statistics import focal_statistic
 from . import _params as common
-from ._formula import constant_vector, safe_ratio
+from ._formula import constant_vector, included_classes, safe_ratio, select_columns
 
 Array = Any
 
@@ -153,4 +154,113 @@ BCE = replace(
     ),
 )
 
-SPECS = (CROSS_ENTROPY, BCE)
+# ---------------------------------------------------------------------------------------
+# focal
+# ---------------------------------------------------------------------------------------
+FOCAL_GAMMA = Param("gamma", "float", 2.0, "focusing exponent γ (0 gives cross-entropy)", low=0.0, examples=(0.0, 0.5))
+FOCAL_ALPHA = Param(
+    "alpha",
+    "float",
+    None,
+    "balance factor: sigmoid — α for positives, 1 − α for negatives; softmax — 1 − α for channel 0 and α for the "
+    "others (MONAI)",
+    optional=True,
+    low=0.0,
+    high=1.0,
+    examples=(0.25,),
+)
+CHANNEL_MEAN = Param(
+    "channel_mean",
+    "bool",
+    False,
+    "softmax only: also divide by the number of included channels (MONAI's softmax focal averages over B·C·N "
+    "elements); sigmoid always averages over elements (voxels × channels)",
+)
+
+
+def _focal_statistics(params: Params) -> frozenset[str]:
+    names = {focal_statistic("focal_pos", params.gamma), "count"}
+    if params.activation != "softmax":
+        names.add(focal_statistic("focal_neg", params.gamma))
+    return frozenset(names)
+
+
+def focal_from_statistics(xp: Any, stats: Mapping[str, Array], params: Params) -> Array:
+    pos = stats[focal_statistic("focal_pos", params.gamma)]
+    num_classes = int(pos.shape[1])
+    columns = included_classes(params, num_classes)
+    weights = params.class_weights
+    binary = params.activation != "softmax"
+    alpha = params.alpha
+    if binary:
+        neg = stats[focal_statistic("focal_neg", params.gamma)]
+        element = pos + neg if alpha is None else alpha * pos + (1.0 - alpha) * neg
+    else:
+        element = pos
+        if alpha is not None:
+            factors = [1.0 - alpha] + [alpha] * (num_classes - 1)
+            element = element * xp.reshape(constant_vector(xp, pos, factors), (1, -1))
+    if weights is not None:
+        element = element * xp.reshape(constant_vector(xp, pos, weights), (1, -1))
+    element = select_columns(xp, element, columns)
+    numerator = xp.sum(element, axis=1)
+    count = stats["count"]
+    if binary or params.channel_mean:
+        normaliser = xp.sum(select_columns(xp, count, columns), axis=1)
+    else:
+        normaliser = count[:, 0]
+    reduction = params.reduction
+    if reduction == "none":
+        return safe_ratio(xp, numerator, normaliser, 0.0)
+    if reduction == "sum":
+        return xp.sum(numerator)
+    return safe_ratio(xp, xp.sum(numerator), xp.sum(normaliser), 0.0)
+
+
+def _check_focal(params: Params) -> None:
+    if params.classes is not None and not params.include_background:
+        raise ValueError("loss 'focal': give either classes= or include_background=False, not both")
+
+
+FOCAL = LossSpec(
+    name="focal",
+    family="cross_entropy",
+    summary="Focal loss (Lin et al. 2017): cross-entropy down-weighting easy voxels by (1 − p_t)^γ",
+    params=(
+        common.ACTIVATION,
+        common.INCLUDE_BACKGROUND,
+        common.CLASSES,
+        common.IGNORE_INDEX,
+        FOCAL_GAMMA,
+        FOCAL_ALPHA,
+        common.CLASS_WEIGHTS,
+        CHANNEL_MEAN,
+        replace(common.REDUCTION, doc="mean over voxels (elements for sigmoid), sum, or none: per-sample means (B,)"),
+    ),
+    formula="softmax: Σ_c a_c Σ_x v g_c (1 − p_c)^γ (−log p_c) / Σ_x v [× K if channel_mean]; "
+    "sigmoid: Σ_c a_c Σ_x v [α g (1 − p)^γ (−log p) + (1 − α)(1 − g) p^γ (−log(1 − p))] / (Σ_x v · K); "
+    "a_c = class weight (× MONAI's softmax alpha factor); K included channels. γ = 0 gives cross_entropy / bce.",
+    references=(
+        "Lin, Goyal, Girshick, He, Dollár. Focal loss for dense object detection. ICCV 2017. arXiv:1708.02002",
+        "MONAI FocalLoss (sigmoid default; use_softmax)",
+    ),
+    presets=(
+        Preset(
+            "monai",
+            {"activation": "sigmoid"},
+            "MONAI FocalLoss() defaults: sigmoid focal, γ = 2, no α, mean over B·C·N (one-hot target)",
+            "Project-MONAI/MONAI monai/losses/focal_loss.py, v1.5.0",
+        ),
+        Preset(
+            "monai_softmax",
+            {"channel_mean": True},
+            "MONAI FocalLoss(use_softmax=True): softmax focal averaged over B·C·N",
+            "Project-MONAI/MONAI monai/losses/focal_loss.py, v1.5.0",
+        ),
+    ),
+    required_statistics=_focal_statistics,
+    from_statistics=focal_from_statistics,
+    check=_check_focal,
+)
+
+SPECS = (CROSS_ENTROPY, BCE, FOCAL)

@@ -20,54 +20,70 @@ from .autodiff import TapeNamespace, Var, gradients
 Array = Any
 
 
-def required_statistics(plan: LossPlan) -> frozenset[str]:
+def required_statistics(plan: LossPlan, activation: str | None = None) -> frozenset[str]:
+    """Statistics the plan's terms need (those with ``activation`` only, when given)."""
     names: set[str] = set()
     for term in plan.terms:
-        if term.spec.kind == "statistics":
+        if term.spec.kind == "statistics" and activation in (None, term.params.get("activation", "none")):
             assert term.spec.required_statistics is not None
             names |= term.spec.required_statistics(term.params)
     return frozenset(names)
 
 
+def prepare_all(
+    pred: Array, target: Array, mask: Array | None, plan: LossPlan, **kwargs: Any
+) -> dict[str, PreparedInputs]:
+    """Validated inputs per activation of the plan (one entry unless a compound mixes them)."""
+    return {act: validate_inputs(pred, target, mask, plan, activation=act, **kwargs) for act in plan.activations}
+
+
 def evaluate_prepared(
     plan: LossPlan,
-    prepared: PreparedInputs,
+    prepared: Mapping[str, PreparedInputs],
     inputs: Mapping[str, Array] | None = None,
     *,
     with_grad: bool = True,
     grad_output: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """(value, d⟨grad_output, value⟩/d pred); ``grad_output`` None needs a scalar value."""
-    xp = array_api_compat.array_namespace(prepared.pred)
-    names = required_statistics(plan)
+    first = next(iter(prepared.values()))
+    xp = array_api_compat.array_namespace(first.pred)
     total: Any = None
     grad = None
-    if names:
-        stats, vjp = reference_statistics.compute(prepared, names)
+    for activation, group_inputs in prepared.items():
+        names = required_statistics(plan, activation)
+        if not names:
+            continue
+        stats, vjp = reference_statistics.compute(group_inputs, names)
         tape = TapeNamespace(xp)
         leaves = {name: tape.variable(value) for name, value in stats.items()}
+        group_total: Any = None
         for term in plan.terms:
-            if term.spec.kind != "statistics":
+            if term.spec.kind != "statistics" or term.params.get("activation", "none") != activation:
                 continue
             assert term.spec.from_statistics is not None
             value = term.spec.from_statistics(tape, leaves, term.params)
             contribution = value if term.weight == 1.0 else value * term.weight
-            total = contribution if total is None else total + contribution
-        if isinstance(total, Var):
+            group_total = contribution if group_total is None else group_total + contribution
+        if isinstance(group_total, Var):
             if with_grad:
                 if grad_output is None:
-                    _require_scalar(total.value, plan)
+                    _require_scalar(group_total.value, plan)
                 seed = None if grad_output is None else xp.astype(xp.asarray(grad_output), xp.float64)
-                grads = gradients(total, list(leaves.values()), seed)
-                grad = vjp(dict(zip(leaves, grads, strict=True)))
-            total = total.value
-        elif with_grad:  # a formula that ignores every statistic (constant loss)
-            grad = xp.zeros(tuple(prepared.pred.shape), dtype=xp.float64)
+                grads = gradients(group_total, list(leaves.values()), seed)
+                group_grad = vjp(dict(zip(leaves, grads, strict=True)))
+                grad = group_grad if grad is None else grad + group_grad
+            group_total = group_total.value
+        total = group_total if total is None else total + group_total
+    if with_grad and grad is None and total is not None:  # formulas that ignore every statistic
+        grad = xp.zeros(tuple(first.pred.shape), dtype=xp.float64)
     for term in plan.terms:
         if term.spec.kind != "voxelwise":
             continue
         assert term.spec.reference is not None
-        value, term_grad = term.spec.reference(prepared, term.params, inputs or {}, with_grad=with_grad)
+        value, term_grad = term.spec.reference(
+            prepared[term.params.get("activation", "none")], term.params, inputs or {}, with_grad=with_grad
+        )
         total = value * term.weight if total is None else total + value * term.weight
         if with_grad:
             grad = term_grad * term.weight if grad is None else grad + term_grad * term.weight
@@ -97,5 +113,5 @@ def evaluate(
     For a non-scalar value (``reduction="none"``) pass ``grad_output`` (same shape as the
     value): the gradient is then d⟨grad_output, value⟩ / d pred, as ``Tensor.backward``.
     """
-    prepared = validate_inputs(pred, target, mask, plan)
+    prepared = prepare_all(pred, target, mask, plan)
     return evaluate_prepared(plan, prepared, inputs, with_grad=with_grad, grad_output=grad_output)

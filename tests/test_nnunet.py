@@ -1,0 +1,93 @@
+"""Differential tests against nnU-Net v2's own loss classes (optional: skipped unless nnunetv2 imports).
+
+CI installs ``nnunetv2==2.8.1 --no-deps``: its loss modules need only torch, so nothing else
+(and no other torch) is pulled in.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("nnunetv2.training.loss.dice")
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss, DC_and_topk_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from nnunetv2.training.loss.robust_ce_loss import TopKLoss
+from nnunetv2.utilities.helpers import softmax_helper_dim1
+
+from segloss_core import get_loss
+
+RTOL = 1e-6  # nnU-Net sums in float32 (sum(..., dtype=torch.float32)) even for float64 inputs
+
+
+def _problem(seed, channels=4, spatial=(6, 5, 4), batch=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, *spatial, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, channels, (batch, 1, *spatial), generator=g)
+    return x, y
+
+
+def _compare(theirs, ours, x, y_theirs, y_ours, rtol=RTOL):
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    va, vb = theirs(xa, y_theirs), ours(xb, y_ours)
+    va.backward()
+    vb.backward()
+    assert float(vb) == pytest.approx(float(va), rel=rtol, abs=1e-7)
+    torch.testing.assert_close(xb.grad, xa.grad.to(xb.grad.dtype), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_memory_efficient_soft_dice(batch_dice, seed):
+    x, y = _problem(seed)
+    theirs = MemoryEfficientSoftDiceLoss(
+        softmax_helper_dim1, batch_dice=batch_dice, do_bg=False, smooth=1e-5, ddp=False
+    )
+    ours = get_loss("dice", backend="torch", preset="nnunet", batch=batch_dice)
+    _compare(theirs, ours, x, y, y[:, 0])
+
+
+@pytest.mark.parametrize("ignore", [None, 255])
+def test_dc_and_ce(ignore):
+    x, y = _problem(4)
+    if ignore is not None:
+        y[:, :, :2] = ignore
+    theirs = DC_and_CE_loss(
+        {"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False},
+        {},
+        weight_ce=1,
+        weight_dice=1,
+        ignore_label=ignore,
+        dice_class=MemoryEfficientSoftDiceLoss,
+    )
+    ours = get_loss("dice_ce", backend="torch", preset="nnunet", ignore_index=ignore)
+    _compare(theirs, ours, x, y, y[:, 0])
+
+
+def test_dc_and_ce_all_ignored():
+    x, y = _problem(5)
+    y[:] = 255
+    theirs = DC_and_CE_loss(
+        {"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False},
+        {},
+        ignore_label=255,
+        dice_class=MemoryEfficientSoftDiceLoss,
+    )
+    ours = get_loss("dice_ce", backend="torch", preset="nnunet", ignore_index=255)
+    assert float(ours(x, y[:, 0])) == pytest.approx(float(theirs(x, y)))  # CE skipped, Dice = −1
+
+
+@pytest.mark.parametrize("k", [10.0, 37.5])
+def test_topk(k):
+    x, y = _problem(6)
+    theirs = TopKLoss(k=k)
+    ours = get_loss("topk_ce", backend="torch", preset="nnunet", k=k)
+    _compare(theirs, ours, x, y, y[:, 0], rtol=1e-12)
+
+
+def test_dc_and_topk():
+    x, y = _problem(7)
+    theirs = DC_and_topk_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {"k": 10})
+    # DC_and_topk_loss uses SoftDiceLoss (not the memory-efficient one): the same formula
+    ours = get_loss("dice_topk", backend="torch", preset="nnunet")
+    _compare(theirs, ours, x, y, y[:, 0])
