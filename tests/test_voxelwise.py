@@ -48,7 +48,7 @@ def berman_lovasz_softmax(probas, labels, per_image=False, ignore=None):
         return torch.stack(losses).mean() if losses else probas.sum() * 0
 
     if per_image:
-        return torch.stack([flat_loss(*flat(p[None], l[None])) for p, l in zip(probas, labels, strict=True)]).mean()
+        return torch.stack([flat_loss(*flat(p[None], lab[None])) for p, lab in zip(probas, labels, strict=True)]).mean()
     return flat_loss(*flat(probas, labels))
 
 
