@@ -58,6 +58,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_params(pairs: Sequence[str] | None) -> dict[str, object]:
+    import ast
+
+    params: dict[str, object] = {}
+    for pair in pairs or ():
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--param expects NAME=VALUE, got {pair!r}")
+        try:
+            params[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            params[key] = raw  # a bare word: a choice such as softmax
+    return params
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+
+    print(explain(args.name, args.preset, **_parse_params(args.param)))
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from .conformance import check_backend
 
@@ -78,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("describe", help="everything about one loss")
     p.add_argument("name")
     p.set_defaults(func=_cmd_describe)
+
+    p = sub.add_parser("explain", help="the exact formula of a configuration and its edge-case table")
+    p.add_argument("name")
+    p.add_argument("--preset")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="override a parameter (repeatable)")
+    p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("backends", help="registered backends and their state")
     p.set_defaults(func=_cmd_backends)

@@ -27,7 +27,7 @@ MEAN_OR_SUM = replace(common.REDUCTION, choices=("mean", "sum"), doc="mean or su
 
 def topk_count(pool_size: int, k_percent: float) -> int:
     """Number of voxels kept: ⌊pool · k / 100⌋, at least 1 (nnU-Net's int() could give 0)."""
-    return max(1, math.floor(pool_size * k_percent / 100.0 + 1e-9))
+    return max(1, math.floor(pool_size * k_percent / 100.0))
 
 
 def _grad_of_ce(p: np.ndarray, g: np.ndarray, cw: np.ndarray, activation: str) -> np.ndarray:
