@@ -46,13 +46,14 @@ class SeglossLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.plan.describe()}, impl={self.impl!r}"
 
-    def implementation(self, prepared: PreparedInputs | None = None) -> str:
+    def implementation(self, prepared: PreparedInputs | None = None, names: frozenset[str] | None = None) -> str:
         """Which statistics implementation a call with ``prepared`` inputs uses."""
-        if self.impl == "native" or not self._statistics:
+        names = self._statistics if names is None else names
+        if self.impl == "native" or not names:
             return "native"
         if self.impl == "fused":
             return "fused"
-        return "fused" if fused.applicable(self._statistics, self.plan, prepared) else "native"
+        return "fused" if fused.applicable(names, self.plan, prepared) else "native"
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, **inputs: Any):
         unknown = sorted(set(inputs) - set(self.plan.call_inputs))
@@ -73,7 +74,7 @@ class SeglossLoss(nn.Module):
             if not names:
                 continue
             group = prepared[activation]
-            if self.implementation(group) == "fused":
+            if self.implementation(group, names) == "fused":
                 stats = fused.compute_statistics(group, names)
             else:
                 stats = native.compute_statistics(group, names)

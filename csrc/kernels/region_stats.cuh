@@ -1,0 +1,110 @@
+// Per-voxel math of the fused region statistics (segloss_core.statistics), shared by the CPU
+// loops (csrc/torch/region_stats_cpu.cpp), the CUDA kernels (csrc/cuda/region_stats.cu) and
+// the CuPy backend (NVRTC). Framework-free.
+//
+// For voxel x of sample b, with p_c the activation of the logits z, g_c the target (one-hot of
+// the label, or the soft target) and w the voxel weight (0 if ignored, else the mask value):
+//   kIntersection  Σ w p g        kPredSum  Σ w p        kTargetSum  Σ w g
+//   kPredSq        Σ w p²         kTargetSq Σ w g²       kAbsDiff    Σ w |p − g|
+//   kCePos         Σ w g (−log p) kCeNeg    Σ w (1−g)(−log(1−p))     kCount      Σ w
+// kInvalid (class 0 only) counts voxels whose label is outside [0, C) and not ignore_index;
+// such voxels contribute nothing else (the glue raises when asked to check).
+//
+// Backward: given u[c][s] = ∂L/∂stat[b][c][s],
+//   dp_c      = w (u_I g + u_P + 2 u_P2 p + u_L1 sign(p − g))
+//   dlogp_c   = −w u_CE+ g           dlog1mp_c = −w u_CE− (1 − g)
+//   softmax:  ∂L/∂z_c = p_c (dp_c − Σ_k p_k dp_k) + dlogp_c − p_c Σ_k dlogp_k
+//   sigmoid:  ∂L/∂z_c = dp_c p (1 − p) + dlogp_c (1 − p) − dlog1mp_c p
+//   none:     ∂L/∂p_c = dp_c + dlogp_c / p − dlog1mp_c / (1 − p)
+#pragma once
+
+#include "common.cuh"
+
+namespace segloss {
+
+enum Stat : int {
+  kIntersection = 0,
+  kPredSum = 1,
+  kTargetSum = 2,
+  kPredSq = 3,
+  kTargetSq = 4,
+  kAbsDiff = 5,
+  kCePos = 6,
+  kCeNeg = 7,
+  kCount = 8,
+  kInvalid = 9,
+  kNumSlots = 10,
+};
+
+enum Activation : int { kSoftmax = 0, kSigmoid = 1, kNone = 2 };
+
+// The class index whose one-hot is "foreground" for channel c: a single sigmoid (or
+// probability) channel is the foreground of binary 0/1 labels.
+SEGLOSS_HD int64_t label_of_channel(int64_t c, int64_t channels, int activation) {
+  return (channels == 1 && activation != kSoftmax) ? 1 : c;
+}
+
+// Labels 0..valid_max-1 are valid (2 for a single sigmoid channel, else C).
+SEGLOSS_HD int64_t valid_label_max(int64_t channels, int activation) {
+  return (channels == 1 && activation != kSoftmax) ? 2 : channels;
+}
+
+// Voxel weight from its label: 0 for ignore_index and for invalid labels.
+SEGLOSS_HD bool label_is_valid(int64_t label, int64_t valid_max) { return label >= 0 && label < valid_max; }
+
+// Statistics contributions of one element (b, c, x) with weight w > 0.
+// neg_log_p = −log p, neg_log_1mp = −log(1 − p) (only read for kCeNeg).
+template <typename A>
+SEGLOSS_HD void accumulate_element(A p, A g, A w, A neg_log_p, A neg_log_1mp, bool want_ce_neg, A* acc) {
+  A wp = w * p;
+  A wg = w * g;
+  acc[kIntersection] += wp * g;
+  acc[kPredSum] += wp;
+  acc[kTargetSum] += wg;
+  acc[kPredSq] += wp * p;
+  acc[kTargetSq] += wg * g;
+  A diff = p - g;
+  acc[kAbsDiff] += w * (diff < A(0) ? -diff : diff);
+  acc[kCePos] += g == A(0) ? A(0) : wg * neg_log_p;
+  if (want_ce_neg) {
+    A h = A(1) - g;
+    acc[kCeNeg] += h == A(0) ? A(0) : w * h * neg_log_1mp;
+  }
+}
+
+// ∂L/∂p, ∂L/∂log p and ∂L/∂log(1 − p) of one element from the upstream gradient u (kNumSlots).
+template <typename A>
+SEGLOSS_HD void element_gradient(A p, A g, A w, const A* u, A* dp, A* dlogp, A* dlog1mp) {
+  *dp = w * (u[kIntersection] * g + u[kPredSum] + A(2) * u[kPredSq] * p + u[kAbsDiff] * seg_sign(p - g));
+  *dlogp = -w * u[kCePos] * g;
+  *dlog1mp = -w * u[kCeNeg] * (A(1) - g);
+}
+
+// Sigmoid pieces from the logit: p, −log p, −log(1 − p), stable for both signs.
+template <typename A>
+SEGLOSS_HD void sigmoid_terms(A z, A* p, A* neg_log_p, A* neg_log_1mp) {
+  A a = z < A(0) ? -z : z;
+  A e = seg_exp(-a);                 // in (0, 1]
+  A softplus_neg_a = seg_log(A(1) + e);
+  A pos = A(1) / (A(1) + e);         // sigmoid(|z|)
+  *p = z >= A(0) ? pos : A(1) - pos;
+  *neg_log_p = (z >= A(0) ? A(0) : -z) + softplus_neg_a;   // softplus(−z)
+  *neg_log_1mp = (z >= A(0) ? z : A(0)) + softplus_neg_a;  // softplus(z)
+}
+
+// Chain rule through the activation for one element (softmax needs the voxel sums).
+template <typename A>
+SEGLOSS_HD A activation_backward(int activation, A p, A dp, A dlogp, A dlog1mp, A dot_p_dp, A sum_dlogp) {
+  if (activation == kSoftmax) {
+    return p * (dp - dot_p_dp) + dlogp - p * sum_dlogp;
+  }
+  if (activation == kSigmoid) {
+    return dp * p * (A(1) - p) + dlogp * (A(1) - p) - dlog1mp * p;
+  }
+  A out = dp;
+  out += dlogp == A(0) ? A(0) : dlogp / p;
+  out -= dlog1mp == A(0) ? A(0) : dlog1mp / (A(1) - p);
+  return out;
+}
+
+}  // namespace segloss

@@ -1,0 +1,83 @@
+// Schemas of the segloss ops and the device-independent glue.
+#include <torch/library.h>
+
+#include "../kernels/region_stats.cuh"
+#include "region_stats.h"
+
+namespace segloss {
+
+at::ScalarType accumulation_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+RegionStatsInputs canonical_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& labels,
+                                   const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
+                                   int64_t activation) {
+  TORCH_CHECK(logits.dim() >= 3 && logits.dim() <= 5, "segloss::region_stats: logits must be (B, C, *spatial) with ",
+              "1 to 3 spatial dims, got ", logits.sizes());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "segloss::region_stats: logits must be floating, got ",
+              logits.scalar_type());
+  TORCH_CHECK(activation >= 0 && activation <= 2, "segloss::region_stats: activation must be 0, 1 or 2");
+  TORCH_CHECK(labels.has_value() != target.has_value(), "segloss::region_stats: give exactly one of labels, target");
+  RegionStatsInputs out;
+  out.batch = logits.size(0);
+  out.channels = logits.size(1);
+  out.voxels = out.batch == 0 || out.channels == 0 ? 0 : logits.numel() / (out.batch * out.channels);
+  out.logits = logits.contiguous().view({out.batch, out.channels, out.voxels});
+  if (labels.has_value()) {
+    const at::Tensor& l = *labels;
+    TORCH_CHECK(l.device() == logits.device(), "segloss::region_stats: labels on ", l.device(), ", logits on ",
+                logits.device());
+    TORCH_CHECK(l.numel() == out.batch * out.voxels, "segloss::region_stats: labels have ", l.numel(),
+                " elements, expected B*N = ", out.batch * out.voxels);
+    TORCH_CHECK(!at::isFloatingType(l.scalar_type()), "segloss::region_stats: labels must be integer");
+    at::Tensor canonical = l;
+    auto t = l.scalar_type();
+    if (t != at::kLong && t != at::kInt && t != at::kByte) {
+      canonical = l.to(at::kLong);
+    }
+    out.labels = canonical.contiguous().view({out.batch, out.voxels});
+  } else {
+    const at::Tensor& g = *target;
+    TORCH_CHECK(g.device() == logits.device(), "segloss::region_stats: target on ", g.device(), ", logits on ",
+                logits.device());
+    TORCH_CHECK(g.sizes() == logits.sizes(), "segloss::region_stats: target ", g.sizes(), " must match logits ",
+                logits.sizes());
+    out.target = g.to(logits.scalar_type()).contiguous().view({out.batch, out.channels, out.voxels});
+  }
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device() == logits.device(), "segloss::region_stats: mask on ", m.device(), ", logits on ",
+                logits.device());
+    int64_t mb = m.dim() > 0 ? m.size(0) : 1;
+    TORCH_CHECK((mb == 1 || mb == out.batch) && m.numel() == mb * out.voxels,
+                "segloss::region_stats: mask must be (B or 1, 1, *spatial), got ", m.sizes());
+    out.mask = m.to(at::kFloat).contiguous().view({mb, out.voxels});
+  }
+  return out;
+}
+
+void check_invalid_labels(const at::Tensor& stats, int64_t valid_max, bool has_ignore, int64_t ignore_index) {
+  double invalid = stats.select(2, kInvalid).select(1, 0).sum().item<double>();
+  if (invalid > 0) {
+    std::string extra = has_ignore ? " or ignore_index=" + std::to_string(ignore_index) : std::string();
+    TORCH_CHECK(false, "target has labels outside [0, ", valid_max, ")", extra, ": found ",
+                static_cast<int64_t>(invalid), " such voxel(s)");
+  }
+}
+
+}  // namespace segloss
+
+TORCH_LIBRARY(segloss, m) {
+  m.def(
+      "region_stats(Tensor logits, Tensor? labels, Tensor? target, Tensor? mask, int activation, int ignore_index, "
+      "bool has_ignore, bool want_ce_neg, bool check_labels) -> Tensor");
+  m.def(
+      "region_stats_backward(Tensor grad, Tensor logits, Tensor? labels, Tensor? target, Tensor? mask, "
+      "int activation, int ignore_index, bool has_ignore) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(segloss, CPU, m) {
+  m.impl("region_stats", &segloss::region_stats_cpu);
+  m.impl("region_stats_backward", &segloss::region_stats_backward_cpu);
+}

@@ -1,0 +1,41 @@
+// Glue shared by the CPU and CUDA implementations of the segloss::region_stats ops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace segloss {
+
+struct RegionStatsInputs {
+  at::Tensor logits;  // (B, C, N) contiguous
+  at::Tensor labels;  // (B, N) contiguous int64/int32/uint8, or undefined
+  at::Tensor target;  // (B, C, N) contiguous, logits' dtype, or undefined
+  at::Tensor mask;    // (Mb, N) contiguous float32 with Mb in {1, B}, or undefined
+  int64_t batch = 0;
+  int64_t channels = 0;
+  int64_t voxels = 0;
+};
+
+// Checks shapes, dtypes and devices (the Python side has already validated values) and
+// brings every input to the canonical contiguous layout above.
+RegionStatsInputs canonical_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& labels,
+                                   const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
+                                   int64_t activation);
+
+at::ScalarType accumulation_type(at::ScalarType dtype);
+
+at::Tensor region_stats_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& labels,
+                            const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
+                            int64_t activation, int64_t ignore_index, bool has_ignore, bool want_ce_neg,
+                            bool check_labels);
+
+at::Tensor region_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
+                                     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& target,
+                                     const std::optional<at::Tensor>& mask, int64_t activation, int64_t ignore_index,
+                                     bool has_ignore);
+
+// Raise (with the count) if the kInvalid slot of ``stats`` is non-zero.
+void check_invalid_labels(const at::Tensor& stats, int64_t valid_max, bool has_ignore, int64_t ignore_index);
+
+}  // namespace segloss

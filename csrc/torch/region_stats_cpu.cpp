@@ -1,0 +1,450 @@
+// CPU implementation of segloss::region_stats and its backward.
+//
+// Work is split into fixed chunks of kChunk voxels of one sample (independent of the number
+// of threads), each chunk into tiles of kTile voxels whose per-class values live in small
+// buffers; sums are kept in kLanes independent lanes per (class, statistic) and reduced in a
+// fixed order, so results are bitwise identical run to run and for any thread count. The
+// loops over a tile are written so the compiler can vectorise them (seg_exp is branch-free).
+// The gradient is allocated with transparent huge pages when large: its first-touch page
+// faults are otherwise a large part of the cost of a backward pass.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <c10/util/BFloat16.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <cstdint>
+#include <vector>
+
+#include "../kernels/region_stats.cuh"
+#include "region_stats.h"
+
+namespace segloss {
+namespace {
+
+constexpr int64_t kChunk = 16384;
+constexpr int kTile = 128;
+constexpr int kLanes = 8;
+
+struct Problem {
+  int64_t batch, channels, voxels;
+  int activation;
+  bool has_ignore;
+  int64_t ignore_index;
+  const float* mask;
+  int64_t mask_batch_stride;
+  bool want_ce_neg;
+};
+
+template <typename A>
+struct Tile {
+  std::vector<A> z, e, t, dp, dl;  // C × kTile
+  std::vector<A> m, inv, lse, w, dot, sdl;
+  std::vector<A> label;  // the label as A (exact below 2^24), −1 for weight-0 voxels
+  explicit Tile(int64_t channels)
+      : z(channels * kTile), e(channels * kTile), t(channels * kTile), dp(channels * kTile), dl(channels * kTile),
+        m(kTile), inv(kTile), lse(kTile), w(kTile), dot(kTile), sdl(kTile), label(kTile) {}
+};
+
+// Loads logits (and soft targets, weights, labels) of voxels [n0, n0 + len) of sample b into the
+// tile, padded to a multiple of kLanes with weight 0. A voxel of weight 0 (padding, ignored,
+// invalid label, mask 0) is loaded as logits 0, label −1 and target 0, so every term it adds is
+// an exact 0 whatever its real logits are. Computes the activation: for softmax
+// e = exp(z − m), inv = 1/Σe, lse = m + log Σe. Returns the number of invalid labels.
+template <int ACT, bool LABELS, typename T, typename L, typename A>
+int64_t load_tile(const Problem& pb, const T* logits, const L* labels, const T* target, int64_t b, int64_t n0,
+                  int len, int padded, Tile<A>& tile) {
+  const int64_t C = pb.channels, N = pb.voxels;
+  const int64_t valid_max = valid_label_max(C, ACT);
+  int64_t invalid = 0;
+  A* __restrict w = tile.w.data();
+  A* __restrict lab = tile.label.data();
+  for (int i = 0; i < len; ++i) w[i] = pb.mask ? static_cast<A>(pb.mask[b * pb.mask_batch_stride + n0 + i]) : A(1);
+  for (int i = len; i < padded; ++i) w[i] = A(0);
+  if (LABELS) {
+    const L* __restrict src = labels + b * N + n0;
+    const bool has_ignore = pb.has_ignore;
+    const int64_t ignore_index = pb.ignore_index;
+    // bitwise (not short-circuit) logic keeps the loop branch-free, so it vectorises
+    for (int i = 0; i < len; ++i) {
+      const int64_t label = static_cast<int64_t>(src[i]);
+      const bool ignored = has_ignore & (label == ignore_index);
+      const bool valid = (label >= 0) & (label < valid_max);
+      const bool bad = !ignored & !valid;
+      invalid += static_cast<int64_t>(bad);
+      const bool off = ignored | bad | (w[i] == A(0));
+      w[i] = off ? A(0) : w[i];
+      lab[i] = off ? A(-1) : static_cast<A>(label);
+    }
+    for (int i = len; i < padded; ++i) lab[i] = A(-1);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const T* __restrict zc = logits + (b * C + c) * N + n0;
+    A* __restrict zt = &tile.z[c * kTile];
+    for (int i = 0; i < len; ++i) zt[i] = w[i] == A(0) ? A(0) : static_cast<A>(zc[i]);
+    for (int i = len; i < padded; ++i) zt[i] = A(0);
+    if (!LABELS) {
+      const T* __restrict tc = target + (b * C + c) * N + n0;
+      A* __restrict tt = &tile.t[c * kTile];
+      for (int i = 0; i < len; ++i) tt[i] = w[i] == A(0) ? A(0) : static_cast<A>(tc[i]);
+      for (int i = len; i < padded; ++i) tt[i] = A(0);
+    }
+  }
+  if (ACT == kSoftmax) {
+    A* __restrict m = tile.m.data();
+    const A* __restrict z0 = tile.z.data();
+    for (int i = 0; i < padded; ++i) m[i] = z0[i];
+    for (int64_t c = 1; c < C; ++c) {
+      const A* __restrict zt = &tile.z[c * kTile];
+      for (int i = 0; i < padded; ++i) m[i] = (zt[i] > m[i] || zt[i] != zt[i]) ? zt[i] : m[i];
+    }
+    A* __restrict s = tile.inv.data();
+    A* __restrict lse = tile.lse.data();
+    for (int i = 0; i < padded; ++i) s[i] = A(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const A* __restrict zt = &tile.z[c * kTile];
+      A* __restrict et = &tile.e[c * kTile];
+#pragma GCC ivdep
+      for (int i = 0; i < padded; ++i) {
+        const A e = seg_exp(zt[i] - m[i]);
+        et[i] = e;
+        s[i] += e;
+      }
+    }
+    for (int i = 0; i < padded; ++i) lse[i] = m[i] + seg_log(s[i]);
+    for (int i = 0; i < padded; ++i) s[i] = A(1) / s[i];
+  }
+  return invalid;
+}
+
+// Raw (restrict) views of one class of a loaded tile: plain pointers let the compiler
+// vectorise the element loops (std::vector members could alias the outputs).
+template <typename A>
+struct ClassView {
+  const A* __restrict z;
+  const A* __restrict e;
+  const A* __restrict t;
+  const A* __restrict inv;
+  const A* __restrict lse;
+  const A* __restrict w;
+  const A* __restrict label;
+  ClassView(const Tile<A>& tile, int64_t c)
+      : z(&tile.z[c * kTile]), e(&tile.e[c * kTile]), t(&tile.t[c * kTile]), inv(tile.inv.data()),
+        lse(tile.lse.data()), w(tile.w.data()), label(tile.label.data()) {}
+};
+
+template <bool LABELS, typename A>
+inline A target_value(const ClassView<A>& v, A cls, int i) {
+  if (LABELS) return v.label[i] == cls ? A(1) : A(0);
+  return v.t[i];
+}
+
+// p, −log p, −log(1 − p) of element i of a class view.
+template <int ACT, typename A>
+inline void element_terms(const ClassView<A>& v, int i, A* p, A* nlp, A* nl1mp) {
+  const A z = v.z[i];
+  if (ACT == kSoftmax) {
+    *p = v.e[i] * v.inv[i];
+    *nlp = v.lse[i] - z;
+    *nl1mp = A(0);
+  } else if (ACT == kSigmoid) {
+    sigmoid_terms(z, p, nlp, nl1mp);
+  } else {
+    *p = z;
+    *nlp = -seg_log(z);
+    *nl1mp = -seg_log(A(1) - z);
+  }
+}
+
+template <int ACT, bool LABELS, bool CE_NEG, typename T, typename L, typename A>
+void forward_chunk(const Problem& pb, const T* logits, const L* labels, const T* target, int64_t b, int64_t n0,
+                   int64_t n1, A* out /* C × kNumSlots */, Tile<A>& tile, std::vector<A>& lanes) {
+  const int64_t C = pb.channels;
+  std::fill(lanes.begin(), lanes.end(), A(0));
+  A invalid_total = A(0);
+  for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+    const int len = static_cast<int>(std::min<int64_t>(kTile, n1 - t0));
+    const int padded = (len + kLanes - 1) / kLanes * kLanes;
+    invalid_total += static_cast<A>(load_tile<ACT, LABELS, T, L, A>(pb, logits, labels, target, b, t0, len, padded, tile));
+    for (int64_t c = 0; c < C; ++c) {
+      A* __restrict acc = &lanes[c * kNumSlots * kLanes];
+      const A cls = static_cast<A>(label_of_channel(c, C, ACT));
+      const ClassView<A> v(tile, c);
+      for (int i0 = 0; i0 < padded; i0 += kLanes) {
+#pragma GCC ivdep
+        for (int l = 0; l < kLanes; ++l) {
+          const int i = i0 + l;
+          const A w = v.w[i];
+          const A g = target_value<LABELS>(v, cls, i);
+          A p, nlp, nl1mp;
+          element_terms<ACT>(v, i, &p, &nlp, &nl1mp);
+          const A wp = w * p, wg = w * g, diff = p - g;
+          acc[kIntersection * kLanes + l] += wp * g;
+          acc[kPredSum * kLanes + l] += wp;
+          acc[kTargetSum * kLanes + l] += wg;
+          acc[kPredSq * kLanes + l] += wp * p;
+          if (!LABELS) acc[kTargetSq * kLanes + l] += wg * g;
+          acc[kAbsDiff * kLanes + l] += w * (diff < A(0) ? -diff : diff);
+          acc[kCePos * kLanes + l] += g == A(0) ? A(0) : wg * nlp;
+          if (CE_NEG) {
+            const A h = A(1) - g;
+            acc[kCeNeg * kLanes + l] += h == A(0) ? A(0) : w * h * nl1mp;
+          }
+          acc[kCount * kLanes + l] += w;
+        }
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    for (int s = 0; s < kNumSlots; ++s) {
+      const A* lane = &lanes[(c * kNumSlots + s) * kLanes];
+      A total = A(0);
+      for (int l = 0; l < kLanes; ++l) total += lane[l];
+      out[c * kNumSlots + s] = total;
+    }
+    if (LABELS) out[c * kNumSlots + kTargetSq] = out[c * kNumSlots + kTargetSum];  // g² = g for one-hot
+  }
+  out[kInvalid] = invalid_total;
+}
+
+template <int ACT, bool LABELS, typename T, typename L, typename A>
+void backward_chunk(const Problem& pb, const T* logits, const L* labels, const T* target, const A* upstream,
+                    int64_t b, int64_t n0, int64_t n1, T* grad, Tile<A>& tile) {
+  const int64_t C = pb.channels, N = pb.voxels;
+  for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+    const int len = static_cast<int>(std::min<int64_t>(kTile, n1 - t0));
+    const int padded = (len + kLanes - 1) / kLanes * kLanes;
+    load_tile<ACT, LABELS, T, L, A>(pb, logits, labels, target, b, t0, len, padded, tile);
+    A* __restrict dot = tile.dot.data();
+    A* __restrict sdl = tile.sdl.data();
+    if (ACT == kSoftmax) {
+      for (int i = 0; i < padded; ++i) dot[i] = sdl[i] = A(0);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const A* u = upstream + (b * C + c) * kNumSlots;
+      const A uI = u[kIntersection], uP = u[kPredSum], uP2 = A(2) * u[kPredSq], uL1 = u[kAbsDiff];
+      const A uCe = u[kCePos], uCeNeg = u[kCeNeg];
+      const A cls = static_cast<A>(label_of_channel(c, C, ACT));
+      const ClassView<A> v(tile, c);
+      A* __restrict dpt = &tile.dp[c * kTile];
+      A* __restrict dlt = &tile.dl[c * kTile];
+      T* __restrict gc = grad + (b * C + c) * N + t0;
+#pragma GCC ivdep
+      for (int i = 0; i < padded; ++i) {
+        const A w = v.w[i];
+        const A g = target_value<LABELS>(v, cls, i);
+        A p, nlp, nl1mp;
+        element_terms<ACT>(v, i, &p, &nlp, &nl1mp);
+        const A diff = p - g;
+        const A sign = (diff > A(0) ? A(1) : A(0)) - (diff < A(0) ? A(1) : A(0));
+        const A dp = w * (uI * g + uP + uP2 * p + uL1 * sign);
+        const A dl = -w * uCe * g;
+        if (ACT == kSoftmax) {
+          dpt[i] = dp;
+          dlt[i] = dl;
+          dot[i] += p * dp;
+          sdl[i] += dl;
+        } else {
+          const A dl1m = -w * uCeNeg * (A(1) - g);
+          dpt[i] = activation_backward(ACT, p, dp, dl, dl1m, A(0), A(0));
+        }
+      }
+      if (ACT != kSoftmax) {
+        for (int i = 0; i < len; ++i) gc[i] = static_cast<T>(dpt[i]);
+      }
+    }
+    if (ACT == kSoftmax) {
+      const A* __restrict inv = tile.inv.data();
+      for (int64_t c = 0; c < C; ++c) {
+        const A* __restrict et = &tile.e[c * kTile];
+        const A* __restrict dpt = &tile.dp[c * kTile];
+        const A* __restrict dlt = &tile.dl[c * kTile];
+        T* __restrict gc = grad + (b * C + c) * N + t0;
+#pragma GCC ivdep
+        for (int i = 0; i < len; ++i) {
+          const A p = et[i] * inv[i];
+          gc[i] = static_cast<T>(p * (dpt[i] - dot[i]) + dlt[i] - p * sdl[i]);
+        }
+      }
+    }
+  }
+}
+
+Problem make_problem(const RegionStatsInputs& in, int64_t activation, int64_t ignore_index, bool has_ignore,
+                     bool want_ce_neg) {
+  Problem pb;
+  pb.batch = in.batch;
+  pb.channels = in.channels;
+  pb.voxels = in.voxels;
+  pb.activation = static_cast<int>(activation);
+  pb.has_ignore = has_ignore;
+  pb.ignore_index = ignore_index;
+  pb.mask = in.mask.defined() ? in.mask.data_ptr<float>() : nullptr;
+  pb.mask_batch_stride = in.mask.defined() && in.mask.size(0) > 1 ? in.voxels : 0;
+  pb.want_ce_neg = want_ce_neg;
+  return pb;
+}
+
+template <int V>
+using IntTag = std::integral_constant<int, V>;
+template <bool V>
+using BoolTag = std::integral_constant<bool, V>;
+
+// Calls f(activation, has_labels, want_ce_neg) with each as a compile-time constant.
+template <typename F>
+void dispatch_flags(int activation, bool labels, bool ce_neg, F&& f) {
+  auto with_ce = [&](auto act, auto lab) {
+    if (ce_neg && decltype(act)::value != kSoftmax) {
+      f(act, lab, BoolTag<true>{});
+    } else {
+      f(act, lab, BoolTag<false>{});
+    }
+  };
+  auto with_labels = [&](auto act) {
+    if (labels) {
+      with_ce(act, BoolTag<true>{});
+    } else {
+      with_ce(act, BoolTag<false>{});
+    }
+  };
+  if (activation == kSoftmax) {
+    with_labels(IntTag<kSoftmax>{});
+  } else if (activation == kSigmoid) {
+    with_labels(IntTag<kSigmoid>{});
+  } else {
+    with_labels(IntTag<kNone>{});
+  }
+}
+
+// Dispatch on the label type (or soft targets): f(labels_ptr_or_null) with the right L.
+template <typename T, typename F>
+void with_labels(const RegionStatsInputs& in, F&& f) {
+  if (!in.labels.defined()) {
+    f(static_cast<const int64_t*>(nullptr), in.target.data_ptr<T>());
+    return;
+  }
+  switch (in.labels.scalar_type()) {
+    case at::kLong:
+      f(in.labels.data_ptr<int64_t>(), static_cast<const T*>(nullptr));
+      break;
+    case at::kInt:
+      f(in.labels.data_ptr<int32_t>(), static_cast<const T*>(nullptr));
+      break;
+    default:
+      f(in.labels.data_ptr<uint8_t>(), static_cast<const T*>(nullptr));
+      break;
+  }
+}
+
+// Fresh memory for a large gradient, backed by transparent huge pages where the kernel allows
+// (2 MiB pages: ~500 times fewer first-touch page faults than 4 KiB ones).
+at::Tensor empty_for_gradient(const at::Tensor& like) {
+  const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
+  constexpr size_t kHuge = size_t(2) << 20;
+  if (bytes < 2 * kHuge) return at::empty_like(like, at::MemoryFormat::Contiguous);
+  const size_t length = (bytes + kHuge - 1) / kHuge * kHuge + kHuge;
+  void* base = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) return at::empty_like(like, at::MemoryFormat::Contiguous);
+  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + kHuge - 1) / kHuge * kHuge;
+#ifdef MADV_HUGEPAGE
+  madvise(reinterpret_cast<void*>(aligned), length - (aligned - reinterpret_cast<uintptr_t>(base)), MADV_HUGEPAGE);
+#endif
+  return at::from_blob(
+      reinterpret_cast<void*>(aligned), like.sizes(), [base, length](void*) { munmap(base, length); },
+      like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+}  // namespace
+
+at::Tensor region_stats_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& labels,
+                            const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
+                            int64_t activation, int64_t ignore_index, bool has_ignore, bool want_ce_neg,
+                            bool check_labels) {
+  RegionStatsInputs in = canonical_inputs(logits, labels, target, mask, activation);
+  const at::ScalarType acc_type = accumulation_type(logits.scalar_type());
+  at::Tensor out = at::zeros({in.batch, in.channels, kNumSlots}, logits.options().dtype(acc_type));
+  if (in.batch == 0 || in.voxels == 0) return out;
+  const Problem pb = make_problem(in, activation, ignore_index, has_ignore, want_ce_neg);
+  const int64_t chunks = (in.voxels + kChunk - 1) / kChunk;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "segloss_region_stats_cpu", [&] {
+    using A = typename AccType<scalar_t>::type;
+    const scalar_t* z = in.logits.data_ptr<scalar_t>();
+    std::vector<A> partial(static_cast<size_t>(in.batch * chunks * in.channels * kNumSlots), A(0));
+    with_labels<scalar_t>(in, [&](auto* label_ptr, const scalar_t* target_ptr) {
+      using L = std::remove_const_t<std::remove_pointer_t<decltype(label_ptr)>>;
+      auto run = [&](auto act_tag, auto labels_tag, auto ce_neg_tag) {
+        constexpr int ACT = decltype(act_tag)::value;
+        constexpr bool LABELS = decltype(labels_tag)::value;
+        constexpr bool CE_NEG = decltype(ce_neg_tag)::value;
+        at::parallel_for(0, in.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+          Tile<A> tile(in.channels);
+          std::vector<A> lanes(static_cast<size_t>(in.channels * kNumSlots * kLanes));
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t b = task / chunks, k = task % chunks;
+            const int64_t n0 = k * kChunk, n1 = std::min(in.voxels, n0 + kChunk);
+            forward_chunk<ACT, LABELS, CE_NEG, scalar_t, L, A>(pb, z, label_ptr, target_ptr, b, n0, n1,
+                                                               &partial[task * in.channels * kNumSlots], tile, lanes);
+          }
+        });
+      };
+      dispatch_flags(pb.activation, label_ptr != nullptr, want_ce_neg, run);
+    });
+    // fixed-order reduction over chunks
+    A* o = out.data_ptr<A>();
+    const int64_t per_sample = in.channels * kNumSlots;
+    for (int64_t b = 0; b < in.batch; ++b) {
+      for (int64_t k = 0; k < chunks; ++k) {
+        const A* src = &partial[(b * chunks + k) * per_sample];
+        for (int64_t j = 0; j < per_sample; ++j) o[b * per_sample + j] += src[j];
+      }
+    }
+  });
+  if (check_labels && in.labels.defined()) {
+    check_invalid_labels(out, valid_label_max(in.channels, static_cast<int>(activation)), has_ignore, ignore_index);
+  }
+  return out;
+}
+
+at::Tensor region_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
+                                     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& target,
+                                     const std::optional<at::Tensor>& mask, int64_t activation, int64_t ignore_index,
+                                     bool has_ignore) {
+  RegionStatsInputs in = canonical_inputs(logits, labels, target, mask, activation);
+  const at::ScalarType acc_type = accumulation_type(logits.scalar_type());
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == in.batch && grad.size(1) == in.channels && grad.size(2) == kNumSlots,
+              "segloss::region_stats_backward: grad must be (B, C, ", static_cast<int>(kNumSlots), "), got ",
+              grad.sizes());
+  at::Tensor upstream = grad.to(acc_type).contiguous();
+  at::Tensor result = empty_for_gradient(in.logits);
+  if (in.batch == 0 || in.voxels == 0) return result.view(logits.sizes());
+  const Problem pb = make_problem(in, activation, ignore_index, has_ignore, true);
+  const int64_t chunks = (in.voxels + kChunk - 1) / kChunk;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "segloss_region_stats_bwd_cpu", [&] {
+    using A = typename AccType<scalar_t>::type;
+    const scalar_t* z = in.logits.data_ptr<scalar_t>();
+    const A* u = upstream.data_ptr<A>();
+    scalar_t* out = result.data_ptr<scalar_t>();
+    with_labels<scalar_t>(in, [&](auto* label_ptr, const scalar_t* target_ptr) {
+      using L = std::remove_const_t<std::remove_pointer_t<decltype(label_ptr)>>;
+      auto run = [&](auto act_tag, auto labels_tag, auto) {
+        constexpr int ACT = decltype(act_tag)::value;
+        constexpr bool LABELS = decltype(labels_tag)::value;
+        at::parallel_for(0, in.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+          Tile<A> tile(in.channels);
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t b = task / chunks, k = task % chunks;
+            const int64_t n0 = k * kChunk, n1 = std::min(in.voxels, n0 + kChunk);
+            backward_chunk<ACT, LABELS, scalar_t, L, A>(pb, z, label_ptr, target_ptr, u, b, n0, n1, out, tile);
+          }
+        });
+      };
+      dispatch_flags(pb.activation, label_ptr != nullptr, false, run);
+    });
+  });
+  return result.view(logits.sizes());
+}
+
+}  // namespace segloss
