@@ -52,7 +52,7 @@ RegionStatsInputs canonical_inputs(const at::Tensor& logits, const std::optional
     int64_t mb = m.dim() > 0 ? m.size(0) : 1;
     TORCH_CHECK((mb == 1 || mb == out.batch) && m.numel() == mb * out.voxels,
                 "segloss::region_stats: mask must be (B or 1, 1, *spatial), got ", m.sizes());
-    out.mask = m.to(at::kFloat).contiguous().view({mb, out.voxels});
+    out.mask = m.to(accumulation_type(logits.scalar_type())).contiguous().view({mb, out.voxels});
   }
   return out;
 }

@@ -11,7 +11,7 @@ struct RegionStatsInputs {
   at::Tensor logits;  // (B, C, N) contiguous
   at::Tensor labels;  // (B, N) contiguous int64/int32/uint8, or undefined
   at::Tensor target;  // (B, C, N) contiguous, logits' dtype, or undefined
-  at::Tensor mask;    // (Mb, N) contiguous float32 with Mb in {1, B}, or undefined
+  at::Tensor mask;    // (Mb, N) contiguous, accumulation dtype, Mb in {1, B}, or undefined
   int64_t batch = 0;
   int64_t channels = 0;
   int64_t voxels = 0;

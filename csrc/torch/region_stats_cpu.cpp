@@ -34,7 +34,7 @@ struct Problem {
   int activation;
   bool has_ignore;
   int64_t ignore_index;
-  const float* mask;
+  const void* mask;  // accumulation dtype (float or double), or null
   int64_t mask_batch_stride;
   bool want_ce_neg;
 };
@@ -62,7 +62,12 @@ int64_t load_tile(const Problem& pb, const T* logits, const L* labels, const T* 
   int64_t invalid = 0;
   A* __restrict w = tile.w.data();
   A* __restrict lab = tile.label.data();
-  for (int i = 0; i < len; ++i) w[i] = pb.mask ? static_cast<A>(pb.mask[b * pb.mask_batch_stride + n0 + i]) : A(1);
+  if (pb.mask) {
+    const A* __restrict mask = static_cast<const A*>(pb.mask) + b * pb.mask_batch_stride + n0;
+    for (int i = 0; i < len; ++i) w[i] = mask[i];
+  } else {
+    for (int i = 0; i < len; ++i) w[i] = A(1);
+  }
   for (int i = len; i < padded; ++i) w[i] = A(0);
   if (LABELS) {
     const L* __restrict src = labels + b * N + n0;
@@ -282,7 +287,7 @@ Problem make_problem(const RegionStatsInputs& in, int64_t activation, int64_t ig
   pb.activation = static_cast<int>(activation);
   pb.has_ignore = has_ignore;
   pb.ignore_index = ignore_index;
-  pb.mask = in.mask.defined() ? in.mask.data_ptr<float>() : nullptr;
+  pb.mask = in.mask.defined() ? in.mask.data_ptr() : nullptr;
   pb.mask_batch_stride = in.mask.defined() && in.mask.size(0) > 1 ? in.voxels : 0;
   pb.want_ce_neg = want_ce_neg;
   return pb;

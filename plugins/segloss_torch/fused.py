@@ -125,9 +125,7 @@ def compute_statistics(prepared: PreparedInputs, names: Iterable[str]) -> dict[s
     pred = prepared.pred
     mask = prepared.mask
     if mask is not None:
-        mask = mask.reshape(mask.shape[0], -1)
-        if mask.dtype != torch.float32:
-            mask = mask.to(torch.float32)
+        mask = mask.reshape(mask.shape[0], -1)  # the op casts it to the accumulation dtype
     labels = prepared.labels
     target = prepared.target
     ignore = prepared.ignore_index
