@@ -67,6 +67,11 @@ class Backend:
         ``options`` are the checked values of :attr:`options` (defaults filled in)."""
         raise NotImplementedError
 
+    def prebuild(self) -> str | None:
+        """Compile whatever the backend compiles lazily (``segloss build``); return a report
+        line, or None if there is nothing to build. Must not raise for a failed build: report it."""
+        return None
+
     def status(self) -> Mapping[str, str]:
         """Extra facts shown by ``segloss backends``/``describe`` (e.g. active implementation)."""
         return {}

@@ -80,6 +80,21 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build(args: argparse.Namespace) -> int:
+    reg = registry()
+    built = False
+    for info in list_backends():
+        if not info.available or (args.backend and info.name not in args.backend):
+            continue
+        report = reg.backend(info.name).prebuild()
+        if report is not None:
+            built = True
+            print(f"{info.name}: {report}")
+    if not built:
+        print("nothing to build for the available backends")
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from .conformance import check_backend
 
@@ -114,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=40, help="edge of the cubic volume (default 40)")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions per call (median shown)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("build", help="compile the backends' kernels now (they are otherwise built on first use)")
+    p.add_argument("backend", nargs="*", help="only these backends")
+    p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("check", help="run the conformance suite against a backend")
     p.add_argument("backend")

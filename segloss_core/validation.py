@@ -60,9 +60,27 @@ def _dtype_name(x: Array) -> str:
     return str(x.dtype).replace("torch.", "")
 
 
+_NAMESPACES: dict[type, Any] = {}
+
+
+def namespace_of(x: Array) -> Any:
+    """The array-API namespace of ``x``, memoised per type (cheap, and traceable by torch.compile)."""
+    namespace = _NAMESPACES.get(type(x))
+    if namespace is None:
+        namespace = array_api_compat.array_namespace(x)
+        _NAMESPACES[type(x)] = namespace
+    return namespace
+
+
+def device_of(x: Array) -> Any:
+    if type(x).__module__.startswith("torch"):
+        return x.device
+    return array_api_compat.device(x)
+
+
 def _namespace(name: str, x: Array) -> Any:
     try:
-        return array_api_compat.array_namespace(x)
+        return namespace_of(x)
     except TypeError:
         raise TypeError(
             f"{name} must be an array or tensor (numpy, cupy, torch, ...), got {type(x).__name__}"
@@ -70,10 +88,8 @@ def _namespace(name: str, x: Array) -> Any:
 
 
 def _same_device(name: str, x: Array, pred: Array) -> None:
-    if array_api_compat.device(x) != array_api_compat.device(pred):
-        raise ValueError(
-            f"{name} is on device {array_api_compat.device(x)} but pred is on {array_api_compat.device(pred)}"
-        )
+    if device_of(x) != device_of(pred):
+        raise ValueError(f"{name} is on device {device_of(x)} but pred is on {device_of(pred)}")
 
 
 def label_range_error(labels: Array, xp: Any, valid_max: int, ignore_index: int | None) -> str | None:

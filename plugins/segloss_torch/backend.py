@@ -48,6 +48,18 @@ class TorchBackend(Backend):
         info["cuda"] = "available" if torch.cuda.is_available() else "not available"
         return info
 
+    def prebuild(self) -> str | None:
+        from . import build, fused
+
+        state = build.load(verbose=True)
+        if state.loaded:
+            fused.is_built()
+            devices = "CPU and CUDA" if state.with_cuda else "CPU only"
+            why = "" if state.with_cuda else " (torch has no CUDA here)" if not torch_cuda() else ""
+            arch = f"; CUDA arch list {state.arch_list}" if state.arch_list else ""
+            return f"fused kernels built for {devices}{why}{arch} in {state.seconds:.1f} s: {state.library}"
+        return f"fused kernels NOT built: {state.error}; the native implementation will be used"
+
     def build(self, plan: LossPlan, **options: Any) -> Any:
         from .module import SeglossLoss
 
@@ -76,6 +88,12 @@ class TorchBackend(Backend):
         value.sum().backward()  # reduction="none": the gradient of the sum, as the reference
         assert x.grad is not None
         return value.detach().double().cpu().numpy(), x.grad.double().cpu().numpy()
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return bool(torch.version.cuda) and torch.cuda.is_available()
 
 
 def _conformance_on_cuda() -> bool:

@@ -15,9 +15,11 @@ from torch import nn
 
 from segloss_core.reference.evaluate import required_statistics
 from segloss_core.spec import LossPlan
-from segloss_core.validation import PreparedInputs, validate_inputs
+from segloss_core.validation import PreparedInputs, namespace_of, validate_inputs
 
 from . import fused, native, voxelwise
+
+namespace_of(torch.empty(0))  # memoise the namespace: torch.compile then traces a dict lookup only
 
 
 class SeglossLoss(nn.Module):

@@ -22,6 +22,8 @@ def full(xp: Any, like: Array, value: float) -> Array:
 
 
 def device_of(x: Array) -> Any:
+    if type(x).__module__.startswith("torch"):
+        return x.device
     return array_api_compat.device(x)
 
 

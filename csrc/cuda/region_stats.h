@@ -1,0 +1,43 @@
+// Framework-free launchers of the fused region statistics (raw pointers, sizes, cudaStream_t).
+// Compiled by nvcc alone (no torch headers); csrc/torch/region_stats_cuda.cpp unpacks tensors
+// and calls these.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace segloss {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+enum class LabelType : int { kNone = 0, kInt64 = 1, kInt32 = 2, kUInt8 = 3 };
+
+struct RegionStatsArgs {
+  const void* logits = nullptr;  // (B, C, N) contiguous, dtype
+  DType dtype = DType::kFloat32;
+  int64_t batch = 0, channels = 0, voxels = 0;
+  const void* labels = nullptr;  // (B, N) contiguous, label_type; or null with a target
+  LabelType label_type = LabelType::kNone;
+  const void* target = nullptr;  // (B, C, N) contiguous, dtype; or null with labels
+  const void* mask = nullptr;    // (Mb, N) contiguous in the accumulation dtype, or null
+  int64_t mask_batch_stride = 0;  // N if Mb == B, 0 if Mb == 1
+  int activation = 0;             // 0 softmax, 1 sigmoid, 2 none
+  int64_t ignore_index = 0;
+  bool has_ignore = false;
+  bool want_ce_neg = false;
+};
+
+// Bytes of scratch the forward pass needs (deterministic per-chunk partial sums).
+size_t region_stats_workspace_bytes(const RegionStatsArgs& args);
+
+// out: (B, C, 10) statistics in the accumulation dtype (float, double for float64).
+cudaError_t region_stats_forward(const RegionStatsArgs& args, void* out, void* workspace, cudaStream_t stream);
+
+// upstream: (B, C, 10) in the accumulation dtype; grad: (B, C, N) in dtype.
+cudaError_t region_stats_backward(const RegionStatsArgs& args, const void* upstream, void* grad,
+                                  cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace segloss

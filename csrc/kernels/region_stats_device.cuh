@@ -1,0 +1,242 @@
+// CUDA kernels of the fused region statistics: device code only, so the same text compiles
+// under nvcc (csrc/cuda/region_stats.cu launches it) and NVRTC (the CuPy backend loads it with
+// cupy.RawModule and name expressions such as
+// "segloss::region_stats_partials_kernel<float, long long, float, true>").
+//
+// Forward: grid (chunks, class groups, B), kBlock threads. A block reduces a chunk of
+// kChunk voxels of one sample for kGroup classes: each thread accumulates its voxels in
+// registers, then a fixed-order block reduction (warp shuffles, then warps in order) writes
+// one partial per (sample, group, chunk). region_stats_finish_kernel adds the partials of a
+// (sample, class, statistic) in chunk order. No atomics: bitwise identical run to run.
+// Backward: one thread per voxel (grid-stride), reading its logits and label once per pass,
+// writing only the gradient.
+#pragma once
+
+#include "region_stats.cuh"
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+
+#ifndef __CUDACC_RTC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace segloss {
+
+constexpr int kBlock = 256;
+constexpr int kGroup = 8;         // classes per block
+constexpr int kChunkVoxels = 4096;  // voxels per block (16 per thread)
+
+struct NoLabel {};
+
+template <typename T>
+__device__ __forceinline__ typename AccType<T>::type to_acc(T x) {
+  return static_cast<typename AccType<T>::type>(x);
+}
+template <>
+__device__ __forceinline__ float to_acc<__half>(__half x) {
+  return __half2float(x);
+}
+template <>
+__device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_acc(typename AccType<T>::type x) {
+  return static_cast<T>(x);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename A>
+struct KernelArgs {
+  int64_t batch, channels, voxels;
+  const A* mask;  // (Mb, N) in the accumulation dtype, or null
+  int64_t mask_batch_stride;
+  int activation;
+  int64_t ignore_index;
+  bool has_ignore;
+  bool want_ce_neg;
+};
+
+// Weight and label of voxel n of sample b: w = 0 for ignored/invalid labels; *invalid set
+// for labels outside the valid range that are not ignore_index.
+template <typename L, typename A>
+__device__ __forceinline__ A voxel_weight(const KernelArgs<A>& a, const L* labels, int64_t b, int64_t n,
+                                          int64_t* label, bool* invalid) {
+  A w = a.mask ? a.mask[b * a.mask_batch_stride + n] : A(1);
+  *invalid = false;
+  *label = -1;
+  if (labels != nullptr) {
+    const int64_t value = static_cast<int64_t>(labels[b * a.voxels + n]);
+    const bool ignored = a.has_ignore && value == a.ignore_index;
+    const bool valid = label_is_valid(value, valid_label_max(a.channels, a.activation));
+    *invalid = !ignored && !valid;
+    if (ignored || !valid) w = A(0);
+    *label = value;
+  }
+  return w;
+}
+
+// Softmax max and 1/Σexp over the classes of one voxel (NaN propagates).
+template <typename T, typename A>
+__device__ __forceinline__ void softmax_stats(const T* z, int64_t channels, int64_t stride, A* m, A* inv, A* lse) {
+  A mx = to_acc(z[0]);
+  for (int64_t c = 1; c < channels; ++c) {
+    const A v = to_acc(z[c * stride]);
+    mx = (v > mx || v != v) ? v : mx;
+  }
+  A s = A(0);
+  for (int64_t c = 0; c < channels; ++c) s += seg_exp(to_acc(z[c * stride]) - mx);
+  *m = mx;
+  *inv = A(1) / s;
+  *lse = mx + seg_log(s);
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ void element_terms(int activation, A z, A m, A inv, A lse, A* p, A* nlp, A* nl1mp) {
+  if (activation == kSoftmax) {
+    *p = seg_exp(z - m) * inv;
+    *nlp = lse - z;
+    *nl1mp = A(0);
+  } else if (activation == kSigmoid) {
+    sigmoid_terms(z, p, nlp, nl1mp);
+  } else {
+    *p = z;
+    *nlp = -seg_log(z);
+    *nl1mp = -seg_log(A(1) - z);
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A value) {
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_down_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+// partials: (B, groups, chunks, kGroup, kNumSlots)
+template <typename T, typename L, typename A, bool LABELS>
+__global__ void __launch_bounds__(kBlock) region_stats_partials_kernel(const T* logits, const L* labels, const T* target,
+                                                                KernelArgs<A> a, A* partials) {
+  const int64_t chunk = blockIdx.x, group = blockIdx.y, b = blockIdx.z;
+  const int64_t chunks = gridDim.x, groups = gridDim.y;
+  const int64_t C = a.channels, N = a.voxels;
+  const int64_t c0 = group * kGroup;
+  A acc[kGroup][kNumSlots];
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) {
+#pragma unroll
+    for (int s = 0; s < kNumSlots; ++s) acc[j][s] = A(0);
+  }
+  const int64_t n_end = min(N, (chunk + 1) * static_cast<int64_t>(kChunkVoxels));
+  for (int64_t n = chunk * kChunkVoxels + threadIdx.x; n < n_end; n += kBlock) {
+    int64_t label;
+    bool invalid;
+    const A w = voxel_weight<L, A>(a, LABELS ? labels : static_cast<const L*>(nullptr), b, n, &label, &invalid);
+    if (invalid && group == 0) acc[0][kInvalid] += A(1);
+    if (w == A(0)) continue;  // contributes exactly 0, whatever its logits
+    const T* z = logits + b * C * N + n;
+    A m = A(0), inv = A(1), lse = A(0);
+    if (a.activation == kSoftmax) softmax_stats<T, A>(z, C, N, &m, &inv, &lse);
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      const int64_t c = c0 + j;
+      if (c < C) {
+        A p, nlp, nl1mp;
+        element_terms<T, A>(a.activation, to_acc(z[c * N]), m, inv, lse, &p, &nlp, &nl1mp);
+        const A g = LABELS ? (label == label_of_channel(c, C, a.activation) ? A(1) : A(0))
+                           : to_acc(target[(b * C + c) * N + n]);
+        accumulate_element(p, g, w, nlp, nl1mp, a.want_ce_neg, acc[j]);
+        acc[j][kCount] += w;
+      }
+    }
+  }
+  // fixed-order block reduction
+  __shared__ A shared[kBlock / 32][kGroup * kNumSlots];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < kGroup; ++j) {
+#pragma unroll
+    for (int s = 0; s < kNumSlots; ++s) {
+      const A total = warp_sum(acc[j][s]);
+      if (lane == 0) shared[warp][j * kNumSlots + s] = total;
+    }
+  }
+  __syncthreads();
+  A* out = partials + ((b * groups + group) * chunks + chunk) * (kGroup * kNumSlots);
+  for (int k = threadIdx.x; k < kGroup * kNumSlots; k += kBlock) {
+    A total = A(0);
+    for (int w = 0; w < kBlock / 32; ++w) total += shared[w][k];
+    out[k] = total;
+  }
+}
+
+// out (B, C, kNumSlots) = Σ over chunks, in chunk order.
+template <typename A>
+__global__ void region_stats_finish_kernel(const A* partials, int64_t batch, int64_t channels, int64_t groups,
+                                    int64_t chunks, A* out) {
+  const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t total = batch * channels * kNumSlots;
+  if (index >= total) return;
+  const int64_t s = index % kNumSlots;
+  const int64_t c = (index / kNumSlots) % channels;
+  const int64_t b = index / (kNumSlots * channels);
+  const int64_t group = c / kGroup, j = c % kGroup;
+  const A* src = partials + ((b * groups + group) * chunks) * (kGroup * kNumSlots) + j * kNumSlots + s;
+  A sum = A(0);
+  for (int64_t k = 0; k < chunks; ++k) sum += src[k * (kGroup * kNumSlots)];
+  out[index] = sum;
+}
+
+// grad (B, C, N): one thread per voxel; upstream (B, C, kNumSlots).
+template <typename T, typename L, typename A, bool LABELS>
+__global__ void __launch_bounds__(kBlock) region_stats_backward_kernel(const T* logits, const L* labels, const T* target,
+                                                                KernelArgs<A> a, const A* upstream, T* grad) {
+  const int64_t C = a.channels, N = a.voxels;
+  const int64_t total = a.batch * N;
+  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
+       index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = index / N, n = index % N;
+    int64_t label;
+    bool invalid;
+    const A w = voxel_weight<L, A>(a, LABELS ? labels : static_cast<const L*>(nullptr), b, n, &label, &invalid);
+    const T* z = logits + b * C * N + n;
+    T* out = grad + b * C * N + n;
+    const A* u = upstream + b * C * kNumSlots;
+    A m = A(0), inv = A(1), lse = A(0);
+    A dot = A(0), sum_dlogp = A(0);
+    if (a.activation == kSoftmax) {
+      softmax_stats<T, A>(z, C, N, &m, &inv, &lse);
+      for (int64_t c = 0; c < C; ++c) {
+        A p, nlp, nl1mp, dp, dl, dl1m;
+        element_terms<T, A>(a.activation, to_acc(z[c * N]), m, inv, lse, &p, &nlp, &nl1mp);
+        const A g = LABELS ? (label == c ? A(1) : A(0)) : to_acc(target[(b * C + c) * N + n]);
+        element_gradient(p, g, w, u + c * kNumSlots, &dp, &dl, &dl1m);
+        dot += p * dp;
+        sum_dlogp += dl;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      A p, nlp, nl1mp, dp, dl, dl1m;
+      element_terms<T, A>(a.activation, to_acc(z[c * N]), m, inv, lse, &p, &nlp, &nl1mp);
+      const A g = LABELS ? (label == label_of_channel(c, C, a.activation) ? A(1) : A(0))
+                         : to_acc(target[(b * C + c) * N + n]);
+      element_gradient(p, g, w, u + c * kNumSlots, &dp, &dl, &dl1m);
+      out[c * N] = from_acc<T>(activation_backward(a.activation, p, dp, dl, dl1m, dot, sum_dlogp));
+    }
+  }
+}
+
+}  // namespace segloss
+
+#endif  // __CUDACC__ || __CUDACC_RTC__

@@ -1,0 +1,247 @@
+"""The fused C++ kernels (CPU here; CUDA in tests/gpu): values, hand-written backward, compile, safety."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from segloss_core import get_loss
+from segloss_torch import fused
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not fused.is_built(), reason="fused extension not built here")
+
+FUSED_LOSSES = ["dice", "jaccard", "tversky", "focal_tversky", "generalized_dice", "cross_entropy", "dice_ce"]
+
+
+def _problem(seed=0, shape=(2, 3, 5, 4, 3), dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 2).to(dtype)
+    y = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+    return x, y
+
+
+def _value_and_grad(loss, x, *args):
+    x = x.detach().clone().requires_grad_(True)
+    value = loss(x, *args)
+    value.sum().backward()
+    return value.detach(), x.grad
+
+
+def test_fused_is_used_by_default():
+    x, y = _problem()
+    loss = get_loss("dice_ce", backend="torch")
+    from segloss_core.validation import validate_inputs
+
+    assert loss.implementation(validate_inputs(x, y, None, loss.plan)) == "fused"
+
+
+@pytest.mark.parametrize("name", FUSED_LOSSES)
+@pytest.mark.parametrize(
+    "variant", ["labels", "ignore", "mask", "soft", "sigmoid", "sigmoid-binary", "probabilities", "uint8"]
+)
+def test_gradcheck_fused_backward(name, variant):
+    """float64 gradcheck of the hand-written backward kernel (through every formula)."""
+    x, y = _problem(shape=(2, 3, 3, 4))
+    params: dict = {}
+    args: tuple = (y,)
+    if variant == "ignore":
+        y = y.clone()
+        y[:, 0] = 255
+        params["ignore_index"] = 255
+        args = (y,)
+    elif variant == "mask":
+        args = (y, torch.rand(2, 1, 3, 4, dtype=torch.float64))
+    elif variant == "soft":
+        t = torch.rand(2, 3, 3, 4, dtype=torch.float64)
+        args = (t / t.sum(1, keepdim=True),)
+    elif variant == "sigmoid":
+        params["activation"] = "sigmoid"
+    elif variant == "sigmoid-binary":
+        x, y = x[:, :1].contiguous(), (y > 0).long()
+        params["activation"] = "sigmoid"
+        args = (y,)
+    elif variant == "probabilities":
+        x = torch.softmax(x, 1)
+        params["activation"] = "none"
+    elif variant == "uint8":
+        args = (y.to(torch.uint8),)
+    if name == "cross_entropy" and variant == "probabilities":
+        pytest.skip("covered by the conformance suite (1/p gradients are ill-conditioned for gradcheck)")
+    loss = get_loss(name, backend="torch", impl="fused", **params)
+    assert torch.autograd.gradcheck(lambda t: loss(t, *args), (x.requires_grad_(True),), eps=1e-6, atol=1e-6)
+
+
+@given(
+    name=st.sampled_from(FUSED_LOSSES),
+    batch=st.booleans(),
+    include_background=st.booleans(),
+    channels=st.integers(1, 17),
+    spatial=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    ignore=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_matches_native(name, batch, include_background, channels, spatial, dtype, ignore, seed):
+    g = torch.Generator().manual_seed(seed)
+    activation = "sigmoid" if channels == 1 else "softmax"
+    x = torch.randn(2, channels, *spatial, generator=g, dtype=torch.float64).to(dtype) * 3
+    high = 2 if channels == 1 else channels
+    y = torch.randint(0, high, (2, *spatial), generator=g)
+    params = {"activation": activation}
+    if ignore:
+        y = torch.where(torch.rand(y.shape, generator=g) < 0.2, torch.full_like(y, 255), y)
+        params["ignore_index"] = 255
+    if name not in ("cross_entropy",):
+        params["include_background"] = include_background
+        if name != "generalized_dice":
+            params["batch"] = batch
+    v_native, g_native = _value_and_grad(get_loss(name, backend="torch", impl="native", **params), x, y)
+    v_fused, g_fused = _value_and_grad(get_loss(name, backend="torch", impl="fused", **params), x, y)
+    rtol, atol = (1e-12, 1e-14) if dtype == torch.float64 else (2e-5, 1e-6)
+    torch.testing.assert_close(v_fused, v_native, rtol=rtol, atol=atol)
+    torch.testing.assert_close(g_fused, g_native, rtol=rtol * 10, atol=atol)
+
+
+def test_opcheck():
+    x, y = _problem()
+    args = (x.requires_grad_(True), y, None, None, 0, 0, False, False, False)
+    torch.library.opcheck(torch.ops.segloss.region_stats.default, args)
+    t = torch.softmax(x.detach(), 1)
+    torch.library.opcheck(torch.ops.segloss.region_stats.default, (x, None, t, None, 1, 0, False, True, False))
+
+
+@pytest.mark.parametrize("name", ["dice", "dice_ce", "generalized_dice"])
+def test_torch_compile_fullgraph(name):
+    x, y = _problem(shape=(2, 4, 6, 5, 4), dtype=torch.float32)
+    loss = get_loss(name, backend="torch", impl="fused", preset="nnunet" if name != "generalized_dice" else None)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    v_eager, g_eager = _value_and_grad(loss, x, y)
+    v_comp, g_comp = _value_and_grad(compiled, x, y)
+    torch.testing.assert_close(v_comp, v_eager)
+    torch.testing.assert_close(g_comp, g_eager)
+
+
+def test_torch_compile_inductor_cpu():
+    if shutil.which("g++") is None:
+        pytest.skip("inductor needs a C++ compiler")
+    x, y = _problem(shape=(2, 3, 8, 8), dtype=torch.float32)
+    loss = get_loss("dice_ce", backend="torch", impl="fused")
+    compiled = torch.compile(loss, fullgraph=True)
+    v_eager, g_eager = _value_and_grad(loss, x, y)
+    v_comp, g_comp = _value_and_grad(compiled, x, y)
+    torch.testing.assert_close(v_comp, v_eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-7)
+
+
+def test_out_of_range_labels_under_compile_raise_in_the_kernel():
+    x, y = _problem(shape=(1, 3, 4, 4), dtype=torch.float32)
+    y[0, 0, 0] = 7
+    loss = torch.compile(get_loss("dice", backend="torch", impl="fused"), fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match=r"labels outside \[0, 3\).*1 such voxel"):
+        loss(x, y)
+
+
+def test_deterministic_bitwise_across_runs_and_threads():
+    x, y = _problem(shape=(2, 5, 40, 40, 24), dtype=torch.float32)
+    loss = get_loss("dice_ce", backend="torch", impl="fused")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, threads, 1):
+            torch.set_num_threads(n)
+            results.append(_value_and_grad(loss, x, y))
+    finally:
+        torch.set_num_threads(threads)
+    for value, grad in results[1:]:
+        assert torch.equal(value, results[0][0])
+        assert torch.equal(grad, results[0][1])
+
+
+def test_works_under_use_deterministic_algorithms():
+    x, y = _problem(dtype=torch.float32)
+    torch.use_deterministic_algorithms(True)
+    try:
+        value, grad = _value_and_grad(get_loss("dice_ce", backend="torch", impl="fused"), x, y)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+
+
+def test_non_contiguous_inputs():
+    x, y = _problem(shape=(2, 3, 6, 5, 4), dtype=torch.float64)
+    x_nc = x.permute(0, 1, 4, 3, 2).contiguous().permute(0, 1, 4, 3, 2)  # same values, other strides
+    assert not x_nc.is_contiguous()
+    y_nc = y.transpose(1, 2).contiguous().transpose(1, 2)
+    loss = get_loss("dice_ce", backend="torch", impl="fused")
+    v1, g1 = _value_and_grad(loss, x, y)
+    v2, g2 = _value_and_grad(loss, x_nc, y_nc)
+    torch.testing.assert_close(v2, v1, rtol=0, atol=0)
+    torch.testing.assert_close(g2, g1, rtol=0, atol=0)
+
+
+def test_nothing_of_size_bcn_is_saved_for_backward():
+    x, y = _problem(shape=(2, 4, 16, 16, 8), dtype=torch.float32)
+    x.requires_grad_(True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        value = get_loss("dice_ce", backend="torch", impl="fused")(x, y)
+    big = [t for t in saved if t.numel() >= x.numel() // 4]
+    assert all(t.data_ptr() in (x.data_ptr(), y.data_ptr()) for t in big), [t.shape for t in big]
+    value.backward()
+
+
+def test_fused_request_that_cannot_be_served_is_refused_early():
+    with pytest.raises(ValueError, match=r"impl='fused' cannot compute loss 'focal'.*native only"):
+        get_loss("focal", backend="torch", impl="fused")
+    # auto falls back to native for it, silently and correctly
+    x, y = _problem(dtype=torch.float32)
+    assert torch.isfinite(get_loss("focal", backend="torch")(x, y))
+
+
+def test_per_class_mask_falls_back_to_native():
+    x, y = _problem()
+    mask = torch.rand(2, 3, 5, 4, 3, dtype=torch.float64)
+    auto = get_loss("dice", backend="torch")
+    native = get_loss("dice", backend="torch", impl="native")
+    torch.testing.assert_close(auto(x, y, mask), native(x, y, mask))
+    with pytest.raises(ValueError, match="per-class masks"):
+        get_loss("dice", backend="torch", impl="fused")(x, y, mask)
+
+
+def test_status_is_reported():
+    from segloss_core import describe
+
+    assert fused.status_line().startswith("active (CPU")
+    assert "fused: active" in describe("dice").backends["torch"]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_sources_compile_with_nvcc(tmp_path):
+    """Every framework-free CUDA file compiles alone for sm_80 and sm_90 (no GPU needed)."""
+    for source in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+        result = subprocess.run(
+            [
+                "nvcc",
+                "-c",
+                "-std=c++17",
+                "-O3",
+                "-gencode",
+                "arch=compute_80,code=sm_80",
+                "-gencode",
+                "arch=compute_90,code=sm_90",
+                "-o",
+                str(tmp_path / (source.stem + ".o")),
+                str(source),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
