@@ -146,11 +146,11 @@ def run(shapes: list[tuple[int, ...]], workloads: list[str], device: str, warmup
             for impl, factory in _implementations(workload, shape[1]).items():
                 loss = factory()
 
-                def step(loss=loss) -> None:
+                def step(loss=loss, logits=logits, labels=labels) -> None:
                     x = logits.detach().requires_grad_(True)
                     loss(x, labels).backward()
 
-                def forward(loss=loss) -> None:
+                def forward(loss=loss, logits=logits, labels=labels) -> None:
                     with torch.no_grad():
                         loss(logits, labels)
 
