@@ -1,0 +1,272 @@
+"""Distance maps of label maps: signed (boundary losses) and unsigned (Hausdorff-DT losses).
+
+For class c of sample b, with S_c = {voxels labelled c} and spacing (physical size of a voxel
+along each axis):
+
+* ``d_out(x)`` = distance from x ∉ S_c to the nearest voxel of S_c (0 on S_c);
+* ``d_in(x)``  = distance from x ∈ S_c to the nearest voxel not in S_c (0 off S_c).
+
+Distances are exact Euclidean distances between voxel centres in physical units (scipy's
+``distance_transform_edt`` with ``sampling=spacing``). The ``convention`` builds the map:
+
+=========================  ===================================  ====================================
+convention                 inside S_c                           outside S_c
+=========================  ===================================  ====================================
+``boundary_loss``          −(d_in − 1)  (inner boundary: 0)     +d_out       LIVIAETS ``one_hot2dist``
+``signed``                 −d_in                                +d_out
+``signed_inside_positive`` +d_in                                −d_out       seung-lab ``edt.sdf``
+=========================  ===================================  ====================================
+
+Unsigned maps (:func:`distance_map`): ``boundary`` = d_in + d_out (MONAI's HausdorffDTLoss
+field: distance to the other side, everywhere), ``inside`` = d_in, ``outside`` = d_out.
+
+A class with no boundary — absent from the sample, or filling it — gets ``no_boundary_value``
+(default 0) everywhere, not scipy's artefact for a mask without background (distances to a
+phantom voxel at index −1, scipy#15585, boundary-loss#18). Voxels labelled ``ignore_index``
+belong to no class. Optional ``normalize``: ``"max"`` divides each (b, c) map by its largest
+absolute value, ``"extent"`` by the image diagonal in physical units.
+
+Note on ``boundary_loss`` with anisotropic spacing: LIVIAETS subtracts 1 (one voxel, not one
+unit of spacing) inside, and so does this convention, to reproduce it exactly; ``signed`` has
+no such offset. A drawn example is in docs/distance_maps.md.
+
+>>> import numpy as np
+>>> labels = np.array([[0, 0, 1, 1, 1, 0]])
+>>> signed_distance_map(labels, 2)[0, 1]
+array([ 2.,  1., -0., -1., -0.,  1.])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+Array = Any
+CONVENTIONS = ("boundary_loss", "signed", "signed_inside_positive")
+REGIONS = ("boundary", "inside", "outside")
+NORMALIZATIONS = (None, "max", "extent")
+
+
+def check_spacing(spacing: float | Sequence[float] | None, ndim: int) -> tuple[float, ...]:
+    """Per-axis spacing as a tuple of ``ndim`` positive floats (``None`` = 1 everywhere)."""
+    if spacing is None:
+        return (1.0,) * ndim
+    if isinstance(spacing, (int, float)) and not isinstance(spacing, bool):
+        values = (float(spacing),) * ndim
+    else:
+        try:
+            values = tuple(float(s) for s in spacing)  # type: ignore[union-attr]
+        except TypeError:
+            raise TypeError(f"spacing must be a number or a sequence of {ndim} numbers, got {spacing!r}") from None
+    if len(values) != ndim:
+        raise ValueError(f"spacing has {len(values)} values but the label map has {ndim} spatial dims")
+    if not all(v > 0 and math.isfinite(v) for v in values):
+        raise ValueError(f"spacing must be positive and finite, got {values}")
+    return values
+
+
+def check_labels(labels: Array, num_classes: int, xp: Any) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not (xp.isdtype(labels.dtype, "integral") or xp.isdtype(labels.dtype, "bool")):
+        raise TypeError(f"labels must be an integer label map (B, *spatial), got dtype {labels.dtype}")
+    if labels.ndim < 2 or labels.ndim > 4:
+        raise ValueError(f"labels must have shape (B, *spatial) with 1 to 3 spatial dims, got {tuple(labels.shape)}")
+    if any(int(s) == 0 for s in labels.shape):
+        raise ValueError(f"labels is empty (shape {tuple(labels.shape)})")
+
+
+def compose_signed(
+    xp: Any,
+    d_in: Array,
+    d_out: Array,
+    inside: Array,
+    has_boundary: Array,
+    convention: str = "boundary_loss",
+    no_boundary_value: float = 0.0,
+) -> Array:
+    """φ from the two distances (any array-API namespace; shared by every backend).
+
+    ``inside`` is the class mask (B, C, *S) as bool; ``has_boundary`` (B, C, 1, …) bool.
+    """
+    if convention == "boundary_loss":
+        phi = xp.where(inside, -(d_in - 1.0), d_out)
+    elif convention == "signed":
+        phi = xp.where(inside, -d_in, d_out)
+    elif convention == "signed_inside_positive":
+        phi = xp.where(inside, d_in, -d_out)
+    else:
+        raise ValueError(f"convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+    return xp.where(has_boundary, phi, xp.full_like(phi, no_boundary_value))
+
+
+def compose_unsigned(
+    xp: Any, d_in: Array, d_out: Array, has_boundary: Array, region: str = "boundary", no_boundary_value: float = 0.0
+) -> Array:
+    if region == "boundary":
+        field = d_in + d_out
+    elif region == "inside":
+        field = d_in
+    elif region == "outside":
+        field = d_out
+    else:
+        raise ValueError(f"region must be one of {', '.join(REGIONS)}, got {region!r}")
+    return xp.where(has_boundary, field, xp.full_like(field, no_boundary_value))
+
+
+def normalise(xp: Any, phi: Array, normalize: str | None, spacing: tuple[float, ...], spatial: tuple[int, ...]) -> Array:
+    if normalize is None:
+        return phi
+    if normalize == "max":
+        axes = tuple(range(2, phi.ndim))
+        scale = xp.max(xp.abs(phi), axis=axes, keepdims=True)
+        return phi / xp.where(scale > 0, scale, xp.ones_like(scale))
+    if normalize == "extent":
+        diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(spatial, spacing, strict=True)))
+        return phi / diagonal
+    raise ValueError(f"normalize must be None, 'max' or 'extent', got {normalize!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# reference implementation: scipy (NumPy) and cupyx (CuPy), one class at a time
+# ---------------------------------------------------------------------------------------
+def _edt_module(labels: Array) -> tuple[Any, Any]:
+    module = type(labels).__module__
+    if module.startswith("cupy"):
+        import cupy
+        from cupyx.scipy.ndimage import distance_transform_edt
+
+        return cupy, distance_transform_edt
+    from scipy.ndimage import distance_transform_edt
+
+    return np, distance_transform_edt
+
+
+def class_distances(
+    labels: Array,
+    num_classes: int,
+    spacing: float | Sequence[float] | None = None,
+    ignore_index: int | None = None,
+) -> tuple[Array, Array, Array, Array]:
+    """(d_in, d_out, inside, has_boundary) for every (sample, class): the raw material of the maps.
+
+    NumPy arrays use scipy's exact EDT, CuPy arrays cupyx's; float64 (NumPy) or float32 (CuPy).
+    """
+    xp, edt = _edt_module(labels)
+    check_labels(labels, num_classes, xp)
+    batch, spatial = int(labels.shape[0]), tuple(int(s) for s in labels.shape[1:])
+    sampling = check_spacing(spacing, len(spatial))
+    dtype = xp.float64 if xp is np else xp.float32
+    d_in = xp.zeros((batch, num_classes, *spatial), dtype=dtype)
+    d_out = xp.zeros_like(d_in)
+    inside = xp.zeros(d_in.shape, dtype=bool)
+    has_boundary = xp.zeros((batch, num_classes) + (1,) * len(spatial), dtype=bool)
+    for b in range(batch):
+        for c in range(num_classes):
+            mask = labels[b] == c
+            if ignore_index is not None and ignore_index == c:
+                mask = xp.zeros_like(mask)
+            inside[b, c] = mask
+            count = int(mask.sum())
+            if count == 0 or count == mask.size:
+                continue  # no boundary: scipy's no-background artefact never reaches the result
+            has_boundary[b, c] = True
+            d_in[b, c] = edt(mask, sampling=sampling)
+            d_out[b, c] = edt(~mask, sampling=sampling)
+    return d_in, d_out, inside, has_boundary
+
+
+def signed_distance_map(
+    labels: Array,
+    num_classes: int,
+    spacing: float | Sequence[float] | None = None,
+    *,
+    convention: str = "boundary_loss",
+    no_boundary_value: float = 0.0,
+    normalize: str | None = None,
+    ignore_index: int | None = None,
+) -> Array:
+    """Signed distance map (B, C, *spatial) of a label map (B, *spatial); see the module docstring.
+
+    Dispatches on the array type: NumPy → scipy (float64), CuPy → cupyx (float32), torch →
+    the segloss torch ops on the tensor's device (float32).
+    """
+    if type(labels).__module__.startswith("torch"):
+        from segloss_torch.distance_maps import signed_distance_map as torch_signed
+
+        return torch_signed(
+            labels,
+            num_classes,
+            spacing,
+            convention=convention,
+            no_boundary_value=no_boundary_value,
+            normalize=normalize,
+            ignore_index=ignore_index,
+        )
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+    d_in, d_out, inside, has_boundary = class_distances(labels, num_classes, spacing, ignore_index)
+    xp = _edt_module(labels)[0]
+    phi = compose_signed(xp, d_in, d_out, inside, has_boundary, convention, no_boundary_value)
+    spatial = tuple(int(s) for s in labels.shape[1:])
+    return normalise(xp, phi, normalize, check_spacing(spacing, len(spatial)), spatial)
+
+
+def distance_map(
+    labels: Array,
+    num_classes: int,
+    spacing: float | Sequence[float] | None = None,
+    *,
+    region: str = "boundary",
+    no_boundary_value: float = 0.0,
+    normalize: str | None = None,
+    ignore_index: int | None = None,
+) -> Array:
+    """Unsigned distance map (B, C, *spatial): ``boundary`` (d_in + d_out), ``inside`` or ``outside``."""
+    if type(labels).__module__.startswith("torch"):
+        from segloss_torch.distance_maps import distance_map as torch_unsigned
+
+        return torch_unsigned(
+            labels,
+            num_classes,
+            spacing,
+            region=region,
+            no_boundary_value=no_boundary_value,
+            normalize=normalize,
+            ignore_index=ignore_index,
+        )
+    if region not in REGIONS:
+        raise ValueError(f"region must be one of {', '.join(REGIONS)}, got {region!r}")
+    d_in, d_out, _, has_boundary = class_distances(labels, num_classes, spacing, ignore_index)
+    xp = _edt_module(labels)[0]
+    field = compose_unsigned(xp, d_in, d_out, has_boundary, region, no_boundary_value)
+    spatial = tuple(int(s) for s in labels.shape[1:])
+    return normalise(xp, field, normalize, check_spacing(spacing, len(spatial)), spatial)
+
+
+def mask_distances(
+    masks: Array, spacing: float | Sequence[float] | None = None
+) -> tuple[Array, Array, Array]:
+    """(d_in, d_out, has_boundary) of binary masks (B, C, *spatial) (e.g. thresholded predictions)."""
+    xp, edt = _edt_module(masks)
+    masks = masks.astype(bool)
+    batch, channels = int(masks.shape[0]), int(masks.shape[1])
+    spatial = tuple(int(s) for s in masks.shape[2:])
+    sampling = check_spacing(spacing, len(spatial))
+    dtype = xp.float64 if xp is np else xp.float32
+    d_in = xp.zeros(masks.shape, dtype=dtype)
+    d_out = xp.zeros_like(d_in)
+    has_boundary = xp.zeros((batch, channels) + (1,) * len(spatial), dtype=bool)
+    for b in range(batch):
+        for c in range(channels):
+            mask = masks[b, c]
+            count = int(mask.sum())
+            if count == 0 or count == mask.size:
+                continue
+            has_boundary[b, c] = True
+            d_in[b, c] = edt(mask, sampling=sampling)
+            d_out[b, c] = edt(~mask, sampling=sampling)
+    return d_in, d_out, has_boundary
