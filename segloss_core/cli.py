@@ -5,6 +5,7 @@ segloss describe NAME        parameters, presets, formula, references, backends
 segloss backends             backends: available / unavailable (why) / broken (error)
 segloss demo                 every loss on every available backend, synthetic 3D volume
 segloss check BACKEND        the conformance suite against the float64 reference
+segloss distmap INPUT... --out DIR --num-classes K   precompute signed distance maps of label volumes
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .describe import describe
+from .distance_maps import CONVENTIONS
 from .registry import list_backends, problems, registry
 
 
@@ -103,6 +105,33 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_distmap(args: argparse.Namespace) -> int:
+    from .distmap_dataset import precompute_distance_maps
+
+    spacing = None if args.spacing is None else args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
+    try:
+        report = precompute_distance_maps(
+            args.inputs,
+            args.out,
+            args.num_classes,
+            spacing=spacing,
+            convention=args.convention,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            dtype=args.dtype,
+            ignore_index=args.ignore_index,
+        )
+    except OSError as exc:  # e.g. the output directory cannot be created
+        print(f"segloss: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nsegloss distmap: interrupted; finished maps are kept, run the same command to resume", file=sys.stderr)
+        return 130
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segloss", description="Segmentation losses, specified once.")
     parser.add_argument("--version", action="version", version=f"segloss {__version__}")
@@ -121,6 +150,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="override a parameter (repeatable)")
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser(
+        "distmap",
+        help="precompute signed distance maps of label volumes (.npy, .npz, .nii, .nii.gz)",
+        description="Write OUT/<stem>.npy, shape (C, *spatial), for every input label volume; resumable "
+        "(existing outputs are skipped), atomic, parallel over files. Exit status 1 if any file failed.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="label files, or directories (their label files)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    p.add_argument("--num-classes", type=int, required=True, metavar="K", help="number of classes C")
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs="+",
+        metavar="S",
+        help="voxel size: one value for every axis, or one per axis (default: NIfTI header, else 1)",
+    )
+    p.add_argument("--convention", choices=CONVENTIONS, default="boundary_loss", help="sign convention")
+    p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: CPU count; 1: in-process)")
+    p.add_argument("--overwrite", action="store_true", help="recompute maps whose output already exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ignore-index", type=int, metavar="I", help="label value that belongs to no class")
+    p.add_argument(
+        "--dtype", choices=("float32", "float64", "float16"), default="float32", help="stored dtype (default float32)"
+    )
+    p.set_defaults(func=_cmd_distmap)
 
     p = sub.add_parser("backends", help="registered backends and their state")
     p.set_defaults(func=_cmd_backends)

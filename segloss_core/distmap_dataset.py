@@ -1,0 +1,711 @@
+"""Precomputed distance maps for a dataset of label volumes, and the patch crop that goes with them.
+
+Boundary losses need the signed distance map φ of every training label map. On large 3D volumes
+an exact EDT costs seconds per volume and class, so one computes the maps once, on the whole
+volumes, and stores them next to the data (the boundary-loss authors' advice):
+
+* :func:`precompute_distance_maps` reads label volumes (``.npy``, ``.npz``, ``.nii``,
+  ``.nii.gz``), computes :func:`segloss_core.distance_maps.signed_distance_map` of each and writes
+  ``out_dir/<stem>.npy`` of shape (C, *spatial), in parallel over files, resumably (finished
+  outputs are skipped) and atomically (a temporary file renamed into place: an interrupted run
+  never leaves a half-written ``<stem>.npy``). ``segloss distmap`` is the command-line face of it.
+* :func:`random_patch` crops the same spatial window from the image, the label map and the
+  precomputed map; :func:`load_distance_map` opens a stored map as a read-only memory map, so a
+  crop reads only the window from disk.
+
+Output layout: ``<stem>.npy`` holds a float array (float32 by default) of shape
+(C, *spatial), class first, the spatial axes in the same order as the input array (for NIfTI:
+the voxel-array order of ``np.asanyarray(nibabel.load(path).dataobj)``; nothing is reoriented).
+``<stem>`` is the file name without ``.npy``/``.npz``/``.nii``/``.nii.gz``.
+
+Spacing: an explicit ``spacing`` wins; otherwise a NIfTI file's voxel size comes from its header
+(``header.get_zooms()``), and ``.npy``/``.npz`` files get 1 on every axis.
+
+>>> import tempfile
+>>> labels = np.zeros((4, 5), dtype=np.uint8)
+>>> labels[1:3, 1:4] = 1
+>>> with tempfile.TemporaryDirectory() as tmp:
+...     np.save(f"{tmp}/case1.npy", labels)
+...     report = precompute_distance_maps([f"{tmp}/case1.npy"], f"{tmp}/maps", 2, progress=False)
+...     phi = np.load(f"{tmp}/maps/case1.npy")
+>>> len(report.done), len(report.skipped), len(report.failed)
+(1, 0, 0)
+>>> phi.shape, phi.dtype
+((2, 4, 5), dtype('float32'))
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .distance_maps import CONVENTIONS, check_spacing, signed_distance_map
+
+__all__ = [
+    "LABEL_SUFFIXES",
+    "FailedInput",
+    "LabelFileError",
+    "PrecomputeReport",
+    "distance_map_path",
+    "find_label_files",
+    "load_distance_map",
+    "precompute_distance_maps",
+    "random_patch",
+    "read_label_volume",
+]
+
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".npz", ".npy")
+"""File types :func:`precompute_distance_maps` reads (longest first: ``.nii.gz`` before ``.nii``)."""
+
+NIFTI_INSTALL_HINT = "pip install 'segloss[nifti]'"
+_MAX_LISTED_VALUES = 10
+
+
+class LabelFileError(ValueError):
+    """An input file that cannot be used as a label volume; the message names the file."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across worker processes
+        return (type(self), (self.path, self.reason))
+
+
+class FailedInput(NamedTuple):
+    """One input that could not be processed, and why."""
+
+    path: Path
+    error: str
+
+
+@dataclass
+class PrecomputeReport:
+    """What :func:`precompute_distance_maps` did, per input file (lists in input order).
+
+    ``done``: maps computed and written by this run; ``skipped``: the output already existed
+    (resumed run); ``failed``: (input, error message), nothing written for those.
+    """
+
+    out_dir: Path
+    done: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[FailedInput] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no input failed."""
+        return not self.failed
+
+    def summary(self) -> str:
+        """A few human-readable lines: the counts, then one line per failed input."""
+        lines = [
+            f"distmap: {len(self.done)} done, {len(self.skipped)} skipped (output exists), "
+            f"{len(self.failed)} failed -> {self.out_dir}"
+        ]
+        if self.failed:
+            lines.append("failed:")
+            lines.extend(f"  {failure.path}: {failure.error}" for failure in self.failed)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+# ---------------------------------------------------------------------------------------
+# files: names, discovery, reading
+# ---------------------------------------------------------------------------------------
+def _label_suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((suffix for suffix in LABEL_SUFFIXES if name.endswith(suffix)), None)
+
+
+def distance_map_path(input_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Where the map of ``input_path`` is written: ``out_dir/<stem>.npy``.
+
+    >>> distance_map_path("data/case_007.nii.gz", "maps").as_posix()
+    'maps/case_007.npy'
+    """
+    path = Path(input_path)
+    suffix = _label_suffix(path)
+    stem = path.name[: -len(suffix)] if suffix else path.stem
+    return Path(out_dir) / f"{stem}.npy"
+
+
+def find_label_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Expand directories into their label files; keep files as given.
+
+    A directory contributes every ``.npy``/``.npz``/``.nii``/``.nii.gz`` file directly inside
+    it (not in sub-directories; hidden files, whose names start with ``.``, are left out),
+    sorted by name. Any other path is taken as a file, whether or not it exists (a missing or
+    unsupported file is reported as a failure of that input). Duplicates are dropped.
+    """
+    found: list[Path] = []
+    seen: set[Path] = set()
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            candidates = sorted(
+                child
+                for child in path.iterdir()
+                if child.is_file() and not child.name.startswith(".") and _label_suffix(child) is not None
+            )
+        else:
+            candidates = [path]
+        for candidate in candidates:
+            key = candidate.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(candidate)
+    return found
+
+
+def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    try:
+        import nibabel
+    except ImportError:
+        raise LabelFileError(path, f"reading NIfTI files needs nibabel: {NIFTI_INSTALL_HINT}") from None
+    try:
+        image = nibabel.load(path)
+        data = np.asanyarray(image.dataobj)
+        zooms = tuple(float(z) for z in image.header.get_zooms())
+    except Exception as exc:  # any reader error means "unreadable file"
+        raise LabelFileError(path, f"cannot read NIfTI file ({type(exc).__name__}: {exc})") from exc
+    # a label volume saved with trailing length-1 axes (X, Y, Z, 1): drop those axes
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    return np.asarray(data), zooms[: data.ndim]
+
+
+def _load_numpy(path: Path, suffix: str) -> np.ndarray:
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.keys())
+            if "labels" in keys:
+                key = "labels"
+            elif len(keys) == 1:
+                key = keys[0]
+            elif not keys:
+                raise LabelFileError(path, "the .npz archive holds no array")
+            else:
+                raise LabelFileError(
+                    path,
+                    f"the .npz archive holds several arrays ({', '.join(keys)}) and none is named 'labels'; "
+                    "store the label map under the key 'labels'",
+                )
+            return archive[key]
+    except LabelFileError:
+        raise
+    except Exception as exc:  # any reader error means "unreadable file"
+        raise LabelFileError(path, f"cannot read {suffix} file ({type(exc).__name__}: {exc})") from exc
+
+
+def _integer_labels(data: np.ndarray, path: Path) -> np.ndarray:
+    """The label volume as an integer array; floats are accepted when every value is integral."""
+    if data.dtype == np.bool_:
+        return data.astype(np.uint8)
+    if np.issubdtype(data.dtype, np.integer):
+        return data
+    if np.issubdtype(data.dtype, np.floating):
+        non_integral = ~np.isfinite(data) | (data != np.floor(data))
+        if non_integral.any():
+            values = np.unique(data[non_integral])[:_MAX_LISTED_VALUES]
+            raise LabelFileError(
+                path,
+                f"labels are stored as {data.dtype} and not all values are integers "
+                f"(e.g. {', '.join(str(v) for v in values.tolist())}); expected an integer label map",
+            )
+        return data  # integral floats: range-checked, then cast by the caller
+    raise LabelFileError(path, f"labels must be integers (or integral floats), got dtype {data.dtype}")
+
+
+def _check_label_range(labels: np.ndarray, num_classes: int, ignore_index: int | None, path: Path) -> None:
+    bad = (labels < 0) | (labels >= num_classes)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    if bad.any():
+        values = np.unique(labels[bad])
+        listed = ", ".join(str(v) for v in values[:_MAX_LISTED_VALUES].tolist())
+        more = f" and {values.size - _MAX_LISTED_VALUES} more" if values.size > _MAX_LISTED_VALUES else ""
+        allowed = f"[0, {num_classes})" + (f" or ignore_index {ignore_index}" if ignore_index is not None else "")
+        raise LabelFileError(path, f"labels outside {allowed}: {listed}{more} ({int(bad.sum())} voxels)")
+
+
+def read_label_volume(
+    path: str | os.PathLike[str],
+    num_classes: int | None = None,
+    *,
+    ignore_index: int | None = None,
+) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    """Read one label volume and its voxel size: ``(labels (*spatial) integer array, spacing)``.
+
+    ``spacing`` is the NIfTI header's voxel size (first ``ndim`` zooms), or ``None`` for
+    ``.npy``/``.npz`` files (no voxel size stored). For ``.npz`` the array under the key
+    ``labels`` is used, else the only array. Float labels (common in NIfTI) are accepted when every
+    value is integral and returned as int64. With ``num_classes``, labels outside
+    ``[0, num_classes)`` other than ``ignore_index`` are rejected. Every problem raises
+    :class:`LabelFileError` (a ``ValueError``) whose message names the file.
+
+    NIfTI needs the optional dependency nibabel (``pip install 'segloss[nifti]'``). The array is
+    in the file's voxel order (not reoriented); trailing length-1 axes beyond the third, as in
+    (X, Y, Z, 1), are dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LabelFileError(path, "no such file" if not path.exists() else "not a file")
+    suffix = _label_suffix(path)
+    if suffix is None:
+        raise LabelFileError(path, f"unsupported file type; expected one of {', '.join(LABEL_SUFFIXES)}")
+    header_spacing: tuple[float, ...] | None = None
+    if suffix in (".nii", ".nii.gz"):
+        data, header_spacing = _load_nifti(path)
+    else:
+        data = _load_numpy(path, suffix)
+    if data.ndim < 1 or data.ndim > 3:
+        hint = " (one sample per file: if it holds a batch of one, save labels[0])" if data.ndim == 4 else ""
+        raise LabelFileError(
+            path, f"expected one label volume with 1 to 3 spatial dims, got shape {tuple(data.shape)}{hint}"
+        )
+    if data.size == 0:
+        raise LabelFileError(path, f"the label volume is empty (shape {tuple(data.shape)})")
+    labels = _integer_labels(data, path)
+    if num_classes is not None:
+        _check_label_range(labels, num_classes, ignore_index, path)
+    if np.issubdtype(labels.dtype, np.floating):
+        labels = labels.astype(np.int64)
+    return labels, header_spacing
+
+
+# ---------------------------------------------------------------------------------------
+# one file: read, compute, write atomically (runs in a worker process)
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Task:
+    input_path: Path
+    output_path: Path
+    num_classes: int
+    spacing: float | tuple[float, ...] | None
+    convention: str
+    dtype: str
+    ignore_index: int | None
+
+
+def _distance_map_of_volume(
+    labels: np.ndarray,
+    num_classes: int,
+    spacing: tuple[float, ...],
+    convention: str,
+    ignore_index: int | None,
+    dtype: np.dtype[Any],
+) -> np.ndarray:
+    """``signed_distance_map(labels[None], num_classes, spacing, ...)[0]``, one class at a time.
+
+    Computing all classes at once holds several float64 (C, *spatial) arrays; one class at a time
+    holds a few (*spatial) ones plus the output in ``dtype``, which matters for large 3D volumes
+    with many classes. Each class map is the reference call on the binary map "class c or not",
+    with "not" ignored (voxels of ``ignore_index`` belong to no class): the same mask, the same
+    EDT, the same numbers (tested against the all-classes call).
+    """
+    out = np.empty((num_classes, *labels.shape), dtype=dtype)
+    for c in range(num_classes):
+        in_class = labels == c if ignore_index != c else np.zeros(labels.shape, dtype=bool)
+        binary = in_class.astype(np.uint8)[None]
+        out[c] = signed_distance_map(binary, 2, spacing, convention=convention, ignore_index=0)[0, 1]
+    return out
+
+
+def _write_atomically(array: np.ndarray, output_path: Path) -> None:
+    """Write ``array`` to ``output_path`` (.npy) through a temporary file renamed into place.
+
+    The temporary file (``.<name>.<pid>-<random>.tmp``, in the same directory so the rename
+    stays on one file system) is removed on any error or interrupt; the final name appears only
+    once the data is complete and flushed to disk.
+    """
+    tmp_path = output_path.with_name(f".{output_path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp_path, "xb") as handle:
+            np.save(handle, array, allow_pickle=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, output_path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _process(task: _Task) -> str | None:
+    """Compute and write one map; ``None`` on success, else the error message (never raises)."""
+    try:
+        labels, header_spacing = read_label_volume(task.input_path, task.num_classes, ignore_index=task.ignore_index)
+        spacing = task.spacing if task.spacing is not None else header_spacing
+        try:
+            sampling = check_spacing(spacing, labels.ndim)
+        except (TypeError, ValueError) as exc:
+            source = "explicit spacing" if task.spacing is not None else "voxel size in the NIfTI header"
+            raise LabelFileError(task.input_path, f"invalid {source}: {exc}") from exc
+        phi = _distance_map_of_volume(
+            labels, task.num_classes, sampling, task.convention, task.ignore_index, np.dtype(task.dtype)
+        )
+        _write_atomically(phi, task.output_path)
+    except LabelFileError as exc:
+        return exc.reason
+    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _existing_output_problem(output_path: Path, num_classes: int, dtype: np.dtype[Any]) -> str | None:
+    """Why an existing output cannot count as done (``None`` when it can)."""
+    try:
+        stored = np.load(output_path, mmap_mode="r", allow_pickle=False)
+        shape, stored_dtype = stored.shape, stored.dtype
+        del stored
+    except Exception as exc:  # noqa: BLE001 - any reader error means "not a finished map"
+        return f"existing output {output_path} is unreadable ({type(exc).__name__}: {exc}); pass overwrite"
+    if len(shape) < 2 or shape[0] != num_classes or stored_dtype != dtype:
+        return (
+            f"existing output {output_path} has shape {shape} and dtype {stored_dtype}, expected "
+            f"{num_classes} classes and {dtype} (computed with other settings?); pass overwrite to recompute"
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# progress
+# ---------------------------------------------------------------------------------------
+class _Progress:
+    """tqdm when importable, else a plain counter on stderr; nothing when disabled."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.total, self.count, self.enabled = total, initial, enabled
+        self._bar: Any = None
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self._show()
+        else:
+            self._bar = tqdm(total=total, initial=initial, desc="distmap", unit="file", file=sys.stderr)
+
+    def _show(self) -> None:
+        end = "" if sys.stderr.isatty() else "\n"
+        print(f"\rdistmap: {self.count}/{self.total} files", end=end, file=sys.stderr, flush=True)
+
+    def update(self) -> None:
+        self.count += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        elif self.enabled:
+            self._show()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled and sys.stderr.isatty():
+            print(file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------
+# the dataset tool
+# ---------------------------------------------------------------------------------------
+def _check_arguments(
+    num_classes: int,
+    spacing: float | Sequence[float] | None,
+    convention: str,
+    workers: int | None,
+    dtype: str | np.dtype[Any],
+    ignore_index: int | None,
+) -> tuple[float | tuple[float, ...] | None, np.dtype[Any]]:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive int or None, got {workers!r}")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer))):
+        raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    try:
+        out_dtype = np.dtype(dtype)
+    except TypeError as exc:
+        raise ValueError(f"dtype must be a floating dtype such as 'float32', got {dtype!r}") from exc
+    if out_dtype.kind != "f":
+        raise ValueError(f"dtype must be a floating dtype such as 'float32', got {out_dtype}")
+    if spacing is None:
+        return None, out_dtype
+    if isinstance(spacing, (int, float)) and not isinstance(spacing, bool):
+        return check_spacing(spacing, 1)[0], out_dtype  # one value for every axis of every file
+    values = tuple(spacing)
+    return check_spacing(values, len(values)), out_dtype
+
+
+def precompute_distance_maps(
+    inputs: Iterable[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    num_classes: int,
+    *,
+    spacing: float | Sequence[float] | None = None,
+    convention: str = "boundary_loss",
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    dtype: str | np.dtype[Any] = "float32",
+    ignore_index: int | None = None,
+) -> PrecomputeReport:
+    """Compute and store the signed distance map of every label volume in ``inputs``.
+
+    For each input (a file, or a directory meaning the label files directly inside it, see
+    :func:`find_label_files`), writes ``out_dir/<stem>.npy`` = ``signed_distance_map(labels[None],
+    num_classes, spacing, convention=convention, ignore_index=ignore_index)[0]`` cast to
+    ``dtype``: shape (C, *spatial), spatial axes in the input array's order.
+
+    - Inputs: ``.npy``; ``.npz`` (key ``labels``, else the only array); ``.nii``/``.nii.gz``
+      (nibabel, optional: ``pip install 'segloss[nifti]'``). One sample per file, 1–3 spatial
+      dims, integer labels in ``[0, num_classes)`` or ``ignore_index``; float labels are
+      accepted when every value is integral.
+    - ``spacing``: a number (every axis) or one value per axis. Given, it is used for every file,
+      NIfTI included (explicit wins over the header); omitted, NIfTI files use the header's voxel
+      size and ``.npy``/``.npz`` files 1.
+    - Resumable: an input whose output exists is skipped (``overwrite=True`` recomputes). Only
+      the name counts, plus a header check that the stored map has ``num_classes`` classes and
+      ``dtype``; after changing ``spacing``, ``convention`` or ``ignore_index``, pass
+      ``overwrite=True``.
+    - Atomic: each map is written to a temporary file in ``out_dir`` and renamed into place, so
+      an interrupted run leaves no partial ``<stem>.npy`` (at worst a stray ``.*.tmp`` file after
+      a hard kill, which is never taken as done and can be deleted).
+    - Parallel over files with a process pool of ``workers`` processes (default
+      ``os.cpu_count()``, never more than the files to compute); ``workers=1`` runs in this
+      process. Each worker holds one volume's maps in memory: lower ``workers`` when memory is
+      short.
+    - A file that fails (unreadable, wrong shape or dtype, labels out of range, …) is listed in
+      ``report.failed`` with the reason; the others are still processed and nothing is written
+      for it.
+
+    Raises ``ValueError`` before any work for invalid arguments, no input files, two inputs that
+    would write the same output name, or an output that would overwrite its own input.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     np.savez(f"{tmp}/a.npz", labels=np.array([[0, 1, 1, 0]]))
+    ...     np.save(f"{tmp}/b.npy", np.array([0, 3]))  # 3 is not a class of 2
+    ...     report = precompute_distance_maps([tmp], f"{tmp}/out", 2, progress=False, workers=1)
+    ...     again = precompute_distance_maps([tmp], f"{tmp}/out", 2, progress=False, workers=1)
+    >>> [p.name for p in report.done], [f.path.name for f in report.failed], report.ok
+    (['a.npz'], ['b.npy'], False)
+    >>> [p.name for p in again.skipped]
+    ['a.npz']
+    >>> print(report.failed[0].error)
+    labels outside [0, 2): 3 (1 voxels)
+    """
+    checked_spacing, out_dtype = _check_arguments(num_classes, spacing, convention, workers, dtype, ignore_index)
+    out_dir = Path(out_dir)
+    raw_inputs = [Path(p) for p in inputs]
+    if out_dir.exists() and any(p.is_dir() and p.resolve() == out_dir.resolve() for p in raw_inputs):
+        raise ValueError(f"the output directory {out_dir} is also an input directory; choose another --out")
+    files = find_label_files(raw_inputs)
+    if not files:
+        raise ValueError(
+            f"no input files (looked for {', '.join(LABEL_SUFFIXES)} in {', '.join(map(str, raw_inputs)) or 'nothing'})"
+        )
+    outputs = [distance_map_path(path, out_dir) for path in files]
+    owners: dict[Path, Path] = {}
+    for path, output in zip(files, outputs, strict=True):
+        if output in owners:
+            raise ValueError(f"{owners[output]} and {path} would both write {output}; rename one of them")
+        owners[output] = path
+        if output.resolve() == path.resolve():
+            raise ValueError(f"the output of {path} would overwrite the input itself; choose another output directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    errors: dict[int, str | None] = {}  # index -> None (written now) or why it failed
+    skipped: set[int] = set()
+    pending: list[int] = []
+    for index, output in enumerate(outputs):
+        if overwrite or not output.exists():
+            pending.append(index)
+            continue
+        problem = _existing_output_problem(output, int(num_classes), out_dtype)
+        if problem is None:
+            skipped.add(index)
+        else:
+            errors[index] = problem
+
+    tasks = {
+        index: _Task(
+            input_path=files[index],
+            output_path=outputs[index],
+            num_classes=int(num_classes),
+            spacing=checked_spacing,
+            convention=convention,
+            dtype=out_dtype.str,
+            ignore_index=None if ignore_index is None else int(ignore_index),
+        )
+        for index in pending
+    }
+    bar = _Progress(total=len(files), initial=len(files) - len(pending), enabled=progress)
+    try:
+        pool_size = min(workers or os.cpu_count() or 1, len(pending))
+        if pool_size <= 1:
+            for index, task in tasks.items():
+                errors[index] = _process(task)
+                bar.update()
+        else:
+            _run_pool(tasks, pool_size, errors, bar)
+    finally:
+        bar.close()
+
+    report = PrecomputeReport(out_dir=out_dir)
+    for index, path in enumerate(files):
+        if index in skipped:
+            report.skipped.append(path)
+        elif errors[index] is None:
+            report.done.append(path)
+        else:
+            report.failed.append(FailedInput(path, str(errors[index])))
+    return report
+
+
+def _worker_init() -> None:
+    """In each worker: SIGTERM raises, so the temporary file being written is removed."""
+    signal.signal(signal.SIGTERM, _raise_on_signal)
+
+
+def _raise_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _process_in_worker(task: _Task) -> str | None:
+    try:
+        return _process(task)
+    except (KeyboardInterrupt, SystemExit):  # the temporary file is already removed
+        os._exit(1)  # stop this worker now instead of going on with queued files
+
+
+def _stop_workers(executor: ProcessPoolExecutor) -> None:
+    terminate = getattr(executor, "terminate_workers", None)  # Python >= 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(executor, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
+    executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_pool(tasks: dict[int, _Task], pool_size: int, errors: dict[int, str | None], bar: _Progress) -> None:
+    executor = ProcessPoolExecutor(max_workers=pool_size, initializer=_worker_init)
+    try:
+        futures = {executor.submit(_process_in_worker, task): index for index, task in tasks.items()}
+        for future in as_completed(futures):
+            index = futures[future]
+            try:
+                errors[index] = future.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. a worker killed for memory (BrokenProcessPool)
+                errors[index] = f"worker process failed ({type(exc).__name__}: {exc})"
+            bar.update()
+    except BaseException:  # interrupted: stop the workers (they remove their temporary files)
+        _stop_workers(executor)
+        raise
+    executor.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------------------------
+# training-time helpers
+# ---------------------------------------------------------------------------------------
+def load_distance_map(path: str | os.PathLike[str], mmap: bool = True) -> np.ndarray:
+    """Open a stored map (C, *spatial); by default as a read-only memory map (``mmap_mode="r"``).
+
+    A memory map reads from disk only what is used: crop it with :func:`random_patch` and only
+    the patch is read. ``mmap=False`` loads the whole array.
+    """
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def random_patch(
+    arrays: Sequence[Any],
+    patch_size: Sequence[int],
+    rng: np.random.Generator | int | None = None,
+    start: Sequence[int] | None = None,
+) -> tuple[Any, ...]:
+    """Crop the same spatial window from several arrays of the same spatial shape.
+
+    The LAST ``len(patch_size)`` axes of every array are the spatial axes; any leading axes
+    (channels of the image, classes of the distance map) are kept whole. So one call crops an
+    image (channels, *spatial) or (*spatial), its label map (*spatial) and its precomputed map
+    (C, *spatial) consistently. The window starts at ``start`` (one index per spatial axis) or,
+    if omitted, at a uniformly random position drawn from ``rng`` (a ``numpy.random.Generator``,
+    a seed, or ``None`` for fresh entropy) such that it lies inside the volume. Returns a tuple
+    of views, in the order given (NumPy arrays, memory maps, and other arrays that support
+    ``a[..., i:j, k:l]`` such as torch tensors); copy them (``np.ascontiguousarray``) if needed.
+
+    Why crop a map precomputed on the whole volume rather than compute the map of the cropped
+    labels: the distance at a voxel is the distance to the nearest boundary, which may lie
+    outside the patch. Computed on the crop, distances near the patch border are wrong (too
+    large, or the patch border acts as a boundary), and a class present in the volume but not
+    in the patch gets no signal at all; cropped from the whole-volume map, every voxel of the
+    patch carries its true distance. It is also cheaper: one EDT per volume, not one per patch.
+
+    Raises ``ValueError`` when the arrays' spatial shapes differ, an array has fewer axes than
+    ``patch_size``, the patch is larger than the volume (or not positive) on some axis, or
+    ``start`` puts the window outside the volume.
+
+    >>> image = np.arange(2 * 6 * 8).reshape(2, 6, 8)  # (channels, H, W)
+    >>> labels = np.zeros((6, 8), dtype=np.int64)  # (H, W)
+    >>> phi = np.zeros((3, 6, 8))  # (C, H, W)
+    >>> img_p, lab_p, phi_p = random_patch((image, labels, phi), (4, 4), start=(1, 2))
+    >>> img_p.shape, lab_p.shape, phi_p.shape
+    ((2, 4, 4), (4, 4), (3, 4, 4))
+    >>> int(img_p[0, 0, 0]) == int(image[0, 1, 2])
+    True
+    """
+    if hasattr(arrays, "shape"):
+        raise TypeError("arrays must be a sequence of arrays, e.g. (image, labels, distance_map), not one array")
+    arrays = tuple(arrays)
+    if not arrays:
+        raise ValueError("random_patch needs at least one array")
+    if isinstance(patch_size, (int, np.integer)) or not isinstance(patch_size, Sequence):
+        raise TypeError(f"patch_size must be a sequence with one size per spatial axis, got {patch_size!r}")
+    size = tuple(int(s) for s in patch_size)
+    ndim = len(size)
+    if ndim == 0:
+        raise ValueError("patch_size must have at least one spatial axis")
+    shapes = [tuple(int(s) for s in a.shape) for a in arrays]
+    for position, shape in enumerate(shapes):
+        if len(shape) < ndim:
+            raise ValueError(
+                f"array {position} has shape {shape}, fewer axes than the {ndim} spatial axes of patch_size {size}"
+            )
+    spatial = shapes[0][len(shapes[0]) - ndim :]
+    if any(shape[len(shape) - ndim :] != spatial for shape in shapes):
+        raise ValueError(f"the arrays' spatial shapes (last {ndim} axes) differ: {', '.join(str(s) for s in shapes)}")
+    for axis, (p, n) in enumerate(zip(size, spatial, strict=True)):
+        if p < 1:
+            raise ValueError(f"patch_size must be positive, got {size}")
+        if p > n:
+            raise ValueError(f"patch {size} is larger than the volume {spatial} on spatial axis {axis} ({p} > {n})")
+    if start is None:
+        generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        corner = tuple(int(generator.integers(0, n - p + 1)) for p, n in zip(size, spatial, strict=True))
+    else:
+        corner = tuple(int(s) for s in start)
+        if len(corner) != ndim:
+            raise ValueError(f"start {corner} must have one index per spatial axis ({ndim})")
+        for axis, (s, p, n) in enumerate(zip(corner, size, spatial, strict=True)):
+            if s < 0 or s + p > n:
+                raise ValueError(
+                    f"start {corner} puts the patch {size} outside the volume {spatial} on spatial axis {axis}"
+                )
+    window = (Ellipsis, *(slice(s, s + p) for s, p in zip(corner, size, strict=True)))
+    return tuple(a[window] for a in arrays)

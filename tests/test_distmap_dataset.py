@@ -1,0 +1,387 @@
+"""Dataset precompute of distance maps (`segloss distmap`) and the patch crop."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segloss_core.cli import main
+from segloss_core.distance_maps import signed_distance_map
+from segloss_core.distmap_dataset import (
+    LabelFileError,
+    distance_map_path,
+    find_label_files,
+    load_distance_map,
+    precompute_distance_maps,
+    random_patch,
+    read_label_volume,
+)
+
+
+def _labels(rng: np.random.Generator, shape: tuple[int, ...], num_classes: int = 3) -> np.ndarray:
+    """A label volume with a few boxes, each class present."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    for c in range(1, num_classes):
+        corner = [int(rng.integers(0, max(1, n - 3))) for n in shape]
+        labels[tuple(slice(s, s + 3) for s in corner)] = c
+    return labels
+
+
+def _reference(labels: np.ndarray, num_classes: int, spacing=None, **kwargs) -> np.ndarray:
+    return signed_distance_map(labels[None].astype(np.int64), num_classes, spacing, **kwargs)[0]
+
+
+def _save_nifti(path: Path, data: np.ndarray, zooms: tuple[float, ...]) -> None:
+    nibabel = pytest.importorskip("nibabel")
+    image = nibabel.Nifti1Image(data, affine=np.diag([*zooms[:3], 1.0]))
+    image.header.set_zooms(zooms)
+    nibabel.save(image, path)
+
+
+# ---------------------------------------------------------------------------------------
+# reading and computing
+# ---------------------------------------------------------------------------------------
+def test_npy_and_npz_equal_the_reference(tmp_path, rng):
+    vol3d = _labels(rng, (9, 8, 7))
+    vol2d = _labels(rng, (11, 6))
+    np.save(tmp_path / "a.npy", vol3d)
+    np.savez(tmp_path / "b.npz", labels=vol2d, image=np.zeros((11, 6)))  # key "labels" wins
+    np.savez(tmp_path / "c.npz", vol3d.astype(np.int32))  # the only array
+    report = precompute_distance_maps([tmp_path], tmp_path / "out", 3, workers=1, progress=False)
+    assert report.ok and [p.name for p in report.done] == ["a.npy", "b.npz", "c.npz"]
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "a.npy"), _reference(vol3d, 3).astype(np.float32))
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "b.npy"), _reference(vol2d, 3).astype(np.float32))
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "c.npy"), _reference(vol3d, 3).astype(np.float32))
+    assert np.load(tmp_path / "out" / "a.npy").shape == (3, 9, 8, 7)
+
+
+@pytest.mark.parametrize("convention", ["boundary_loss", "signed", "signed_inside_positive"])
+def test_float64_is_exactly_the_reference_with_ignore_index_and_edge_classes(tmp_path, rng, convention):
+    labels = _labels(rng, (10, 9, 5), num_classes=3).astype(np.int16)
+    labels[0, :, :] = -1  # ignored voxels
+    # classes: 0, 1, 2 present, 3 absent, 4 = ignore_index (also absent)
+    np.save(tmp_path / "v.npy", labels)
+    np.save(tmp_path / "full.npy", np.zeros((4, 5), dtype=np.int64))  # class 0 fills the volume
+    spacing = (1.5, 0.7, 2.0)
+    report = precompute_distance_maps(
+        [tmp_path / "v.npy"],
+        tmp_path / "out",
+        5,
+        spacing=spacing,
+        convention=convention,
+        dtype="float64",
+        ignore_index=-1,
+        workers=1,
+        progress=False,
+    )
+    assert report.ok
+    expected = _reference(labels, 5, spacing, convention=convention, ignore_index=-1)
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "v.npy"), expected)
+    report = precompute_distance_maps(
+        [tmp_path / "full.npy"], tmp_path / "out", 2, dtype="float64", workers=1, progress=False
+    )
+    assert report.ok
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "full.npy"), np.zeros((2, 4, 5)))
+
+
+def test_ignore_index_that_is_a_class_value(tmp_path, rng):
+    labels = _labels(rng, (8, 8), num_classes=3)
+    np.save(tmp_path / "v.npy", labels)
+    report = precompute_distance_maps(
+        [tmp_path / "v.npy"], tmp_path / "o", 3, ignore_index=2, dtype="float64", workers=1, progress=False
+    )
+    assert report.ok
+    expected = _reference(labels, 3, ignore_index=2)
+    np.testing.assert_array_equal(np.load(tmp_path / "o" / "v.npy"), expected)
+    assert not expected[2].any()
+
+
+def test_nifti_spacing_from_header_and_explicit_override(tmp_path, rng):
+    labels = _labels(rng, (10, 8, 6))
+    zooms = (2.0, 0.5, 1.25)
+    _save_nifti(tmp_path / "case.nii.gz", labels.astype(np.float32), zooms)  # float labels, as often stored
+    _save_nifti(tmp_path / "plain.nii", labels.astype(np.int16), zooms)
+    read, header_spacing = read_label_volume(tmp_path / "case.nii.gz", 3)
+    assert read.dtype.kind == "i" and header_spacing == zooms
+    np.testing.assert_array_equal(read, labels)
+
+    report = precompute_distance_maps([tmp_path], tmp_path / "out", 3, dtype="float64", workers=1, progress=False)
+    assert report.ok and sorted(p.name for p in report.done) == ["case.nii.gz", "plain.nii"]
+    expected = _reference(labels, 3, zooms)
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "case.npy"), expected)
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "plain.npy"), expected)
+    assert not np.array_equal(expected, _reference(labels, 3))  # the spacing matters here
+
+    report = precompute_distance_maps(
+        [tmp_path / "case.nii.gz"], tmp_path / "explicit", 3, spacing=1.0, dtype="float64", workers=1, progress=False
+    )
+    assert report.ok
+    np.testing.assert_array_equal(np.load(tmp_path / "explicit" / "case.npy"), _reference(labels, 3, 1.0))
+
+
+def test_nifti_trailing_singleton_axis_is_dropped(tmp_path, rng):
+    labels = _labels(rng, (6, 5, 4))
+    _save_nifti(tmp_path / "t.nii.gz", labels[..., None].astype(np.uint8), (1.0, 2.0, 3.0, 1.0))
+    read, spacing = read_label_volume(tmp_path / "t.nii.gz")
+    assert read.shape == (6, 5, 4) and spacing == (1.0, 2.0, 3.0)
+
+
+def test_nifti_without_nibabel_names_the_extra(tmp_path, monkeypatch):
+    (tmp_path / "x.nii.gz").write_bytes(b"not really")
+    monkeypatch.setitem(sys.modules, "nibabel", None)
+    with pytest.raises(LabelFileError, match=r"pip install 'segloss\[nifti\]'"):
+        read_label_volume(tmp_path / "x.nii.gz")
+
+
+def test_bad_inputs_fail_alone_with_clear_messages(tmp_path, rng):
+    good = _labels(rng, (6, 6))
+    np.save(tmp_path / "good.npy", good)
+    np.save(tmp_path / "range.npy", np.array([[0, 1], [5, 7]]))
+    np.save(tmp_path / "fractional.npy", np.array([[0.0, 1.0], [0.5, 2.0]]))
+    np.save(tmp_path / "batch.npy", good[None, None])
+    np.savez(tmp_path / "ambiguous.npz", a=good, b=good)
+    (tmp_path / "broken.npy").write_bytes(b"garbage")
+    (tmp_path / "notes.txt").write_text("not a label map")
+    inputs = [tmp_path, tmp_path / "missing.npy", tmp_path / "notes.txt"]
+    report = precompute_distance_maps(inputs, tmp_path / "out", 3, workers=1, progress=False)
+    assert [p.name for p in report.done] == ["good.npy"]
+    errors = {f.path.name: f.error for f in report.failed}
+    assert set(errors) == {
+        "range.npy",
+        "fractional.npy",
+        "batch.npy",
+        "ambiguous.npz",
+        "broken.npy",
+        "missing.npy",
+        "notes.txt",
+    }
+    assert "labels outside [0, 3): 5, 7" in errors["range.npy"]
+    assert "not all values are integers" in errors["fractional.npy"] and "0.5" in errors["fractional.npy"]
+    assert "save labels[0]" in errors["batch.npy"]
+    assert "'labels'" in errors["ambiguous.npz"]
+    assert "cannot read .npy file" in errors["broken.npy"]
+    assert "no such file" in errors["missing.npy"]
+    assert "unsupported file type" in errors["notes.txt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.npy"]  # nothing else, no temporaries
+    assert not report.ok and "7 failed" in report.summary() and "range.npy: labels outside" in report.summary()
+    with pytest.raises(LabelFileError, match=r"range\.npy: labels outside"):
+        read_label_volume(tmp_path / "range.npy", 3)
+
+
+def test_argument_and_layout_errors(tmp_path, rng):
+    np.save(tmp_path / "a.npy", _labels(rng, (5, 5)))
+    np.save(tmp_path / "a2.npy", _labels(rng, (5, 5)))
+    (tmp_path / "sub").mkdir()
+    np.save(tmp_path / "sub" / "a.npy", _labels(rng, (5, 5)))
+    with pytest.raises(ValueError, match="would both write"):
+        precompute_distance_maps([tmp_path / "a.npy", tmp_path / "sub" / "a.npy"], tmp_path / "o", 3, progress=False)
+    with pytest.raises(ValueError, match="overwrite the input itself"):
+        precompute_distance_maps([tmp_path / "a.npy"], tmp_path, 3, progress=False)
+    with pytest.raises(ValueError, match="also an input directory"):
+        precompute_distance_maps([tmp_path], tmp_path, 3, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no input files"):
+        precompute_distance_maps([tmp_path / "empty"], tmp_path / "o2", 3, progress=False)
+    for kwargs in (
+        {"num_classes": 0},
+        {"num_classes": 2, "convention": "x"},
+        {"num_classes": 2, "workers": 0},
+        {"num_classes": 2, "dtype": "int32"},
+        {"num_classes": 2, "spacing": (1.0, -1.0)},
+    ):
+        with pytest.raises(ValueError):
+            precompute_distance_maps([tmp_path / "a.npy"], tmp_path / "o3", progress=False, **kwargs)
+    # a spacing with the wrong number of axes fails that file only
+    report = precompute_distance_maps([tmp_path / "a.npy"], tmp_path / "o4", 3, spacing=(1, 2, 3), progress=False)
+    assert "invalid explicit spacing" in report.failed[0].error
+    # the same file given twice (and through its directory) is processed once
+    assert find_label_files([tmp_path / "a.npy", tmp_path, tmp_path / "a.npy"]) == [
+        tmp_path / "a.npy",
+        tmp_path / "a2.npy",
+    ]
+    assert distance_map_path("x/y.NII.GZ", "o") == Path("o/y.npy")
+
+
+# ---------------------------------------------------------------------------------------
+# resuming, atomic writes, parallelism
+# ---------------------------------------------------------------------------------------
+def test_resume_skips_finished_outputs_but_not_temporaries(tmp_path, rng):
+    for name in ("a", "b", "c"):
+        np.save(tmp_path / f"{name}.npy", _labels(rng, (7, 6, 5)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".b.npy.1234-deadbeef.tmp").write_bytes(b"\x93NUMPY half-written")  # a killed run's leftover
+    first = precompute_distance_maps([tmp_path], out, 3, workers=1, progress=False)
+    assert [p.name for p in first.done] == ["a.npy", "b.npy", "c.npy"] and not first.skipped
+    np.testing.assert_array_equal(np.load(out / "b.npy"), _reference(np.load(tmp_path / "b.npy"), 3).astype("f4"))
+
+    stamp = (out / "a.npy").stat().st_mtime_ns
+    (out / "c.npy").unlink()  # as if the first run had stopped before c
+    second = precompute_distance_maps([tmp_path], out, 3, workers=1, progress=False)
+    assert [p.name for p in second.skipped] == ["a.npy", "b.npy"] and [p.name for p in second.done] == ["c.npy"]
+    assert (out / "a.npy").stat().st_mtime_ns == stamp
+
+    third = precompute_distance_maps([tmp_path], out, 3, overwrite=True, workers=1, progress=False)
+    assert len(third.done) == 3 and not third.skipped
+
+    # an existing output computed with other settings is not silently reused
+    fourth = precompute_distance_maps([tmp_path / "a.npy"], out, 4, workers=1, progress=False)
+    assert not fourth.skipped and "pass overwrite" in fourth.failed[0].error
+
+
+def test_failure_while_writing_leaves_no_output_and_no_temporary(tmp_path, rng, monkeypatch):
+    for name in ("a", "b", "c"):
+        np.save(tmp_path / f"{name}.npy", _labels(rng, (6, 6, 6)))
+    real_save = np.save
+
+    def failing_save(file, arr, *args, **kwargs):
+        if os.path.basename(getattr(file, "name", str(file))).startswith(".b.npy"):
+            file.write(b"\x93NUMPY partial")  # something reached the disk before the failure
+            raise OSError("disk full")
+        return real_save(file, arr, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", failing_save)
+    report = precompute_distance_maps([tmp_path], tmp_path / "out", 3, workers=1, progress=False)
+    assert [p.name for p in report.done] == ["a.npy", "c.npy"]
+    assert [(f.path.name, f.error) for f in report.failed] == [("b.npy", "OSError: disk full")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.npy", "c.npy"]
+
+    monkeypatch.setattr(np, "save", real_save)
+    again = precompute_distance_maps([tmp_path], tmp_path / "out", 3, workers=1, progress=False)
+    assert [p.name for p in again.done] == ["b.npy"] and len(again.skipped) == 2
+
+
+def test_interrupt_leaves_no_partial_file(tmp_path, rng, monkeypatch):
+    np.save(tmp_path / "a.npy", _labels(rng, (6, 6)))
+
+    def interrupted_save(file, arr, *args, **kwargs):
+        file.write(b"\x93NUMPY")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        precompute_distance_maps([tmp_path], tmp_path / "out", 3, workers=1, progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_two_workers_write_the_same_files_as_one(tmp_path, rng):
+    for i in range(4):
+        np.save(tmp_path / f"v{i}.npy", _labels(rng, (8, 7, 6)))
+    np.save(tmp_path / "bad.npy", np.full((3, 3), 9))
+    one = precompute_distance_maps([tmp_path], tmp_path / "w1", 3, workers=1, progress=False)
+    two = precompute_distance_maps([tmp_path], tmp_path / "w2", 3, workers=2, progress=False)
+    assert (one.done, one.skipped, one.failed) == (two.done, two.skipped, two.failed)
+    assert [f.path.name for f in two.failed] == ["bad.npy"]
+    names = sorted(p.name for p in (tmp_path / "w1").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "w2").iterdir()) == [f"v{i}.npy" for i in range(4)]
+    for name in names:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
+
+
+def test_progress_bar_and_fallback_counter(tmp_path, rng, capsys, monkeypatch):
+    np.save(tmp_path / "a.npy", _labels(rng, (5, 5)))
+    precompute_distance_maps([tmp_path], tmp_path / "o1", 3, workers=1)
+    assert "distmap" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    precompute_distance_maps([tmp_path], tmp_path / "o2", 3, workers=1)
+    assert "distmap: 1/1 files" in capsys.readouterr().err
+    precompute_distance_maps([tmp_path], tmp_path / "o3", 3, workers=1, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------
+def test_cli_end_to_end(tmp_path, rng, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    labels = _labels(rng, (8, 6, 5))
+    np.save(data / "a.npy", labels)
+    np.savez(data / "b.npz", labels=labels)
+    out = tmp_path / "maps"
+    args = ["distmap", str(data), "--out", str(out), "--num-classes", "3", "--quiet", "--workers", "1"]
+    assert main([*args, "--spacing", "2", "1", "0.5", "--convention", "signed"]) == 0
+    captured = capsys.readouterr()
+    assert "2 done, 0 skipped" in captured.out and captured.err == ""
+    np.testing.assert_array_equal(
+        load_distance_map(out / "a.npy"), _reference(labels, 3, (2, 1, 0.5), convention="signed").astype("f4")
+    )
+    assert main(args) == 0  # resumed: nothing to do
+    assert "0 done, 2 skipped" in capsys.readouterr().out
+
+    np.save(data / "c.npy", np.full((8, 6, 5), 3))
+    assert main(args) == 1
+    out_text = capsys.readouterr().out
+    assert "1 failed" in out_text and "c.npy: labels outside [0, 3): 3" in out_text
+
+    assert main(["distmap", str(tmp_path / "nothing"), "--out", str(out), "--num-classes", "3"]) == 1
+    assert "no such file" in capsys.readouterr().out
+    assert main(["distmap", str(out), "--out", str(out), "--num-classes", "3"]) == 2
+    assert "also an input directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["distmap", str(data), "--num-classes", "3"])  # --out is required
+
+
+# ---------------------------------------------------------------------------------------
+# the crop helper
+# ---------------------------------------------------------------------------------------
+def test_random_patch_crops_the_same_window_everywhere(tmp_path):
+    spatial = (9, 8, 7)
+    coords = np.stack(np.meshgrid(*[np.arange(n) for n in spatial], indexing="ij"))  # (3, *spatial): the position
+    image = coords.astype(np.float32)  # (channels, *spatial)
+    labels = coords[0] * 100 + coords[1] * 10 + coords[2]  # (*spatial)
+    np.save(tmp_path / "phi.npy", np.stack([labels, -labels]).astype(np.float32))  # (C, *spatial)
+    phi = load_distance_map(tmp_path / "phi.npy")
+    assert isinstance(phi, np.memmap)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(20):
+        img_p, lab_p, phi_p = random_patch((image, labels, phi), (4, 3, 7), rng=rng)
+        assert img_p.shape == (3, 4, 3, 7) and lab_p.shape == (4, 3, 7) and phi_p.shape == (2, 4, 3, 7)
+        corner = tuple(int(img_p[axis, 0, 0, 0]) for axis in range(3))
+        seen.add(corner)
+        assert 0 <= corner[0] <= 5 and 0 <= corner[1] <= 5 and corner[2] == 0
+        np.testing.assert_array_equal(lab_p, labels[corner[0] : corner[0] + 4, corner[1] : corner[1] + 3])
+        np.testing.assert_array_equal(phi_p[0], lab_p)
+        np.testing.assert_array_equal(phi_p[1], -lab_p)
+    assert len(seen) > 5
+    a = random_patch((image, labels), (4, 3, 7), rng=7)
+    b = random_patch((image, labels), (4, 3, 7), rng=7)
+    np.testing.assert_array_equal(a[0], b[0])  # a seed is reproducible
+    (whole,) = random_patch((labels,), spatial, rng=rng)
+    np.testing.assert_array_equal(whole, labels)
+    (fixed,) = random_patch([labels], (2, 2), start=(3, 4))  # 2 spatial axes: the last two
+    np.testing.assert_array_equal(fixed, labels[:, 3:5, 4:6])
+
+
+def test_random_patch_errors():
+    image, labels = np.zeros((2, 8, 8)), np.zeros((8, 7))
+    with pytest.raises(ValueError, match="spatial shapes"):
+        random_patch((image, labels), (4, 4))
+    with pytest.raises(ValueError, match="larger than the volume"):
+        random_patch((image,), (4, 9))
+    with pytest.raises(ValueError, match="fewer axes"):
+        random_patch((np.zeros(8), image), (4, 4))
+    with pytest.raises(ValueError, match="outside the volume"):
+        random_patch((image,), (4, 4), start=(5, 0))
+    with pytest.raises(ValueError, match="one index per spatial axis"):
+        random_patch((image,), (4, 4), start=(0,))
+    with pytest.raises(ValueError, match="positive"):
+        random_patch((image,), (0, 4))
+    with pytest.raises(TypeError, match="sequence of arrays"):
+        random_patch(image, (4, 4))
+    with pytest.raises(TypeError, match="patch_size"):
+        random_patch((image,), 4)
+    with pytest.raises(ValueError, match="at least one array"):
+        random_patch((), (4, 4))
+
+
+def test_random_patch_on_torch_tensors():
+    torch = pytest.importorskip("torch")
+    image, phi = torch.zeros(1, 6, 6), torch.arange(2 * 36.0).reshape(2, 6, 6)
+    img_p, phi_p = random_patch((image, phi), (3, 3), start=(1, 2))
+    assert img_p.shape == (1, 3, 3) and torch.equal(phi_p, phi[:, 1:4, 2:5])
