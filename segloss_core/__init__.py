@@ -10,6 +10,7 @@ from __future__ import annotations
 from .backend import API_VERSION, Backend, ConformanceDtype
 from .deep_supervision import deep_supervision_weights
 from .describe import LossDescription, describe
+from .distance_maps import distance_map, mask_distance_map, signed_distance_map
 from .hookspecs import hookimpl, hookspec
 from .plugins import PluginProblem, SeglossPluginWarning
 from .registry import (
@@ -55,13 +56,16 @@ __all__ = [
     "compound",
     "deep_supervision_weights",
     "describe",
+    "distance_map",
     "get_loss",
     "hookimpl",
     "hookspec",
     "list_backends",
     "list_losses",
+    "mask_distance_map",
     "plugin_manager",
     "problems",
     "registry",
+    "signed_distance_map",
     "validate_inputs",
 ]

@@ -117,7 +117,9 @@ def compose_unsigned(
     return xp.where(has_boundary, field, xp.full_like(field, no_boundary_value))
 
 
-def normalise(xp: Any, phi: Array, normalize: str | None, spacing: tuple[float, ...], spatial: tuple[int, ...]) -> Array:
+def normalise(
+    xp: Any, phi: Array, normalize: str | None, spacing: tuple[float, ...], spatial: tuple[int, ...]
+) -> Array:
     if normalize is None:
         return phi
     if normalize == "max":
@@ -247,9 +249,29 @@ def distance_map(
     return normalise(xp, field, normalize, check_spacing(spacing, len(spatial)), spatial)
 
 
-def mask_distances(
-    masks: Array, spacing: float | Sequence[float] | None = None
-) -> tuple[Array, Array, Array]:
+def mask_distance_map(
+    masks: Array,
+    spacing: float | Sequence[float] | None = None,
+    *,
+    kind: str = "boundary",
+    no_boundary_value: float = 0.0,
+) -> Array:
+    """Distance map (B, C, *spatial) of binary masks (B, C, *spatial) — a thresholded prediction, or
+    multi-label (sigmoid) targets. ``kind`` is a signed convention or an unsigned region."""
+    if type(masks).__module__.startswith("torch"):
+        from segloss_torch.distance_maps import mask_distance_map as torch_masks
+
+        return torch_masks(masks, spacing, kind=kind, no_boundary_value=no_boundary_value)
+    if kind not in CONVENTIONS + REGIONS:
+        raise ValueError(f"kind must be one of {', '.join(CONVENTIONS + REGIONS)}, got {kind!r}")
+    xp = _edt_module(masks)[0]
+    d_in, d_out, has_boundary = mask_distances(masks, spacing)
+    if kind in CONVENTIONS:
+        return compose_signed(xp, d_in, d_out, masks.astype(bool), has_boundary, kind, no_boundary_value)
+    return compose_unsigned(xp, d_in, d_out, has_boundary, kind, no_boundary_value)
+
+
+def mask_distances(masks: Array, spacing: float | Sequence[float] | None = None) -> tuple[Array, Array, Array]:
     """(d_in, d_out, has_boundary) of binary masks (B, C, *spatial) (e.g. thresholded predictions)."""
     xp, edt = _edt_module(masks)
     masks = masks.astype(bool)

@@ -35,6 +35,23 @@ class NumpyLoss:
     def __repr__(self) -> str:
         return f"NumpyLoss({self.plan.describe()})"
 
+    def set_weights(self, **weights: float) -> None:
+        """Change the weight of terms by loss name (as the torch loss; used by schedules)."""
+        from dataclasses import replace
+
+        names = [t.spec.name for t in self.plan.terms]
+        terms = list(self.plan.terms)
+        for name, value in weights.items():
+            if names.count(name) != 1:
+                raise ValueError(
+                    f"loss {self.plan.name!r} has {names.count(name)} terms named {name!r}; terms: {names}"
+                )
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"weight of {name!r} must be a non-negative number, got {value!r}")
+            index = names.index(name)
+            terms[index] = replace(terms[index], weight=float(value))
+        self.plan = replace(self.plan, terms=tuple(terms))
+
     def _check_arrays(self, **arrays: Any) -> None:
         for name, value in arrays.items():
             if value is not None and not isinstance(value, np.ndarray):

@@ -301,6 +301,7 @@ def _plan_from_names(name: str, terms: tuple[tuple[float, str, dict[str, Any], s
 StatisticsFn = Callable[[Params], frozenset[str]]
 FormulaFn = Callable[[Any, Mapping[str, Any], Params], Any]
 ReferenceFn = Callable[..., tuple[Any, Any]]
+FieldsFn = Callable[[Any, Params, Mapping[str, Any]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,13 @@ class LossSpec:
     call_inputs: tuple[str, ...] = ("mask",)
     notes: str = ""
     family: str = ""
+    tolerance_floor: float = 0.0
+    """Smallest relative tolerance the conformance suite applies to this loss, for losses whose
+    backends may compute an input in lower precision by design (float32 distance maps)."""
+    fields: FieldsFn | None = None
+    """Per-voxel constant fields (e.g. distance maps) the statistics need: called with the
+    validated inputs, the parameters and the call-time inputs; returns {name: (B, C, *S) array}
+    on the inputs' device and framework (no gradient flows into them)."""
 
     def __post_init__(self) -> None:
         defined = [

@@ -20,13 +20,20 @@ ce_neg              w·(1−g)·(−log(1−p))               BCE negative part 
 neg_log_pred_sum    w·(−log p)                        label smoothing (softmax)
 focal_pos:γ         w·g·(1−p)^γ·(−log p)              focal loss
 focal_neg:γ         w·(1−g)·p^γ·(−log(1−p))           focal loss, negative part (sigmoid only)
+field_pred_sum:F    w·p·F                             boundary loss (F = signed distance map)
+field_sq_err_sum:F  w·(p − g)²·F                      Hausdorff-DT loss (F = d_p^α + d_g^α)
 ==================  ===============================  ==========================================
+
+Fields F are per-voxel constants (B, C, *spatial) computed before the statistics by the loss
+spec's ``fields`` function (no gradient flows into them).
 
 ``log p`` is computed from the logits (log-softmax / log-sigmoid), never as ``log`` of a
 rounded probability. The fused kernels compute the first nine in one read of the logits.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 STATISTICS: dict[str, str] = {
     "intersection": "Σ w·p·g",
@@ -46,6 +53,12 @@ PARAMETRIC = {
     "focal_neg": "Σ w·(1−g)·p^γ·(−log(1−p))",
 }
 
+# statistics of a per-voxel field F (a constant, e.g. a distance map) named after the colon
+FIELD = {
+    "field_pred_sum": "Σ w·p·F",
+    "field_sq_err_sum": "Σ w·(p − g)²·F",
+}
+
 SIGMOID_ONLY = frozenset({"ce_neg", "focal_neg"})
 
 
@@ -56,13 +69,23 @@ def focal_statistic(kind: str, gamma: float) -> str:
     return f"{kind}:{float(gamma)!r}"
 
 
-def parse(name: str) -> tuple[str, float | None]:
-    """``'focal_pos:2.0'`` → ``('focal_pos', 2.0)``; plain names → ``(name, None)``."""
+def field_statistic(kind: str, field: str) -> str:
+    """Name of a field statistic, e.g. ``field_pred_sum:boundary_phi``."""
+    if kind not in FIELD:
+        raise ValueError(f"unknown field statistic {kind!r}")
+    return f"{kind}:{field}"
+
+
+def parse(name: str) -> tuple[str, Any]:
+    """``'focal_pos:2.0'`` → ``('focal_pos', 2.0)``; ``'field_pred_sum:phi'`` → ``('field_pred_sum',
+    'phi')``; plain names → ``(name, None)``."""
     base, sep, arg = name.partition(":")
     if sep:
-        if base not in PARAMETRIC:
-            raise ValueError(f"unknown statistic {name!r}")
-        return base, float(arg)
+        if base in PARAMETRIC:
+            return base, float(arg)
+        if base in FIELD:
+            return base, arg
+        raise ValueError(f"unknown statistic {name!r}")
     if base not in STATISTICS:
         raise ValueError(f"unknown statistic {name!r}; known: {', '.join(STATISTICS)}")
     return base, None
@@ -70,5 +93,7 @@ def parse(name: str) -> tuple[str, float | None]:
 
 def describe(name: str) -> str:
     base, arg = parse(name)
+    if base in FIELD:
+        return FIELD[base].replace("F", arg)
     text = STATISTICS.get(base) or PARAMETRIC[base]
     return text.replace("γ", f"{arg:g}") if arg is not None else text

@@ -42,6 +42,7 @@ class PreparedInputs:
     num_classes: int
     ignore_index: int | None
     activation: str
+    fields: dict[str, Array] | None = None  # per-voxel constant fields (B, C, *S), see statistics.FIELD
 
     @property
     def batch_size(self) -> int:

@@ -2,6 +2,7 @@
 #include <torch/library.h>
 
 #include "../kernels/region_stats.cuh"
+#include "edt.h"
 #include "region_stats.h"
 
 namespace segloss {
@@ -75,9 +76,16 @@ TORCH_LIBRARY(segloss, m) {
   m.def(
       "region_stats_backward(Tensor grad, Tensor logits, Tensor? labels, Tensor? target, Tensor? mask, "
       "int activation, int ignore_index, bool has_ignore) -> Tensor");
+  // exact distance maps (B, C, *spatial) float32; kind: csrc/kernels/edt.cuh DistanceKind
+  m.def(
+      "label_distance_maps(Tensor labels, int num_classes, float[] spacing, int kind, float no_boundary_value, "
+      "int ignore_index, bool has_ignore) -> Tensor");
+  m.def("mask_distance_maps(Tensor masks, float[] spacing, int kind, float no_boundary_value) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(segloss, CPU, m) {
   m.impl("region_stats", &segloss::region_stats_cpu);
   m.impl("region_stats_backward", &segloss::region_stats_backward_cpu);
+  m.impl("label_distance_maps", &segloss::label_distance_maps_cpu);
+  m.impl("mask_distance_maps", &segloss::mask_distance_maps_cpu);
 }

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from .deep_supervision import DeepSupervisionLoss
+from .distance_maps import distance_map, mask_distance_map, signed_distance_map
 from .module import SeglossLoss
 
-__all__ = ["DeepSupervisionLoss", "SeglossLoss"]
+__all__ = ["DeepSupervisionLoss", "SeglossLoss", "distance_map", "mask_distance_map", "signed_distance_map"]

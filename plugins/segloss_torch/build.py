@@ -28,8 +28,8 @@ import torch
 
 import segloss_csrc
 
-CPU_SOURCES = ("torch/ops.cpp", "torch/region_stats_cpu.cpp")
-CUDA_SOURCES = ("torch/region_stats_cuda.cpp", "cuda/region_stats.cu")
+CPU_SOURCES = ("torch/ops.cpp", "torch/region_stats_cpu.cpp", "torch/edt_cpu.cpp")
+CUDA_SOURCES = ("torch/region_stats_cuda.cpp", "cuda/region_stats.cu", "torch/edt_cuda.cpp", "cuda/edt.cu")
 
 
 @dataclass

@@ -13,7 +13,7 @@ import array_api_compat.torch as xp_torch
 import torch
 from torch import nn
 
-from segloss_core.reference.evaluate import required_statistics
+from segloss_core.reference.evaluate import required_statistics, with_fields
 from segloss_core.spec import LossPlan
 from segloss_core.validation import PreparedInputs, namespace_of, validate_inputs
 
@@ -38,8 +38,21 @@ class SeglossLoss(nn.Module):
         self._statistics = required_statistics(plan)
         self._groups = {act: required_statistics(plan, act) for act in plan.activations}
         self._voxelwise = [t for t in plan.terms if t.spec.kind == "voxelwise"]
-        if impl == "fused":
-            fused.require(self._statistics, plan)
+        self.term_weights: list[float] = [t.weight for t in plan.terms]
+        if impl == "fused":  # field statistics (distance maps) are always computed apart
+            fused.require(frozenset(n for n in self._statistics if not n.startswith("field_")), plan)
+
+    def set_weights(self, **weights: float) -> None:
+        """Change the weight of terms by loss name, e.g. ``set_weights(boundary=0.05)`` (schedules)."""
+        names = [t.spec.name for t in self.plan.terms]
+        for name, value in weights.items():
+            if names.count(name) != 1:
+                raise ValueError(
+                    f"loss {self.plan.name!r} has {names.count(name)} terms named {name!r}; terms: {names}"
+                )
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"weight of {name!r} must be a non-negative number, got {value!r}")
+            self.term_weights[names.index(name)] = float(value)
 
     @property
     def name(self) -> str:
@@ -56,6 +69,22 @@ class SeglossLoss(nn.Module):
         if self.impl == "fused":
             return "fused"
         return "fused" if fused.applicable(names, self.plan, prepared) else "native"
+
+    def _compute_statistics(self, group: PreparedInputs, names: frozenset[str]) -> dict[str, torch.Tensor]:
+        """The fused kernels for what they cover, the native path for the rest (e.g. field sums)."""
+        if self.impl == "native":
+            return native.compute_statistics(group, names)
+        fusable = frozenset(n for n in names if fused.fusable([n]))
+        rest = names - fusable
+        stats: dict[str, torch.Tensor] = {}
+        if fusable:
+            if self.implementation(group, fusable) == "fused":
+                stats.update(fused.compute_statistics(group, fusable))
+            else:
+                rest = names
+        if rest:
+            stats.update(native.compute_statistics(group, rest))
+        return stats
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, **inputs: Any):
         unknown = sorted(set(inputs) - set(self.plan.call_inputs))
@@ -75,21 +104,20 @@ class SeglossLoss(nn.Module):
         for activation, names in self._groups.items():
             if not names:
                 continue
-            group = prepared[activation]
-            if self.implementation(group, names) == "fused":
-                stats = fused.compute_statistics(group, names)
-            else:
-                stats = native.compute_statistics(group, names)
-            for term in self.plan.terms:
+            group = with_fields(self.plan, prepared[activation], activation, inputs)
+            stats = self._compute_statistics(group, names)
+            for index, term in enumerate(self.plan.terms):
                 if term.spec.kind != "statistics" or term.params.get("activation", "none") != activation:
                     continue
                 value = term.spec.from_statistics(xp_torch, stats, term.params)
-                value = value if term.weight == 1.0 else value * term.weight
+                weight = self.term_weights[index]
+                value = value if weight == 1.0 else value * weight
                 total = value if total is None else total + value
         for term in self._voxelwise:
             group = prepared[term.params.get("activation", "none")]
             value = voxelwise.evaluate(term.spec.name, group, term.params, inputs)
-            value = value if term.weight == 1.0 else value * term.weight
+            weight = self.term_weights[self.plan.terms.index(term)]
+            value = value if weight == 1.0 else value * weight
             total = value if total is None else total + value
         assert total is not None
         return total

@@ -27,6 +27,12 @@ def _neg_xlogy(x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
     return -torch.where(x == 0, torch.zeros_like(log_y), x * log_y)
 
 
+def _field(prepared: PreparedInputs, name: str, like: torch.Tensor) -> torch.Tensor:
+    if not prepared.fields or name not in prepared.fields:
+        raise ValueError(f"statistic needs the field {name!r}, which the loss did not provide")
+    return prepared.fields[name].detach().reshape(like.shape).to(like.dtype)
+
+
 def target_and_weights(prepared: PreparedInputs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(g, w): target (B, C, N) and voxel weights (B|1, 1|C, N) or None, without gradient."""
     batch, channels = prepared.batch_size, prepared.num_classes
@@ -112,6 +118,10 @@ def compute_statistics(prepared: PreparedInputs, names: Iterable[str]) -> dict[s
             value = _neg_xlogy(gw * (1 - p).pow(gamma), log_p).sum(-1)
         elif base == "focal_neg":
             value = weighted_sum(_neg_xlogy((1 - g) * p.pow(gamma), log_1mp))
+        elif base == "field_pred_sum":
+            value = weighted_sum(p * _field(prepared, gamma, p))
+        elif base == "field_sq_err_sum":
+            value = weighted_sum((p - g).square() * _field(prepared, gamma, p))
         else:  # pragma: no cover - parse() rejects unknown names
             raise AssertionError(name)
         out[name] = value

@@ -6,9 +6,15 @@ from collections.abc import Callable
 
 from ..hookspecs import hookimpl
 from ..spec import LossSpec
-from . import compound, cross_entropy, region, voxelwise
+from . import compound, cross_entropy, distance, region, voxelwise
 
-BUILTIN_SPECS: tuple[LossSpec, ...] = (*region.SPECS, *cross_entropy.SPECS, *voxelwise.SPECS, *compound.SPECS)
+BUILTIN_SPECS: tuple[LossSpec, ...] = (
+    *region.SPECS,
+    *cross_entropy.SPECS,
+    *voxelwise.SPECS,
+    *distance.SPECS,
+    *compound.SPECS,
+)
 
 
 @hookimpl

@@ -20,7 +20,8 @@ from typing import Any
 from ..spec import LossSpec, Param, Params, Preset, Term, compound_params
 from . import _params as common
 from .cross_entropy import CROSS_ENTROPY, FOCAL
-from .region import DICE
+from .distance import BOUNDARY
+from .region import DICE, GENERALIZED_DICE
 from .voxelwise import TOPK_CE
 
 COMPOUND_REDUCTION = replace(common.REDUCTION, choices=("mean", "sum"), doc="mean or sum, applied to every term")
@@ -145,4 +146,22 @@ DICE_TOPK = build_compound(
     overrides={"activation": replace(common.ACTIVATION, choices=("softmax", "none"))},
 )
 
-SPECS = (DICE_CE, DICE_FOCAL, DICE_TOPK)
+GENERALIZED_DICE_BOUNDARY = build_compound(
+    "generalized_dice_boundary",
+    "Generalised Dice + boundary loss (Kervadec et al.): raise lambda_boundary over training (schedules)",
+    [
+        (GENERALIZED_DICE, "lambda_region", 1.0, "weight of the generalised Dice term"),
+        (BOUNDARY, "lambda_boundary", 0.01, "weight of the boundary term (Kervadec: 0.01, rising per epoch)"),
+    ],
+    presets=(
+        Preset(
+            "kervadec2019",
+            {"lambda_region": 1.0, "lambda_boundary": 0.01, "include_background": False},
+            "GDL + α·BL with α = 0.01 at epoch 0; use segloss_core.schedules.RebalanceSchedule to raise α",
+            "LIVIAETS/boundary-loss main.py / scheduler.py (171c32d)",
+        ),
+    ),
+    references=("Kervadec et al. Boundary loss for highly unbalanced segmentation. MIDL 2019",),
+)
+
+SPECS = (DICE_CE, DICE_FOCAL, DICE_TOPK, GENERALIZED_DICE_BOUNDARY)

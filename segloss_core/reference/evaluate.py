@@ -8,6 +8,7 @@ This is the oracle every backend is checked against: statistics from
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import array_api_compat
@@ -28,6 +29,23 @@ def required_statistics(plan: LossPlan, activation: str | None = None) -> frozen
             assert term.spec.required_statistics is not None
             names |= term.spec.required_statistics(term.params)
     return frozenset(names)
+
+
+def with_fields(
+    plan: LossPlan, prepared: PreparedInputs, activation: str, inputs: Mapping[str, Array]
+) -> PreparedInputs:
+    """``prepared`` with the fields the plan's terms of this activation need (distance maps, …)."""
+    fields: dict[str, Array] = {}
+    for term in plan.terms:
+        if term.spec.fields is not None and term.params.get("activation", "none") == activation:
+            for name, value in term.spec.fields(prepared, term.params, inputs).items():
+                if name in fields and fields[name] is not value:
+                    raise ValueError(
+                        f"loss {plan.name!r}: two terms need different fields named {name!r}; combine them with "
+                        "segloss_core.compound and the same distance-map parameters"
+                    )
+                fields[name] = value
+    return replace(prepared, fields=fields) if fields else prepared
 
 
 def prepare_all(
@@ -54,6 +72,7 @@ def evaluate_prepared(
         names = required_statistics(plan, activation)
         if not names:
             continue
+        group_inputs = with_fields(plan, group_inputs, activation, inputs or {})
         stats, vjp = reference_statistics.compute(group_inputs, names)
         tape = TapeNamespace(xp)
         leaves = {name: tape.variable(value) for name, value in stats.items()}

@@ -115,6 +115,12 @@ def _weighted(xp: Any, w: Array, term: Array) -> Array:
     return xp.where(xp.broadcast_to(w, term.shape) == 0, xp.zeros_like(term), w * term)
 
 
+def _field(inputs: PreparedInputs, name: str, shape: tuple[int, ...], xp: Any) -> Array:
+    if not inputs.fields or name not in inputs.fields:
+        raise ValueError(f"statistic needs the field {name!r}, which the loss did not provide")
+    return xp.reshape(xp.astype(inputs.fields[name], xp.float64), shape)
+
+
 def _xlogy(xp: Any, x: Array, log_y: Array) -> Array:
     """x·log y with 0 where x == 0 (the convention of scipy.special.xlogy)."""
     return xp.where(x == 0, xp.zeros_like(log_y), x * log_y)
@@ -159,6 +165,10 @@ def compute(
                 term = -_xlogy(xp, g * (1 - p) ** gamma, t.log_p)
             elif base == "focal_neg":
                 term = -_xlogy(xp, (1 - g) * p**gamma, t.log_1mp)
+            elif base == "field_pred_sum":
+                term = p * _field(inputs, gamma, p.shape, xp)
+            elif base == "field_sq_err_sum":
+                term = (p - g) ** 2 * _field(inputs, gamma, p.shape, xp)
             else:  # pragma: no cover - parse() rejects unknown names
                 raise AssertionError(name)
             out[name] = xp.sum(_weighted(xp, w, term), axis=2)
@@ -191,6 +201,10 @@ def compute(
                     one_m = 1 - p
                     slope = xp.where(one_m > 0, gamma * one_m ** (gamma - 1) * p * t.log_p, xp.zeros_like(p))
                     d_logp = d_logp + _weighted(xp, w, u * g * (slope - one_m**gamma))
+                elif base == "field_pred_sum":
+                    d_p = d_p + uw * _field(inputs, gamma, p.shape, xp)
+                elif base == "field_sq_err_sum":
+                    d_p = d_p + uw * 2 * (p - g) * _field(inputs, gamma, p.shape, xp)
                 elif base == "focal_neg":
                     # d/dlog(1−p) of p^γ (−log(1−p)): −p^γ + γ p^(γ−1) (1−p) log(1−p)
                     slope = xp.where(p > 0, gamma * p ** (gamma - 1) * (1 - p) * t.log_1mp, xp.zeros_like(p))

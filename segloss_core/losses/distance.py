@@ -1,0 +1,284 @@
+"""Distance-based losses: boundary (surface) loss and the Hausdorff distance-transform losses.
+
+Both are means of per-voxel terms weighted by a distance field F that does not depend on the
+network's parameters, so they are formulas of the field statistics Σ w·p·F and Σ w·(p − g)²·F:
+
+* ``boundary`` (Kervadec et al. 2019): ``mean over (b, c ∈ classes, x) of p_c(x)·φ_c(x)`` with φ
+  the signed distance map of the target (``segloss_core.distance_maps``); pass φ precomputed
+  (``distance_map=``, e.g. from ``segloss distmap``) or let the loss compute it on the same
+  device. Its minimum is negative and image-specific (issue LIVIAETS/boundary-loss#17): it is
+  meant to be added to a region loss with a weight that grows (:mod:`segloss_core.schedules`).
+* ``hausdorff_dt`` (Karimi & Salcudean 2019, as MONAI's HausdorffDTLoss):
+  ``mean over (b, c) of mean over x of (p − g)²·(d_p^α + d_g^α)`` with d the unsigned distance to
+  the boundary (inside and outside) of the target and of the thresholded prediction (p > 0.5);
+  unlike MONAI it honours the voxel ``spacing``. ``log_hausdorff_dt`` is log(1 + that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from .. import distance_maps
+from ..spec import LossSpec, Param, Params, Preset
+from ..statistics import field_statistic
+from . import _params as common
+from ._formula import full, included_classes, safe_ratio, select_columns
+
+Array = Any
+
+SPACING = Param(
+    "spacing",
+    "float_seq",
+    None,
+    "physical voxel size per spatial axis for the distance maps (None: 1 everywhere)",
+    optional=True,
+    low=0.0,
+    low_open=True,
+)
+CONVENTION = Param(
+    "convention",
+    "choice",
+    "boundary_loss",
+    "sign convention of φ: boundary_loss (−(d−1) inside, +d outside, LIVIAETS), signed (−d, +d) or "
+    "signed_inside_positive (+d, −d)",
+    choices=distance_maps.CONVENTIONS,
+)
+NORMALIZE = Param(
+    "normalize",
+    "choice",
+    "none",
+    "scale φ: none, max (by its largest |value| per sample and class) or extent (by the image diagonal)",
+    choices=("none", "max", "extent"),
+)
+ALPHA = Param(
+    "alpha", "float", 2.0, "exponent α of the distances (Karimi & Salcudean; MONAI alpha)", low=0.0, examples=(1.0,)
+)
+THRESHOLD = Param(
+    "threshold", "float", 0.5, "the prediction's mask is p > threshold (MONAI: 0.5)", low=0.0, high=1.0, examples=(0.3,)
+)
+BACKGROUND_OFF = replace(common.INCLUDE_BACKGROUND, default=False)
+
+BOUNDARY_PHI = "boundary_phi"
+HAUSDORFF_FIELD = "hausdorff_weight"
+
+
+def _spatial_ndim(prepared: Any) -> int:
+    return len(prepared.spatial_shape)
+
+
+def _spacing(params: Params, prepared: Any) -> tuple[float, ...]:
+    return distance_maps.check_spacing(params.get("spacing"), _spatial_ndim(prepared))
+
+
+def _detached(x: Array) -> Array:
+    return x.detach() if hasattr(x, "detach") else x
+
+
+def _target_masks(prepared: Any) -> Array | None:
+    """Binary target masks (B, C, *S) when the target is not a plain label map of C classes."""
+    from ..validation import namespace_of
+
+    xp = namespace_of(prepared.pred)
+    if prepared.labels is not None:
+        if prepared.num_classes == 1 and prepared.activation != "softmax":
+            return xp.expand_dims(prepared.labels == 1, axis=1)
+        return None
+    return _detached(prepared.target) > 0.5
+
+
+def _probabilities(prepared: Any) -> Array:
+    """The activation of pred, without gradient (for thresholding)."""
+    from ..validation import namespace_of
+
+    xp = namespace_of(prepared.pred)
+    z = _detached(prepared.pred)
+    if prepared.activation == "softmax":
+        e = xp.exp(z - xp.max(z, axis=1, keepdims=True))
+        return e / xp.sum(e, axis=1, keepdims=True)
+    if prepared.activation == "sigmoid":
+        return 1.0 / (1.0 + xp.exp(-z))
+    return z
+
+
+def _boundary_fields(prepared: Any, params: Params, inputs: Mapping[str, Array]) -> dict[str, Array]:
+    given = inputs.get("distance_map")
+    shape = tuple(int(s) for s in prepared.pred.shape)
+    if given is not None:
+        if tuple(int(s) for s in given.shape) != shape:
+            raise ValueError(f"distance_map must have the shape of pred {shape}, got {tuple(given.shape)}")
+        return {BOUNDARY_PHI: _detached(given)}
+    spacing = _spacing(params, prepared)
+    normalize = None if params.normalize == "none" else params.normalize
+    masks = _target_masks(prepared)
+    if masks is None:
+        phi = distance_maps.signed_distance_map(
+            prepared.labels,
+            prepared.num_classes,
+            spacing,
+            convention=params.convention,
+            normalize=normalize,
+            ignore_index=prepared.ignore_index,
+        )
+    else:
+        phi = distance_maps.mask_distance_map(masks, spacing, kind=params.convention)
+        if normalize is not None:
+            phi = distance_maps.normalise(_namespace(prepared), phi, normalize, spacing, prepared.spatial_shape)
+    return {BOUNDARY_PHI: phi}
+
+
+def _namespace(prepared: Any) -> Any:
+    from ..validation import namespace_of
+
+    return namespace_of(prepared.pred)
+
+
+def _hausdorff_fields(prepared: Any, params: Params, inputs: Mapping[str, Array]) -> dict[str, Array]:
+    xp = _namespace(prepared)
+    spacing = _spacing(params, prepared)
+    masks = _target_masks(prepared)
+    if masks is None:
+        d_target = distance_maps.distance_map(
+            prepared.labels, prepared.num_classes, spacing, region="boundary", ignore_index=prepared.ignore_index
+        )
+    else:
+        d_target = distance_maps.mask_distance_map(masks, spacing, kind="boundary")
+    d_pred = distance_maps.mask_distance_map(_probabilities(prepared) > params.threshold, spacing, kind="boundary")
+    alpha = params.alpha
+    weight = d_pred**alpha + d_target**alpha
+    return {HAUSDORFF_FIELD: xp.astype(weight, d_target.dtype)}
+
+
+def _boundary_statistics(params: Params) -> frozenset[str]:
+    return frozenset({field_statistic("field_pred_sum", BOUNDARY_PHI), "count"})
+
+
+def _boundary_formula(xp: Any, stats: Mapping[str, Array], params: Params) -> Array:
+    total = stats[field_statistic("field_pred_sum", BOUNDARY_PHI)]
+    columns = included_classes(params, int(total.shape[1]))
+    numerator = xp.sum(select_columns(xp, total, columns), axis=1)
+    normaliser = stats["count"][:, 0] * float(len(columns))
+    if params.reduction == "none":
+        return safe_ratio(xp, numerator, normaliser, 0.0)
+    if params.reduction == "sum":
+        return xp.sum(numerator)
+    return safe_ratio(xp, xp.sum(numerator), xp.sum(normaliser), 0.0)
+
+
+def _hausdorff_statistics(params: Params) -> frozenset[str]:
+    return frozenset({field_statistic("field_sq_err_sum", HAUSDORFF_FIELD), "count"})
+
+
+def _hausdorff_formula(log: bool):
+    def formula(xp: Any, stats: Mapping[str, Array], params: Params) -> Array:
+        total = stats[field_statistic("field_sq_err_sum", HAUSDORFF_FIELD)]
+        count = stats["count"]
+        if params.batch:
+            total, count = xp.sum(total, axis=0, keepdims=True), xp.sum(count, axis=0, keepdims=True)
+        columns = included_classes(params, int(total.shape[1]))
+        per_class = safe_ratio(xp, select_columns(xp, total, columns), select_columns(xp, count, columns), 0.0)
+        if params.reduction == "none":
+            value = per_class[0] if params.batch else per_class
+        elif params.reduction == "sum":
+            value = xp.sum(per_class)
+        else:
+            value = xp.sum(per_class) / float(per_class.shape[0] * per_class.shape[1])
+        return xp.log(value + full(xp, value, 1.0)) if log else value
+
+    return formula
+
+
+_REF_KERVADEC = (
+    "Kervadec, Bouchtiba, Desrosiers, Granger, Dolz, Ben Ayed. Boundary loss for highly unbalanced segmentation. "
+    "MIDL 2019 / Medical Image Analysis 67 (2021)"
+)
+_REF_KARIMI = (
+    "Karimi, Salcudean. Reducing the Hausdorff distance in medical image segmentation with convolutional neural "
+    "networks. IEEE TMI 39 (2019)"
+)
+
+BOUNDARY = LossSpec(
+    name="boundary",
+    family="distance",
+    summary="Boundary (surface) loss: mean of p·φ, φ the signed distance map of the target",
+    params=(
+        common.ACTIVATION,
+        BACKGROUND_OFF,
+        common.CLASSES,
+        common.IGNORE_INDEX,
+        SPACING,
+        CONVENTION,
+        NORMALIZE,
+        replace(common.REDUCTION, doc="mean over (sample, class, voxel), sum, or none: per-sample means (B,)"),
+    ),
+    formula="L = Σ_{b, c∈classes, x} w·p_c·φ_c / (Σ_{b,x} w · |classes|); φ = signed distance map of the target "
+    "(convention, spacing, normalize), or the call-time distance_map=; classes without a boundary have φ = 0.",
+    references=(_REF_KERVADEC, "LIVIAETS/boundary-loss losses.py SurfaceLoss, utils.py one_hot2dist"),
+    presets=(
+        Preset(
+            "kervadec2019",
+            {"include_background": False, "convention": "boundary_loss"},
+            "SurfaceLoss(idc=[1, …]) on one_hot2dist maps: foreground classes, −(d−1) inside, +d outside",
+            "LIVIAETS/boundary-loss losses.py + utils.py (171c32d)",
+        ),
+    ),
+    required_statistics=_boundary_statistics,
+    from_statistics=_boundary_formula,
+    fields=_boundary_fields,
+    call_inputs=("mask", "distance_map"),
+    tolerance_floor=1e-6,  # backends may compute φ in float32 (exact to float32 rounding)
+)
+
+_HD_PARAMS = (
+    common.ACTIVATION,
+    BACKGROUND_OFF,
+    common.CLASSES,
+    common.IGNORE_INDEX,
+    common.BATCH,
+    ALPHA,
+    THRESHOLD,
+    SPACING,
+    common.REDUCTION,
+)
+
+HAUSDORFF_DT = LossSpec(
+    name="hausdorff_dt",
+    family="distance",
+    summary="Hausdorff distance-transform loss (Karimi & Salcudean; MONAI HausdorffDTLoss, plus spacing)",
+    params=_HD_PARAMS,
+    formula="per (b, c): mean over voxels of w·(p − g)²·(d_p^α + d_g^α), d = distance to the other side of the "
+    "boundary of the target (g) and of the prediction's mask p > threshold (no gradient through d), in physical "
+    "units; mean over samples × classes (per class over the batch if batch).",
+    references=(_REF_KARIMI, "MONAI HausdorffDTLoss"),
+    presets=(
+        Preset(
+            "monai",
+            {},
+            "MONAI HausdorffDTLoss(softmax=True, to_onehot_y=True) defaults (alpha 2, no background)",
+            "Project-MONAI/MONAI monai/losses/hausdorff_loss.py, v1.5.0",
+        ),
+    ),
+    required_statistics=_hausdorff_statistics,
+    from_statistics=_hausdorff_formula(log=False),
+    fields=_hausdorff_fields,
+    tolerance_floor=1e-6,
+)
+
+LOG_HAUSDORFF_DT = replace(
+    HAUSDORFF_DT,
+    name="log_hausdorff_dt",
+    summary="log(1 + Hausdorff distance-transform loss) (MONAI LogHausdorffDTLoss)",
+    formula="log(1 + hausdorff_dt), applied after the reduction",
+    presets=(
+        Preset(
+            "monai",
+            {},
+            "MONAI LogHausdorffDTLoss(softmax=True, to_onehot_y=True) defaults",
+            "Project-MONAI/MONAI monai/losses/hausdorff_loss.py, v1.5.0",
+        ),
+    ),
+    from_statistics=_hausdorff_formula(log=True),
+)
+
+SPECS = (BOUNDARY, HAUSDORFF_DT, LOG_HAUSDORFF_DT)

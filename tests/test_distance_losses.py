@@ -1,0 +1,157 @@
+"""boundary, hausdorff_dt, log_hausdorff_dt: against their papers' code, MONAI, and the schedule."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import distance_transform_edt
+
+from segloss_core import get_loss
+from segloss_core.schedules import RebalanceSchedule
+from segloss_torch import signed_distance_map
+
+monai_losses = pytest.importorskip("monai.losses")
+
+
+def _problem(seed=0, shape=(2, 3, 12, 10, 6)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 2
+    y = torch.zeros(shape[0], *shape[2:], dtype=torch.long)
+    y[:, 2:8, 3:7, 1:5] = 1
+    y[:, 4:6, 4:6, 2:4] = 2
+    y[-1, 0, 0, 0] = 2
+    return x, y
+
+
+def _value_and_grad(loss, x, *args, **kwargs):
+    x = x.detach().clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = loss(x, *args, **kwargs)
+    value.backward()
+    return value.detach(), x.grad
+
+
+def livi_surface_loss(probs, y, idc, spacing=None):
+    """LIVIAETS/boundary-loss losses.py SurfaceLoss(idc) on utils.one_hot2dist maps (transcribed)."""
+    dist = np.zeros(probs.shape)
+    onehot = np.eye(probs.shape[1])[y.numpy()].transpose(0, 4, 1, 2, 3)
+    for b in range(probs.shape[0]):
+        for k in range(probs.shape[1]):
+            pos = onehot[b, k].astype(bool)
+            if pos.any():
+                neg = ~pos
+                dist[b, k] = (
+                    distance_transform_edt(neg, sampling=spacing) * neg
+                    - (distance_transform_edt(pos, sampling=spacing) - 1) * pos
+                )
+    dist_t = torch.from_numpy(dist)
+    return (probs[:, idc] * dist_t[:, idc]).mean()
+
+
+@pytest.mark.parametrize("spacing", [None, (1.0, 0.8, 2.5)])
+def test_boundary_matches_liviaets(spacing):
+    x, y = _problem()
+    ours = get_loss("boundary", backend="torch", spacing=spacing)  # classes 1..C-1 (idc=[1, 2])
+    v_o, g_o = _value_and_grad(ours, x, y)
+    v_l, g_l = _value_and_grad(lambda t, yy: livi_surface_loss(torch.softmax(t, 1), yy, [1, 2], spacing), x, y)
+    torch.testing.assert_close(v_o, v_l, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_o, g_l, rtol=1e-5, atol=1e-8)
+
+
+def test_boundary_with_precomputed_map_equals_on_the_fly():
+    x, y = _problem(1)
+    loss = get_loss("boundary", backend="torch")
+    phi = signed_distance_map(y, 3).double()
+    v1, g1 = _value_and_grad(loss, x, y)
+    v2, g2 = _value_and_grad(loss, x, y, distance_map=phi)
+    torch.testing.assert_close(v1, v2)
+    torch.testing.assert_close(g1, g2)
+    with pytest.raises(ValueError, match="distance_map must have the shape of pred"):
+        loss(x, y, distance_map=phi[:, :2])
+
+
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("include_background", [False, True])
+@pytest.mark.parametrize("alpha", [2.0, 1.0])
+def test_hausdorff_dt_matches_monai(batch, include_background, alpha):
+    x, y = _problem(2)
+    monai = monai_losses.HausdorffDTLoss(
+        alpha=alpha, include_background=include_background, softmax=True, to_onehot_y=True, batch=batch
+    )
+    ours = get_loss("hausdorff_dt", backend="torch", alpha=alpha, include_background=include_background, batch=batch)
+    v_m, g_m = _value_and_grad(monai, x, y[:, None])
+    v_o, g_o = _value_and_grad(ours, x, y)
+    torch.testing.assert_close(v_o, v_m, rtol=1e-5, atol=1e-6)  # MONAI's field is float32
+    torch.testing.assert_close(g_o, g_m, rtol=1e-5, atol=1e-7)
+    log_m = monai_losses.LogHausdorffDTLoss(
+        alpha=alpha, include_background=include_background, softmax=True, to_onehot_y=True, batch=batch
+    )
+    log_o = get_loss(
+        "log_hausdorff_dt", backend="torch", alpha=alpha, include_background=include_background, batch=batch
+    )
+    torch.testing.assert_close(
+        _value_and_grad(log_o, x, y)[0], _value_and_grad(log_m, x, y[:, None])[0], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_hausdorff_spacing_matters_and_is_exact():
+    x, y = _problem(3)
+    iso = get_loss("hausdorff_dt", backend="torch")
+    aniso = get_loss("hausdorff_dt", backend="torch", spacing=(1.0, 1.0, 3.0))
+    assert float(iso(x, y)) != pytest.approx(float(aniso(x, y)))
+    ref = get_loss("hausdorff_dt", backend="numpy", spacing=(1.0, 1.0, 3.0))
+    assert float(aniso(x, y)) == pytest.approx(float(ref(x.numpy(), y.numpy())), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["boundary", "hausdorff_dt", "log_hausdorff_dt", "generalized_dice_boundary"])
+def test_gradcheck(name):
+    x, y = _problem(4, shape=(1, 3, 5, 4, 3))
+    y = y[:, :5, :4, :3]
+    loss = get_loss(name, backend="torch")
+    assert torch.autograd.gradcheck(lambda t: loss(t, y), (x.requires_grad_(True),), eps=1e-6, atol=1e-6)
+
+
+def test_sigmoid_binary_and_soft_targets():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 1, 9, 8, generator=g, dtype=torch.float64)
+    y = torch.zeros(2, 9, 8, dtype=torch.long)
+    y[:, 2:6, 3:6] = 1
+    for name in ("boundary", "hausdorff_dt"):
+        loss = get_loss(name, backend="torch", activation="sigmoid")
+        ref = get_loss(name, backend="numpy", activation="sigmoid")
+        assert float(loss(x, y)) == pytest.approx(float(ref(x.numpy(), y.numpy())), rel=1e-6)
+        soft = y[:, None].double()
+        assert float(loss(x, soft)) == pytest.approx(float(loss(x, y)), rel=1e-12)
+
+
+def test_schedule_rises_by_step_and_stops_at_the_cap():
+    schedule = RebalanceSchedule(start=0.01, step=0.01, cap=0.5)
+    alphas = [schedule.alpha(e) for e in range(100)]
+    assert alphas[0] == 0.01 and alphas[10] == pytest.approx(0.11)
+    assert max(alphas) == 0.5 and alphas[-1] == 0.5  # min(), not the recipe's max(): α stops at the cap
+    assert all(b >= a for a, b in itertools.pairwise(alphas))
+    steal = RebalanceSchedule(start=0.1, step=0.2, cap=0.9, mode="steal")
+    assert steal.weights(2) == pytest.approx((0.5, 0.5))
+    with pytest.raises(ValueError, match="mode='steal' needs cap <= 1"):
+        RebalanceSchedule(cap=2.0, mode="steal")
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_schedule_applies_to_the_compound(backend):
+    x, y = _problem(6)
+    loss = get_loss("generalized_dice_boundary", backend=backend, preset="kervadec2019")
+    gdl = get_loss("generalized_dice", backend=backend, include_background=False)
+    bl = get_loss("boundary", backend=backend)
+    schedule = RebalanceSchedule(start=0.01, step=0.05, cap=0.3)
+    xa, ya = (x, y) if backend == "torch" else (x.numpy(), y.numpy())
+    for epoch in (0, 3, 20):
+        region, boundary = schedule.apply(loss, epoch)
+        expected = region * float(gdl(xa, ya)) + boundary * float(bl(xa, ya))
+        assert float(loss(xa, ya)) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="0 terms named 'dice'"):
+        loss.set_weights(dice=1.0)
