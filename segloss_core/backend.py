@@ -48,6 +48,8 @@ class Backend:
     voxelwise_losses: frozenset[str] = frozenset()
     conformance_dtypes: tuple[ConformanceDtype, ...] = DEFAULT_DTYPES
     options: tuple[Param, ...] = ()
+    operators: bool = False
+    """True if the backend runs ``array_forward`` losses (it provides segloss_core.operators)."""
     """Backend options accepted by ``get_loss`` besides the loss parameters (e.g. torch's
     ``impl``); they must not share a name with any loss parameter."""
 
@@ -58,7 +60,7 @@ class Backend:
     def supports(self, spec: LossSpec) -> bool:
         """Whether :meth:`build` can build ``spec`` (for compound specs: all its terms)."""
         if spec.kind == "voxelwise":
-            return spec.name in self.voxelwise_losses
+            return spec.name in self.voxelwise_losses or (self.operators and spec.array_forward is not None)
         return True
 
     def build(self, plan: LossPlan, **options: Any) -> Any:

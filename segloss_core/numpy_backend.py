@@ -89,8 +89,10 @@ class NumpyBackend(Backend):
     def voxelwise_losses(self) -> frozenset[str]:  # type: ignore[override]
         return frozenset()  # every voxelwise spec carries a NumPy reference: see supports()
 
+    operators = True
+
     def supports(self, spec: Any) -> bool:
-        return spec.kind != "voxelwise" or spec.reference is not None
+        return spec.kind != "voxelwise" or spec.reference is not None or spec.array_forward is not None
 
     def build(self, plan: LossPlan, **options: Any) -> NumpyLoss:
         return NumpyLoss(plan)

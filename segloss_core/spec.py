@@ -302,6 +302,7 @@ StatisticsFn = Callable[[Params], frozenset[str]]
 FormulaFn = Callable[[Any, Mapping[str, Any], Params], Any]
 ReferenceFn = Callable[..., tuple[Any, Any]]
 FieldsFn = Callable[[Any, Params, Mapping[str, Any]], dict[str, Any]]
+ArrayForwardFn = Callable[[Any, Any, Any, Any, Any, Params], Any]
 
 
 @dataclass(frozen=True)
@@ -324,6 +325,11 @@ class LossSpec:
     required_statistics: StatisticsFn | None = None
     from_statistics: FormulaFn | None = None
     reference: ReferenceFn | None = None
+    array_forward: ArrayForwardFn | None = None
+    """Voxelwise math in array-API code: ``array_forward(xp, ops, p, g, w, params)`` with p the
+    probabilities (B, C, *S), g the target, w the voxel weights (B, 1|C, *S) and ``ops`` the
+    :mod:`segloss_core.operators`; every backend with operators computes (and differentiates) it,
+    the NumPy reference through its tape."""
     terms: tuple[Term, ...] = ()
     check: Callable[[Params], None] | None = None
     call_inputs: tuple[str, ...] = ("mask",)
@@ -340,13 +346,13 @@ class LossSpec:
     def __post_init__(self) -> None:
         defined = [
             self.required_statistics is not None and self.from_statistics is not None,
-            self.reference is not None,
+            self.reference is not None or self.array_forward is not None,
             bool(self.terms),
         ]
         if sum(defined) != 1:
             raise ValueError(
                 f"LossSpec {self.name!r}: define exactly one of (required_statistics + from_statistics), "
-                "reference, or terms"
+                "reference and/or array_forward, or terms"
             )
         names = [p.name for p in self.params]
         if len(set(names)) != len(names):

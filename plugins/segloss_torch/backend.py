@@ -26,6 +26,7 @@ class TorchBackend(Backend):
     description = "PyTorch nn.Module losses (CPU and CUDA; float16/bfloat16 accumulated in float32)"
     options = (IMPL,)
     voxelwise_losses = VOXELWISE_LOSSES
+    operators = True
     conformance_dtypes = (
         ConformanceDtype("float64", 1e-7, 1e-9),
         ConformanceDtype("float32", 2e-4, 2e-5),

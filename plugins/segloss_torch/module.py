@@ -115,7 +115,7 @@ class SeglossLoss(nn.Module):
                 total = value if total is None else total + value
         for term in self._voxelwise:
             group = prepared[term.params.get("activation", "none")]
-            value = voxelwise.evaluate(term.spec.name, group, term.params, inputs)
+            value = voxelwise.evaluate(term.spec, group, term.params, inputs)
             weight = self.term_weights[self.plan.terms.index(term)]
             value = value if weight == 1.0 else value * weight
             total = value if total is None else total + value

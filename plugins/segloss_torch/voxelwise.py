@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from segloss_core.losses._formula import included_classes
 from segloss_core.losses.voxelwise import topk_count, voxel_mask_required
@@ -28,6 +29,8 @@ def _probabilities(prepared: PreparedInputs) -> tuple[torch.Tensor, torch.Tensor
     if prepared.activation == "softmax":
         log_p = torch.log_softmax(z, dim=1)
         return log_p.exp(), log_p
+    if prepared.activation == "sigmoid":
+        return torch.sigmoid(z), None
     return z, None
 
 
@@ -94,5 +97,33 @@ def lovasz_softmax(prepared: PreparedInputs, params: Params, inputs: Mapping[str
 IMPLEMENTATIONS: dict[str, VoxelwiseFn] = {"topk_ce": topk_ce, "lovasz_softmax": lovasz_softmax}
 
 
-def evaluate(name: str, prepared: PreparedInputs, params: Params, inputs: Mapping[str, Any]) -> torch.Tensor:
-    return IMPLEMENTATIONS[name](prepared, params, inputs)
+class TorchOperators:
+    """segloss_core.operators on torch tensors (B, C, *S): max pooling with −inf padding."""
+
+    @staticmethod
+    def max_pool(x: torch.Tensor, kernel: int = 3) -> torch.Tensor:
+        pool = {3: F.max_pool1d, 4: F.max_pool2d, 5: F.max_pool3d}[x.dim()]
+        return pool(x, kernel, stride=1, padding=kernel // 2)
+
+    @staticmethod
+    def min_pool(x: torch.Tensor, kernel: int = 3) -> torch.Tensor:
+        return -TorchOperators.max_pool(-x, kernel)
+
+
+def array_forward(spec: Any, prepared: PreparedInputs, params: Params) -> torch.Tensor:
+    """A loss defined by ``spec.array_forward`` (array-API code plus operators), under autograd."""
+    import array_api_compat.torch as xp
+
+    p, _ = _probabilities(prepared)
+    g, w = target_and_weights(prepared, p.dtype)
+    shape = tuple(prepared.pred.shape)
+    if w is None:
+        w = torch.ones_like(p[:, :1])
+    w = w.reshape(w.shape[0], w.shape[1], *shape[2:]).expand(shape[0], w.shape[1], *shape[2:])
+    return spec.array_forward(xp, TorchOperators, p.reshape(shape), g.reshape(shape), w, params)
+
+
+def evaluate(spec: Any, prepared: PreparedInputs, params: Params, inputs: Mapping[str, Any]) -> torch.Tensor:
+    if spec.name in IMPLEMENTATIONS:
+        return IMPLEMENTATIONS[spec.name](prepared, params, inputs)
+    return array_forward(spec, prepared, params)

@@ -144,6 +144,25 @@ def cases_for(losses: Iterable[str] | None = None, *, quick: bool = False) -> li
     return out
 
 
+def conformance_matrix(
+    backends: Sequence[str],
+    *,
+    losses: Sequence[str] | None = None,
+    dtypes: Sequence[str] | None = None,
+    quick: bool = False,
+) -> list[tuple[str, Case, str]]:
+    """(backend, case, dtype) rows for every loss each backend supports (pytest parametrisation)."""
+    reg = registry()
+    rows: list[tuple[str, Case, str]] = []
+    for backend_name in backends:
+        backend = reg.backend(backend_name)
+        names = [n for n in (losses or reg.loss_names()) if reg._supports(backend, reg.loss(n))]
+        wanted = [d.name for d in backend.conformance_dtypes if dtypes is None or d.name in dtypes]
+        for case in cases_for(names, quick=quick):
+            rows.extend((backend_name, case, dtype) for dtype in wanted)
+    return rows
+
+
 def check_backend(
     backend_name: str,
     losses: Sequence[str] | None = None,

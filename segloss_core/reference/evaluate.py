@@ -99,14 +99,40 @@ def evaluate_prepared(
     for term in plan.terms:
         if term.spec.kind != "voxelwise":
             continue
-        assert term.spec.reference is not None
-        value, term_grad = term.spec.reference(
-            prepared[term.params.get("activation", "none")], term.params, inputs or {}, with_grad=with_grad
-        )
+        group_inputs = prepared[term.params.get("activation", "none")]
+        if term.spec.reference is not None:
+            value, term_grad = term.spec.reference(group_inputs, term.params, inputs or {}, with_grad=with_grad)
+        else:
+            value, term_grad = array_forward_reference(term.spec, group_inputs, term.params, with_grad=with_grad)
         total = value * term.weight if total is None else total + value * term.weight
         if with_grad:
             grad = term_grad * term.weight if grad is None else grad + term_grad * term.weight
     return total, grad
+
+
+def array_forward_reference(
+    spec: Any, prepared: PreparedInputs, params: Any, *, with_grad: bool
+) -> tuple[Array, Array | None]:
+    """Value and gradient of an ``array_forward`` loss: the tape differentiates its code w.r.t. p,
+    then the activation's VJP gives d/d(pred)."""
+    from ..operators import TapeOperators
+
+    xp = array_api_compat.array_namespace(prepared.pred)
+    terms = reference_statistics.voxel_terms(prepared)
+    full_shape = tuple(int(s) for s in prepared.pred.shape)
+    spatial = full_shape[2:]
+    tape = TapeNamespace(xp)
+    p = tape.variable(xp.reshape(terms.p, full_shape))
+    g = xp.reshape(terms.g, full_shape)
+    w = xp.reshape(terms.w, (terms.w.shape[0], terms.w.shape[1], *spatial))
+    value = spec.array_forward(tape, TapeOperators(tape), p, g, w, params)
+    if not isinstance(value, Var):
+        return value, (xp.zeros(full_shape, dtype=xp.float64) if with_grad else None)
+    if not with_grad:
+        return value.value, None
+    (d_p,) = gradients(value, [p])
+    d_p = xp.reshape(d_p, terms.p.shape)
+    return value.value, reference_statistics.activation_backward(terms, d_p, None, None, full_shape)
 
 
 def _require_scalar(value: Array, plan: LossPlan) -> None:

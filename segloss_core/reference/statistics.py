@@ -115,6 +115,26 @@ def _weighted(xp: Any, w: Array, term: Array) -> Array:
     return xp.where(xp.broadcast_to(w, term.shape) == 0, xp.zeros_like(term), w * term)
 
 
+def activation_backward(
+    t: VoxelTerms, d_p: Array, d_logp: Array | None, d_log1mp: Array | None, shape: tuple[int, ...]
+) -> Array:
+    """d/d(pred) from d/dp, d/dlog p and d/dlog(1 − p) (each (B, C, N) or None), reshaped to ``shape``."""
+    xp = array_api_compat.array_namespace(t.p)
+    p = t.p
+    zeros = xp.zeros_like(p)
+    d_logp = zeros if d_logp is None else d_logp
+    d_log1mp = zeros if d_log1mp is None else d_log1mp
+    if t.activation == "softmax":
+        grad = p * (d_p - xp.sum(p * d_p, axis=1, keepdims=True)) + (d_logp - p * xp.sum(d_logp, axis=1, keepdims=True))
+    elif t.activation == "sigmoid":
+        grad = d_p * p * (1 - p) + d_logp * (1 - p) - d_log1mp * p
+    else:
+        with _quiet(xp):
+            grad = d_p + xp.where(d_logp == 0, zeros, d_logp / p)
+            grad = grad - xp.where(d_log1mp == 0, zeros, d_log1mp / (1 - p))
+    return xp.reshape(grad, shape)
+
+
 def _field(inputs: PreparedInputs, name: str, shape: tuple[int, ...], xp: Any) -> Array:
     if not inputs.fields or name not in inputs.fields:
         raise ValueError(f"statistic needs the field {name!r}, which the loss did not provide")
@@ -210,16 +230,6 @@ def compute(
                     slope = xp.where(p > 0, gamma * p ** (gamma - 1) * (1 - p) * t.log_1mp, xp.zeros_like(p))
                     d_log1mp = d_log1mp + _weighted(xp, w, u * (1 - g) * (slope - p**gamma))
                 # target_sum, target_sq_sum, count: no dependence on pred
-        if t.activation == "softmax":
-            grad = p * (d_p - xp.sum(p * d_p, axis=1, keepdims=True)) + (
-                d_logp - p * xp.sum(d_logp, axis=1, keepdims=True)
-            )
-        elif t.activation == "sigmoid":
-            grad = d_p * p * (1 - p) + d_logp * (1 - p) - d_log1mp * p
-        else:
-            with _quiet(xp):
-                grad = d_p + xp.where(d_logp == 0, xp.zeros_like(p), d_logp / p)
-                grad = grad - xp.where(d_log1mp == 0, xp.zeros_like(p), d_log1mp / (1 - p))
-        return xp.reshape(grad, tuple(inputs.pred.shape))
+        return activation_backward(t, d_p, d_logp, d_log1mp, tuple(inputs.pred.shape))
 
     return out, vjp
