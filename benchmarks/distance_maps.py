@@ -168,6 +168,23 @@ def run(sizes: list[int], spacings: list[tuple[float, ...]], device: str, repeat
                         float(np.abs(cupy.asnumpy(out) - reference).max()),
                     )
                 )
+                try:
+                    from segloss_cupy import signed_distance_map as cupy_maps
+
+                    ms, out = median_ms(
+                        partial(cupy_maps, labels_gpu[None], k, spacing), repeat, cupy.cuda.Device().synchronize
+                    )
+                    rows.append(
+                        Result(
+                            f"{size}³",
+                            str(spacing),
+                            "segloss (CuPy kernels, one call)",
+                            ms,
+                            float(np.abs(cupy.asnumpy(out[0]) - reference).max()),
+                        )
+                    )
+                except ImportError:
+                    pass
                 tensor = torch.from_numpy(labels).cuda()
                 ms, out = median_ms(partial(segloss_torch_maps, tensor, k, spacing), repeat, torch.cuda.synchronize)
                 rows.append(

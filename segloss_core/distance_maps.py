@@ -132,6 +132,15 @@ def normalise(
     raise ValueError(f"normalize must be None, 'max' or 'extent', got {normalize!r}")
 
 
+def _cupy_kernels() -> bool:
+    """Whether CuPy arrays go to the shared segloss kernels (else: the cupyx reference)."""
+    try:
+        import segloss_cupy.distance_maps  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------
 # reference implementation: scipy (NumPy) and cupyx (CuPy), one class at a time
 # ---------------------------------------------------------------------------------------
@@ -193,13 +202,26 @@ def signed_distance_map(
 ) -> Array:
     """Signed distance map (B, C, *spatial) of a label map (B, *spatial); see the module docstring.
 
-    Dispatches on the array type: NumPy → scipy (float64), CuPy → cupyx (float32), torch →
-    the segloss torch ops on the tensor's device (float32).
+    Dispatches on the array type: NumPy → scipy (float64, the reference), CuPy → the shared
+    segloss kernels (float32; :func:`class_distances` gives the cupyx reference), torch → the
+    segloss torch ops on the tensor's device (float32).
     """
     if type(labels).__module__.startswith("torch"):
         from segloss_torch.distance_maps import signed_distance_map as torch_signed
 
         return torch_signed(
+            labels,
+            num_classes,
+            spacing,
+            convention=convention,
+            no_boundary_value=no_boundary_value,
+            normalize=normalize,
+            ignore_index=ignore_index,
+        )
+    if type(labels).__module__.startswith("cupy") and _cupy_kernels():
+        from segloss_cupy.distance_maps import signed_distance_map as cupy_signed
+
+        return cupy_signed(
             labels,
             num_classes,
             spacing,
@@ -240,6 +262,18 @@ def distance_map(
             normalize=normalize,
             ignore_index=ignore_index,
         )
+    if type(labels).__module__.startswith("cupy") and _cupy_kernels():
+        from segloss_cupy.distance_maps import distance_map as cupy_unsigned
+
+        return cupy_unsigned(
+            labels,
+            num_classes,
+            spacing,
+            region=region,
+            no_boundary_value=no_boundary_value,
+            normalize=normalize,
+            ignore_index=ignore_index,
+        )
     if region not in REGIONS:
         raise ValueError(f"region must be one of {', '.join(REGIONS)}, got {region!r}")
     d_in, d_out, _, has_boundary = class_distances(labels, num_classes, spacing, ignore_index)
@@ -262,6 +296,10 @@ def mask_distance_map(
         from segloss_torch.distance_maps import mask_distance_map as torch_masks
 
         return torch_masks(masks, spacing, kind=kind, no_boundary_value=no_boundary_value)
+    if type(masks).__module__.startswith("cupy") and _cupy_kernels():
+        from segloss_cupy.distance_maps import mask_distance_map as cupy_masks
+
+        return cupy_masks(masks, spacing, kind=kind, no_boundary_value=no_boundary_value)
     if kind not in CONVENTIONS + REGIONS:
         raise ValueError(f"kind must be one of {', '.join(CONVENTIONS + REGIONS)}, got {kind!r}")
     xp = _edt_module(masks)[0]

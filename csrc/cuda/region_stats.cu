@@ -17,20 +17,9 @@ int64_t group_count(const RegionStatsArgs& args) { return (args.channels + kGrou
 
 size_t accumulator_bytes(const RegionStatsArgs& args) { return args.dtype == DType::kFloat64 ? 8 : 4; }
 
-template <typename A>
-KernelArgs<A> kernel_args(const RegionStatsArgs& args) {
-  KernelArgs<A> a;
-  a.batch = args.batch;
-  a.channels = args.channels;
-  a.voxels = args.voxels;
-  a.mask = static_cast<const A*>(args.mask);
-  a.mask_batch_stride = args.mask_batch_stride;
-  a.activation = args.activation;
-  a.ignore_index = args.ignore_index;
-  a.has_ignore = args.has_ignore;
-  a.want_ce_neg = args.want_ce_neg;
-  return a;
-}
+#define SEGLOSS_LAUNCH_ARGS(A, args)                                                                       \
+  static_cast<const A*>(args.mask), args.mask_batch_stride, args.batch, args.channels, args.voxels,          \
+      args.activation, args.ignore_index, static_cast<int>(args.has_ignore), static_cast<int>(args.want_ce_neg)
 
 template <typename T, typename L, bool LABELS>
 cudaError_t forward_typed(const RegionStatsArgs& args, void* out, void* workspace, cudaStream_t stream) {
@@ -41,7 +30,7 @@ cudaError_t forward_typed(const RegionStatsArgs& args, void* out, void* workspac
   A* partials = static_cast<A*>(workspace);
   region_stats_partials_kernel<T, L, A, LABELS><<<grid, kBlock, 0, stream>>>(
       static_cast<const T*>(args.logits), static_cast<const L*>(args.labels), static_cast<const T*>(args.target),
-      kernel_args<A>(args), partials);
+      SEGLOSS_LAUNCH_ARGS(A, args), partials);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t outputs = args.batch * args.channels * kNumSlots;
@@ -58,7 +47,7 @@ cudaError_t backward_typed(const RegionStatsArgs& args, const void* upstream, vo
   const int64_t blocks = std::min<int64_t>((total + kBlock - 1) / kBlock, 1 << 20);
   region_stats_backward_kernel<T, L, A, LABELS><<<static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kBlock, 0, stream>>>(
       static_cast<const T*>(args.logits), static_cast<const L*>(args.labels), static_cast<const T*>(args.target),
-      kernel_args<A>(args), static_cast<const A*>(upstream), static_cast<T*>(grad));
+      SEGLOSS_LAUNCH_ARGS(A, args), static_cast<const A*>(upstream), static_cast<T*>(grad));
   return cudaGetLastError();
 }
 

@@ -124,10 +124,35 @@ __device__ __forceinline__ A warp_sum(A value) {
   return value;
 }
 
+template <typename A>
+__device__ __forceinline__ KernelArgs<A> make_kernel_args(const A* mask, int64_t mask_batch_stride, int64_t batch,
+                                                          int64_t channels, int64_t voxels, int activation,
+                                                          int64_t ignore_index, int has_ignore, int want_ce_neg) {
+  KernelArgs<A> a;
+  a.batch = batch;
+  a.channels = channels;
+  a.voxels = voxels;
+  a.mask = mask;
+  a.mask_batch_stride = mask_batch_stride;
+  a.activation = activation;
+  a.ignore_index = ignore_index;
+  a.has_ignore = has_ignore != 0;
+  a.want_ce_neg = want_ce_neg != 0;
+  return a;
+}
+
+// Kernel parameters are scalars and pointers only (no structs), so CuPy can launch them too.
+#define SEGLOSS_REGION_ARGS                                                                                 \
+  const A *mask, int64_t mask_batch_stride, int64_t batch, int64_t channels, int64_t voxels, int activation, \
+      int64_t ignore_index, int has_ignore, int want_ce_neg
+#define SEGLOSS_REGION_ARGS_PASS \
+  make_kernel_args<A>(mask, mask_batch_stride, batch, channels, voxels, activation, ignore_index, has_ignore, want_ce_neg)
+
 // partials: (B, groups, chunks, kGroup, kNumSlots)
 template <typename T, typename L, typename A, bool LABELS>
 __global__ void __launch_bounds__(kBlock) region_stats_partials_kernel(const T* logits, const L* labels, const T* target,
-                                                                KernelArgs<A> a, A* partials) {
+                                                                SEGLOSS_REGION_ARGS, A* partials) {
+  const KernelArgs<A> a = SEGLOSS_REGION_ARGS_PASS;
   const int64_t chunk = blockIdx.x, group = blockIdx.y, b = blockIdx.z;
   const int64_t chunks = gridDim.x, groups = gridDim.y;
   const int64_t C = a.channels, N = a.voxels;
@@ -201,7 +226,8 @@ __global__ void region_stats_finish_kernel(const A* partials, int64_t batch, int
 // grad (B, C, N): one thread per voxel; upstream (B, C, kNumSlots).
 template <typename T, typename L, typename A, bool LABELS>
 __global__ void __launch_bounds__(kBlock) region_stats_backward_kernel(const T* logits, const L* labels, const T* target,
-                                                                KernelArgs<A> a, const A* upstream, T* grad) {
+                                                                SEGLOSS_REGION_ARGS, const A* upstream, T* grad) {
+  const KernelArgs<A> a = SEGLOSS_REGION_ARGS_PASS;
   const int64_t C = a.channels, N = a.voxels;
   const int64_t total = a.batch * N;
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;

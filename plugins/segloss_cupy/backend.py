@@ -1,15 +1,119 @@
-"""CuPy backend: the float64 reference math on CuPy arrays (kernels arrive with csrc)."""
+"""The CuPy backend: losses on CuPy arrays (current device and stream), value and gradient.
+
+Statistics-based losses whose statistics the shared kernels cover (dice family, cross-entropy,
+dice_ce, …) run on the fused kernels: one forward kernel, the formula differentiated by the
+core's tape on (B, C) arrays, one backward kernel. Everything else (field statistics of the
+distance losses, focal, top-k, Lovász, array_forward plugins) runs the float64 reference math
+on the GPU (CuPy arrays through the array API), with distance maps from the shared EDT kernels.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from segloss_core import Backend, LossPlan
+import numpy as np
+
+from segloss_core import Backend, ConformanceDtype, LossPlan
+from segloss_core.reference.evaluate import evaluate_prepared, prepare_all, required_statistics
+
+
+class CupyLoss:
+    """``loss(pred, target, mask=None, **inputs)`` → value; ``loss.value_and_grad(...)`` → (value, grad)."""
+
+    def __init__(self, plan: LossPlan):
+        self.plan = plan
+        self._groups = {act: required_statistics(plan, act) for act in plan.activations}
+        from . import fused
+
+        self._fused = not any(t.spec.kind == "voxelwise" for t in plan.terms) and all(
+            fused.fusable(names) for names in self._groups.values()
+        )
+
+    def __repr__(self) -> str:
+        return f"CupyLoss({self.plan.describe()}, {'fused kernels' if self._fused else 'reference math'})"
+
+    def set_weights(self, **weights: float) -> None:
+        from segloss_core.numpy_backend import NumpyLoss
+
+        proxy = NumpyLoss(self.plan)
+        proxy.set_weights(**weights)
+        self.plan = proxy.plan
+
+    def _check(self, **arrays: Any) -> None:
+        import cupy
+
+        for name, value in arrays.items():
+            if value is not None and not isinstance(value, cupy.ndarray):
+                raise TypeError(f"{name} must be a cupy.ndarray for backend 'cupy', got {type(value).__name__}")
+
+    def __call__(self, pred: Any, target: Any, mask: Any = None, **inputs: Any) -> Any:
+        return self._run(pred, target, mask, inputs, with_grad=False)[0]
+
+    def value_and_grad(
+        self, pred: Any, target: Any, mask: Any = None, grad_output: Any = None, **inputs: Any
+    ) -> tuple[Any, Any]:
+        """(value, d value / d pred); with ``reduction="none"`` pass ``grad_output`` (the value's
+        shape) for the gradient of Σ grad_output·value."""
+        return self._run(pred, target, mask, inputs, with_grad=True, grad_output=grad_output)
+
+    def _run(
+        self, pred: Any, target: Any, mask: Any, inputs: Mapping[str, Any], with_grad: bool, grad_output: Any = None
+    ) -> tuple[Any, Any]:
+        self._check(pred=pred, target=target, mask=mask)
+        prepared = prepare_all(pred, target, mask, self.plan)
+        if not self._fused or any(p.mask is not None and int(p.mask.shape[1]) != 1 for p in prepared.values()):
+            return evaluate_prepared(self.plan, prepared, inputs, with_grad=with_grad, grad_output=grad_output)
+        return self._run_fused(prepared, with_grad, grad_output)
+
+    def _run_fused(self, prepared: Mapping[str, Any], with_grad: bool, grad_output: Any = None) -> tuple[Any, Any]:
+        import array_api_compat.cupy as xp
+
+        from segloss_core.reference.autodiff import TapeNamespace, Var, gradients
+
+        from . import fused
+
+        total: Any = None
+        grad = None
+        for activation, names in self._groups.items():
+            if not names:
+                continue
+            stats, canonical = fused.forward(prepared[activation], "ce_neg" in names)
+            tape = TapeNamespace(xp)
+            leaves = {name: tape.variable(stats[:, :, fused.SLOTS[name]]) for name in names}
+            group_total: Any = None
+            for term in self.plan.terms:
+                if term.params.get("activation", "none") != activation:
+                    continue
+                value = term.spec.from_statistics(tape, leaves, term.params)
+                value = value if term.weight == 1.0 else value * term.weight
+                group_total = value if group_total is None else group_total + value
+            if with_grad and isinstance(group_total, Var):
+                if group_total.value.ndim != 0 and grad_output is None:
+                    raise ValueError(
+                        f"loss {self.plan.name!r}: value_and_grad needs a scalar loss or grad_output for "
+                        "reduction='none'"
+                    )
+                seed = None if grad_output is None else xp.asarray(grad_output, dtype=group_total.value.dtype)
+                upstream = xp.zeros(stats.shape, dtype=stats.dtype)
+                for name, g in zip(leaves, gradients(group_total, list(leaves.values()), seed), strict=True):
+                    upstream[:, :, fused.SLOTS[name]] = g
+                group_grad = fused.backward(canonical, upstream).reshape(prepared[activation].pred.shape)
+                grad = group_grad if grad is None else grad + group_grad
+            value = group_total.value if isinstance(group_total, Var) else group_total
+            total = value if total is None else total + value
+        return total, grad
 
 
 class CupyBackend(Backend):
     name = "cupy"
-    description = "CuPy arrays on the current CUDA device: value and gradient w.r.t. the logits"
+    description = "CuPy arrays on the current CUDA device: value and gradient w.r.t. the logits (shared kernels)"
+    operators = True
+    conformance_dtypes = (
+        ConformanceDtype("float64", 1e-7, 1e-9),
+        ConformanceDtype("float32", 2e-4, 2e-5),
+        ConformanceDtype("float16", 2e-2, 5e-3),
+    )
 
     def availability(self) -> str | None:
         try:
@@ -19,13 +123,49 @@ class CupyBackend(Backend):
         try:
             count = cupy.cuda.runtime.getDeviceCount()
         except Exception as exc:  # noqa: BLE001
-            return f"no CUDA device ({type(exc).__name__}: {exc})"
+            return f"no usable CUDA device ({type(exc).__name__}: {exc})"
         return None if count > 0 else "no CUDA device"
 
     def supports(self, spec: Any) -> bool:
-        return spec.kind != "voxelwise" or spec.reference is not None
+        return spec.kind != "voxelwise" or spec.reference is not None or spec.array_forward is not None
 
-    def build(self, plan: LossPlan, **options: Any) -> Any:
-        from segloss_core.numpy_backend import NumpyLoss
+    def status(self) -> Mapping[str, str]:
+        import cupy
 
-        return NumpyLoss(plan)
+        from . import kernels
+
+        return {"cupy": cupy.__version__, "kernels": f"NVRTC, source hash {kernels.source_hash()}"}
+
+    def prebuild(self) -> str | None:
+        from . import kernels
+
+        try:
+            for dtype in kernels.DTYPES:
+                kernels.functions(kernels.region_names(dtype, "int64"))
+            kernels.functions(kernels.edt_names("int64"))
+        except Exception as exc:  # noqa: BLE001
+            return f"kernels NOT compiled: {type(exc).__name__}: {exc}"
+        return f"kernels compiled with NVRTC (source hash {kernels.source_hash()})"
+
+    def build(self, plan: LossPlan, **options: Any) -> CupyLoss:
+        return CupyLoss(plan)
+
+    def run_for_conformance(
+        self,
+        loss: Any,
+        pred: np.ndarray,
+        target: np.ndarray,
+        mask: np.ndarray | None,
+        dtype: str,
+        inputs: Mapping[str, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        import cupy
+
+        x = cupy.asarray(pred.astype(dtype))
+        y = cupy.asarray(target)
+        m = None if mask is None else cupy.asarray(mask)
+        extra = {k: cupy.asarray(v) for k, v in (inputs or {}).items()}
+        value = loss(x, y, m, **extra)
+        ones = cupy.ones(value.shape, dtype=value.dtype) if value.ndim else None
+        value, grad = loss.value_and_grad(x, y, m, grad_output=ones, **extra)
+        return np.asarray(cupy.asnumpy(value), dtype=np.float64), cupy.asnumpy(grad).astype(np.float64)
