@@ -79,7 +79,7 @@ def test_dlpack_round_trip_with_torch():
     x = segloss_cupy.from_dlpack(logits)
     assert x.data.ptr == logits.data_ptr()  # zero copy in
     loss = get_loss("dice_ce", backend="cupy")
-    value, grad = loss.value_and_grad(x, segloss_cupy.from_dlpack(labels))
+    _, grad = loss.value_and_grad(x, segloss_cupy.from_dlpack(labels))
     grad_t = segloss_cupy.to_dlpack(grad)
     assert grad_t.data_ptr() == grad.data.ptr  # zero copy out
     reference = get_loss("dice_ce", backend="torch")
