@@ -35,7 +35,7 @@ __all__ = [
     "close_matches",
 ]
 
-PARAM_KINDS = ("bool", "int", "float", "choice", "float_seq", "int_seq")
+PARAM_KINDS = ("bool", "int", "float", "choice", "float_seq", "int_seq", "object")
 
 
 def close_matches(word: str, candidates: Iterable[str]) -> str:
@@ -120,6 +120,8 @@ class Param:
                 return None
             raise TypeError(f"{owner}: parameter {self.name!r} must be {self.type_label()}, got None")
         kind = self.kind
+        if kind == "object":  # backend options only (e.g. a torch process group): passed through
+            return value
         if kind == "bool":
             if hasattr(value, "dtype") and getattr(value, "shape", None) == () and str(value.dtype) == "bool":
                 value = bool(value)

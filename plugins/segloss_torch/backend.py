@@ -18,13 +18,28 @@ IMPL = Param(
     choices=("auto", "native", "fused"),
 )
 
+DISTRIBUTED = Param(
+    "distributed",
+    "bool",
+    False,
+    "share the statistics of all ranks (torch.distributed): the loss of the global batch, exactly; "
+    "see docs/distributed.md",
+)
+PROCESS_GROUP = Param(
+    "process_group",
+    "object",
+    None,
+    "torch.distributed process group to share statistics over (None: the default group), as SyncBatchNorm",
+    optional=True,
+)
+
 VOXELWISE_LOSSES = frozenset({"topk_ce", "lovasz_softmax"})
 
 
 class TorchBackend(Backend):
     name = "torch"
     description = "PyTorch nn.Module losses (CPU and CUDA; float16/bfloat16 accumulated in float32)"
-    options = (IMPL,)
+    options = (IMPL, DISTRIBUTED, PROCESS_GROUP)
     voxelwise_losses = VOXELWISE_LOSSES
     operators = True
     conformance_dtypes = (
@@ -64,7 +79,12 @@ class TorchBackend(Backend):
     def build(self, plan: LossPlan, **options: Any) -> Any:
         from .module import SeglossLoss
 
-        return SeglossLoss(plan, impl=options.get("impl", "auto"))
+        return SeglossLoss(
+            plan,
+            impl=options.get("impl", "auto"),
+            distributed=options.get("distributed", False),
+            process_group=options.get("process_group"),
+        )
 
     def run_for_conformance(
         self,

@@ -17,7 +17,7 @@ from segloss_core.reference.evaluate import required_statistics, with_fields
 from segloss_core.spec import LossPlan
 from segloss_core.validation import PreparedInputs, namespace_of, validate_inputs
 
-from . import fused, native, voxelwise
+from . import distributed, fused, native, voxelwise
 
 namespace_of(torch.empty(0))  # memoise the namespace: torch.compile then traces a dict lookup only
 
@@ -31,10 +31,19 @@ class SeglossLoss(nn.Module):
     inputs and float64 for float64.
     """
 
-    def __init__(self, plan: LossPlan, impl: str = "auto"):
+    def __init__(self, plan: LossPlan, impl: str = "auto", distributed: bool = False, process_group: Any = None):
         super().__init__()
         self.plan = plan
         self.impl = impl
+        self.distributed = distributed
+        self.process_group = process_group
+        if distributed:
+            voxelwise_terms = [t.spec.name for t in plan.terms if t.spec.kind == "voxelwise"]
+            if voxelwise_terms:
+                raise ValueError(
+                    f"distributed=True shares per-class statistics; {voxelwise_terms} are not computed from "
+                    "statistics (top-k, sorting) and cannot be made global this way"
+                )
         self._statistics = required_statistics(plan)
         self._groups = {act: required_statistics(plan, act) for act in plan.activations}
         self._voxelwise = [t for t in plan.terms if t.spec.kind == "voxelwise"]
@@ -59,7 +68,14 @@ class SeglossLoss(nn.Module):
         return self.plan.name
 
     def extra_repr(self) -> str:
-        return f"{self.plan.describe()}, impl={self.impl!r}"
+        extra = ", distributed=True" if self.distributed else ""
+        return f"{self.plan.describe()}, impl={self.impl!r}{extra}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["process_group"] = None  # process groups do not pickle; the default group is used
+        return state
 
     def implementation(self, prepared: PreparedInputs | None = None, names: frozenset[str] | None = None) -> str:
         """Which statistics implementation a call with ``prepared`` inputs uses."""
@@ -106,6 +122,8 @@ class SeglossLoss(nn.Module):
                 continue
             group = with_fields(self.plan, prepared[activation], activation, inputs)
             stats = self._compute_statistics(group, names)
+            if self.distributed and distributed.available(self.process_group):
+                stats = distributed.gather_statistics(stats, self.process_group)
             for index, term in enumerate(self.plan.terms):
                 if term.spec.kind != "statistics" or term.params.get("activation", "none") != activation:
                     continue
