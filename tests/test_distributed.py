@@ -110,7 +110,7 @@ def test_global_statistics_equal_the_concatenated_batch(sizes, tmp_path):
     world = len(sizes)
     try:
         mp.spawn(_worker, args=(world, _free_port(), sizes, str(tmp_path)), nprocs=world, join=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - report the ranks' tracebacks instead
         errors = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.err")))
         raise AssertionError(errors or str(exc)) from None
 
