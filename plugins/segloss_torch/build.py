@@ -93,13 +93,14 @@ def _openmp_flags() -> list[str]:
     return ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
 
 
-def build_directory(tag: str) -> Path:
+def build_directory(tag: str, create: bool = True) -> Path:
     base = os.environ.get("SEGLOSS_BUILD_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
     root = Path(base) if base else Path.home() / ".cache" / "segloss"
     cuda = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     path = root / f"{py}_torch{torch.__version__.split('+')[0]}_{cuda}" / tag
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -178,3 +179,13 @@ def _last_lines(text: str, count: int = 12) -> str:
 
 def status() -> BuildState:
     return _STATE
+
+
+def cached_library() -> Path | None:
+    """The compiled library for the current sources, torch, CUDA and CPU, if already on disk."""
+    try:
+        tag = f"segloss_ops_{_source_hash(segloss_csrc.source_dir())}_{_cpu_fingerprint()}"
+        library = build_directory(tag, create=False) / f"{tag}.so"
+    except OSError:
+        return None
+    return library if library.exists() else None

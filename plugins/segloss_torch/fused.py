@@ -77,7 +77,10 @@ def is_built() -> bool:
 def status_line() -> str:
     state = build.status()
     if not state.attempted:
-        return "not built yet in this process (built on first use; `segloss build` prebuilds)"
+        cached = build.cached_library()
+        if cached is not None:
+            return f"built (cached at {cached.parent}); loaded on first use"
+        return "not built yet (compiled on first use, about a minute; `segloss build` prebuilds)"
     if state.loaded:
         devices = "CPU + CUDA" if state.with_cuda else "CPU"
         arch = f", CUDA arch {state.arch_list}" if state.arch_list else ""
