@@ -57,9 +57,100 @@ def target_and_weights(prepared: PreparedInputs, dtype: torch.dtype) -> tuple[to
     return g, weight
 
 
+SPARSE = frozenset(
+    {
+        "intersection",
+        "pred_sum",
+        "target_sum",
+        "pred_sq_sum",
+        "target_sq_sum",
+        "abs_diff_sum",
+        "count",
+        "ce_pos",
+        "neg_log_pred_sum",
+        "focal_pos",
+    }
+)
+
+
+def _per_class(values: torch.Tensor, labels: torch.Tensor, channels: int) -> torch.Tensor:
+    """Σ over voxels of ``values`` (B, N) into the class of each voxel: (B, C)."""
+    out = values.new_zeros(values.shape[0], channels)
+    return out.scatter_add(1, labels, values)
+
+
+def _sparse_statistics(prepared: PreparedInputs, names: set[str]) -> dict[str, torch.Tensor]:
+    """Integer labels with softmax (or probabilities): the one-hot is never built. Class sums are
+    gathers and scatter-adds of (B, N) tensors; memory is the activation (and log-activation)."""
+    batch, channels = prepared.batch_size, prepared.num_classes
+    dtype = accumulation_dtype(prepared.pred.dtype)
+    z = prepared.pred.reshape(batch, channels, -1).to(dtype)
+    with torch.no_grad():
+        labels = prepared.labels.reshape(batch, -1).long()
+        w = torch.ones(labels.shape, dtype=dtype, device=labels.device)
+        if prepared.ignore_index is not None:
+            keep = labels != prepared.ignore_index
+            w = keep.to(dtype)
+            labels = torch.where(keep, labels, torch.zeros_like(labels))
+        if prepared.mask is not None:
+            w = w * prepared.mask.reshape(prepared.mask.shape[0], -1).to(dtype)
+        index = labels.unsqueeze(1)
+    bases = {stat_names.parse(n)[0]: n for n in names}
+    needs_log = bool(set(bases) & {"ce_pos", "neg_log_pred_sum", "focal_pos"})
+    if prepared.activation == "softmax":
+        log_p = torch.log_softmax(z, dim=1) if needs_log else None
+        p = log_p.exp() if log_p is not None else torch.softmax(z, dim=1)
+    else:
+        p = z
+        log_p = torch.log(p) if needs_log else None
+    p_y = p.gather(1, index).squeeze(1)  # (B, N)
+    out: dict[str, torch.Tensor] = {}
+    intersection = target_sum = None
+    if set(bases) & {"intersection", "abs_diff_sum"}:
+        intersection = _per_class(p_y * w, labels, channels)
+    if set(bases) & {"target_sum", "target_sq_sum", "abs_diff_sum"}:
+        target_sum = _per_class(w.expand_as(p_y), labels, channels)
+    pred_sum = None
+    if set(bases) & {"pred_sum", "abs_diff_sum"}:
+        pred_sum = torch.einsum("bcn,bn->bc", p, w)
+    for base, name in bases.items():
+        if base == "intersection":
+            out[name] = intersection
+        elif base == "pred_sum":
+            out[name] = pred_sum
+        elif base in ("target_sum", "target_sq_sum"):
+            out[name] = target_sum
+        elif base == "pred_sq_sum":
+            out[name] = torch.einsum("bcn,bcn,bn->bc", p, p, w)
+        elif base == "abs_diff_sum":  # |p − g| summed: P + G − 2I for a one-hot g and p in [0, 1]
+            out[name] = pred_sum + target_sum - 2 * intersection
+        elif base == "count":
+            out[name] = w.sum(-1, keepdim=True).expand(batch, channels)
+        elif base == "ce_pos":
+            log_p_y = log_p.gather(1, index).squeeze(1)
+            out[name] = _per_class(-torch.where(w == 0, torch.zeros_like(log_p_y), log_p_y * w), labels, channels)
+        elif base == "neg_log_pred_sum":
+            out[name] = -torch.einsum("bcn,bn->bc", torch.where(w.unsqueeze(1) == 0, 0.0, log_p), w)
+        elif base == "focal_pos":
+            gamma = stat_names.parse(name)[1]
+            log_p_y = log_p.gather(1, index).squeeze(1)
+            term = (1 - p_y).pow(gamma) * log_p_y
+            out[name] = _per_class(-torch.where(w == 0, torch.zeros_like(term), term * w), labels, channels)
+    return out
+
+
 def compute_statistics(prepared: PreparedInputs, names: Iterable[str]) -> dict[str, torch.Tensor]:
     """The requested statistics, each (B, C) in the accumulation dtype, differentiable."""
     names = set(names)
+    if (
+        prepared.labels is not None
+        and prepared.activation != "sigmoid"
+        and prepared.num_classes > 1
+        and (prepared.mask is None or int(prepared.mask.shape[1]) == 1)
+        and {stat_names.parse(n)[0] for n in names} <= SPARSE
+        and not (prepared.pred.is_cuda and torch.are_deterministic_algorithms_enabled())
+    ):
+        return _sparse_statistics(prepared, names)
     pred = prepared.pred
     batch, channels = prepared.batch_size, prepared.num_classes
     dtype = accumulation_dtype(pred.dtype)
