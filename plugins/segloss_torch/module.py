@@ -92,6 +92,8 @@ class SeglossLoss(nn.Module):
             return native.compute_statistics(group, names)
         fusable = frozenset(n for n in names if fused.fusable([n]))
         rest = names - fusable
+        if rest and self.impl == "auto" and fusable <= {"count", "target_sum"}:
+            return native.compute_statistics(group, names)  # nothing worth a separate fused pass
         stats: dict[str, torch.Tensor] = {}
         if fusable:
             if self.implementation(group, fusable) == "fused":

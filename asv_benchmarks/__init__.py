@@ -1,0 +1,1 @@
+"""The segloss asv suite: see docs/benchmarks.md and common.py."""
