@@ -88,9 +88,17 @@ def _namespace(name: str, x: Array) -> Any:
         ) from None
 
 
+def _device_or_none(x: Array) -> Any:
+    try:
+        return device_of(x)
+    except Exception:  # noqa: BLE001 - e.g. a JAX tracer inside jit has no device
+        return None
+
+
 def _same_device(name: str, x: Array, pred: Array) -> None:
-    if device_of(x) != device_of(pred):
-        raise ValueError(f"{name} is on device {device_of(x)} but pred is on {device_of(pred)}")
+    got, want = _device_or_none(x), _device_or_none(pred)
+    if got is not None and want is not None and got != want:
+        raise ValueError(f"{name} is on device {got} but pred is on {want}")
 
 
 def label_range_error(labels: Array, xp: Any, valid_max: int, ignore_index: int | None) -> str | None:

@@ -48,6 +48,8 @@ def target_and_weights(prepared: PreparedInputs, dtype: torch.dtype) -> tuple[to
                 g = (labels == 1).to(dtype).unsqueeze(1)
             else:
                 g = F.one_hot(labels.long(), channels).to(dtype).permute(0, 2, 1)
+            if weight is not None:
+                g = g * weight  # ignored voxels belong to no class, as in the reference
         else:
             g = prepared.target.reshape(batch, channels, -1).to(dtype)
         if prepared.mask is not None:

@@ -1,0 +1,323 @@
+"""The JAX loss: validated inputs → per-voxel terms → statistics → the core's formulas, jit-compiled.
+
+The per-voxel stage mirrors ``segloss_core/reference/statistics.py`` (the float64 oracle)
+term by term, with the statistic names and definitions of ``segloss_core/statistics.py``;
+the formulas are the core's own (``spec.from_statistics(jax.numpy, stats, params)``) and
+``array_forward`` losses get :class:`JaxOperators`. ``jax.grad`` differentiates all of it.
+
+>>> import jax.numpy as jnp
+>>> from segloss_core import get_loss
+>>> loss = get_loss("dice", backend="jax", include_background=False)
+>>> logits = jnp.zeros((1, 2, 4, 4)); labels = jnp.zeros((1, 4, 4), dtype=jnp.int32).at[0, 1, 1].set(1)
+>>> value, grad = loss.value_and_grad(logits, labels)
+>>> round(float(value), 4), grad.shape, grad.dtype
+(0.8889, (1, 2, 4, 4), dtype('float32'))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from segloss_core import statistics as stat_names
+from segloss_core.reference.evaluate import required_statistics
+from segloss_core.spec import LossPlan
+from segloss_core.validation import PreparedInputs, validate_inputs
+
+Array = Any
+
+
+# ---------------------------------------------------------------------------------------
+# operators (segloss_core.operators) for array_forward losses
+# ---------------------------------------------------------------------------------------
+class JaxOperators:
+    """``max_pool``/``min_pool`` over the spatial axes of (B, C, *S): odd kernel, stride 1, −inf padding."""
+
+    @staticmethod
+    def max_pool(x: Array, kernel: int = 3) -> Array:
+        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"pooling kernel must be a positive odd int, got {kernel!r}")
+        spatial = x.ndim - 2
+        half = kernel // 2
+        return jax.lax.reduce_window(
+            x,
+            np.array(-np.inf, dtype=np.dtype(x.dtype)),  # concrete, so JAX uses its differentiable max-pool
+            jax.lax.max,
+            window_dimensions=(1, 1) + (kernel,) * spatial,
+            window_strides=(1,) * x.ndim,
+            padding=((0, 0), (0, 0)) + ((half, half),) * spatial,
+        )
+
+    @staticmethod
+    def min_pool(x: Array, kernel: int = 3) -> Array:
+        return -JaxOperators.max_pool(-x, kernel)
+
+
+# ---------------------------------------------------------------------------------------
+# the per-voxel stage (mirrors segloss_core.reference.statistics)
+# ---------------------------------------------------------------------------------------
+@dataclass
+class VoxelTerms:
+    """Per-voxel quantities in the compute dtype, flattened to (B, C, N); weights (B, 1|C, N)."""
+
+    p: Array
+    log_p: Array
+    log_1mp: Array | None
+    g: Array
+    w: Array
+
+
+def compute_dtype(dtype: Any) -> Any:
+    """float64 stays float64; everything else (float32, float16, bfloat16) is computed in float32."""
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def _safe_log(x: Array) -> Array:
+    """log x with a zero (not NaN) gradient where x <= 0 (−inf value there)."""
+    positive = x > 0
+    return jnp.where(positive, jnp.log(jnp.where(positive, x, 1.0)), -jnp.inf)
+
+
+def voxel_terms(
+    pred: Array, labels: Array | None, target: Array | None, mask: Array | None, activation: str, ignore_index: Any
+) -> VoxelTerms:
+    """Activation, target and voxel weights, as ``segloss_core.reference.statistics.voxel_terms``."""
+    batch, channels = int(pred.shape[0]), int(pred.shape[1])
+    dtype = compute_dtype(pred.dtype)
+    z = jnp.reshape(pred.astype(dtype), (batch, channels, -1))
+    n = z.shape[2]
+    log_1mp = None
+    if activation == "softmax":
+        log_p = jax.nn.log_softmax(z, axis=1)
+        p = jnp.exp(log_p)
+    elif activation == "sigmoid":
+        log_p = jax.nn.log_sigmoid(z)
+        log_1mp = jax.nn.log_sigmoid(-z)
+        p = jnp.exp(log_p)
+    else:
+        p = z
+        log_p = _safe_log(p)
+        log_1mp = _safe_log(1.0 - p)
+
+    weight = jnp.ones((batch, 1, n), dtype=dtype)
+    if labels is not None:
+        labels = jnp.reshape(labels, (batch, 1, n))
+        if labels.dtype not in (jnp.int32, jnp.int64):
+            labels = labels.astype(jnp.int32)  # uint8/bool labels: compare with a negative ignore_index safely
+        if ignore_index is not None:
+            weight = weight * (labels != ignore_index).astype(dtype)
+        if channels == 1 and activation != "softmax":
+            g = (labels == 1).astype(dtype)
+        else:
+            g = (labels == jnp.arange(channels, dtype=labels.dtype).reshape(1, channels, 1)).astype(dtype)
+    else:
+        g = jnp.reshape(target, (batch, channels, n)).astype(dtype)
+    if mask is not None:
+        weight = weight * jnp.reshape(mask.astype(dtype), (mask.shape[0], mask.shape[1], n))
+    return VoxelTerms(p=p, log_p=log_p, log_1mp=log_1mp, g=g, w=weight)
+
+
+def _xlogy(x: Array, log_y: Array) -> Array:
+    """x·log y with 0 where x == 0 (scipy.special.xlogy's convention, as the reference)."""
+    return jnp.where(x == 0, 0.0, x * log_y)
+
+
+def _power(x: Array, gamma: float) -> Array:
+    """x**gamma for x in [0, 1], with a finite gradient at x == 0 for gamma < 1 (the reference's rule)."""
+    if gamma == 0:
+        return jnp.ones_like(x)
+    positive = x > 0
+    return jnp.where(positive, jnp.where(positive, x, 1.0) ** gamma, 0.0)
+
+
+def _abs(x: Array) -> Array:
+    """|x| whose derivative is sign(x) (0 at 0, as the reference's VJP; jnp.abs gives 1 there)."""
+    return x * jax.lax.stop_gradient(jnp.sign(x))
+
+
+def voxel_statistic(name: str, t: VoxelTerms) -> Array:
+    """The per-voxel term of statistic ``name`` (segloss_core.statistics), before weighting."""
+    base, gamma = stat_names.parse(name)
+    p, g = t.p, t.g
+    if base in stat_names.SIGMOID_ONLY and t.log_1mp is None:
+        raise ValueError(f"statistic {name!r} needs activation 'sigmoid' or 'none'")
+    if base == "intersection":
+        return p * g
+    if base == "pred_sum":
+        return p
+    if base == "target_sum":
+        return g
+    if base == "pred_sq_sum":
+        return p * p
+    if base == "target_sq_sum":
+        return g * g
+    if base == "abs_diff_sum":
+        return _abs(p - g)
+    if base == "count":
+        return jnp.ones_like(p)
+    if base == "ce_pos":
+        return -_xlogy(g, t.log_p)
+    if base == "ce_neg":
+        return -_xlogy(1.0 - g, t.log_1mp)
+    if base == "neg_log_pred_sum":
+        return -t.log_p
+    if base == "focal_pos":
+        return -_xlogy(g * _power(1.0 - p, gamma), t.log_p)
+    if base == "focal_neg":
+        return -_xlogy((1.0 - g) * _power(p, gamma), t.log_1mp)
+    raise ValueError(f"the jax backend does not compute statistic {name!r}")  # field statistics: see supports()
+
+
+def compute_statistics(t: VoxelTerms, names: frozenset[str]) -> dict[str, Array]:
+    """Each statistic Σ_x w·term, shape (B, C); 0 wherever w == 0, even if the term is not finite there."""
+    out = {}
+    for name in sorted(names):
+        term = voxel_statistic(name, t)
+        weighted = jnp.where(jnp.broadcast_to(t.w, term.shape) == 0, 0.0, t.w * term)
+        out[name] = jnp.sum(weighted, axis=2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# the loss object
+# ---------------------------------------------------------------------------------------
+def _is_tracer(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _stand_in(x: Array | None) -> np.ndarray | None:
+    """A zero-byte NumPy array with x's shape and (floating → float32 for bf16/f16) dtype."""
+    if x is None:
+        return None
+    dtype = np.dtype(x.dtype)
+    if jnp.issubdtype(x.dtype, jnp.floating) and dtype not in (np.float32, np.float64):
+        dtype = np.dtype(np.float32)
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype=dtype), shape=tuple(x.shape), strides=(0,) * x.ndim)
+
+
+class JaxLoss:
+    """A segloss loss on JAX arrays.
+
+    ``loss(pred, target, mask=None)`` returns the value; ``loss.value_and_grad(...)`` the value
+    and d value / d pred. Both are jit-compiled once per input shape/dtype; both may be called
+    inside the caller's own ``jax.jit``/``jax.grad`` (label values are then checked only where
+    the target is concrete).
+    """
+
+    def __init__(self, plan: LossPlan, *, jit: bool = True):
+        self.plan = plan
+        self._jit = jit
+        self._call = self._compile(self._forward)
+        self._vag = self._compile(self._forward_and_grad, static_argnames=("ones",))
+
+    def _compile(self, fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
+        return jax.jit(fn, **kwargs) if self._jit else fn
+
+    def __repr__(self) -> str:
+        return f"JaxLoss({self.plan.describe()})"
+
+    # -- validation (outside jit) -----------------------------------------------------
+    def _prepare(self, pred: Array, target: Array, mask: Array | None) -> PreparedInputs:
+        for name, value in (("pred", pred), ("target", target), ("mask", mask)):
+            if value is not None and not isinstance(value, jax.Array):
+                raise TypeError(
+                    f"{name} must be a jax.Array for backend 'jax', got {type(value).__name__}; convert with "
+                    "jax.numpy.asarray (float64 needs jax_enable_x64)"
+                )
+        prepared = None
+        traced = any(_is_tracer(a) for a in (pred, target, mask) if a is not None)
+        for activation in self.plan.activations:  # label range depends on the activation (0/1 for one sigmoid channel)
+            if not traced:
+                prepared = validate_inputs(pred, target, mask, self.plan, activation=activation)
+                continue
+            # Inside the caller's jit/grad: shapes and dtypes are checked on zero-byte NumPy stand-ins (tracers
+            # have no device to compare), label values only if the target is concrete.
+            check_labels = not _is_tracer(target)
+            stand_target = np.asarray(target) if check_labels else _stand_in(target)
+            shape = validate_inputs(
+                _stand_in(pred),
+                stand_target,
+                _stand_in(mask),
+                self.plan,
+                activation=activation,
+                check_label_values=check_labels,
+            )
+            labels = None if shape.labels is None else jnp.reshape(target, shape.labels.shape)
+            if labels is not None and labels.dtype == jnp.bool_:
+                labels = labels.astype(jnp.int32)
+            prepared = replace(
+                shape,
+                pred=pred,
+                labels=labels,
+                target=None if shape.target is None else jnp.reshape(target, shape.target.shape),
+                mask=None if shape.mask is None else jnp.reshape(mask, shape.mask.shape),
+            )
+        assert prepared is not None
+        return prepared
+
+    # -- the traced computation -----------------------------------------------------------
+    def _forward(self, pred: Array, labels: Array | None, target: Array | None, mask: Array | None) -> Array:
+        plan = self.plan
+        total = None
+        spatial = tuple(pred.shape[2:])
+        for activation in plan.activations:
+            t = voxel_terms(pred, labels, target, mask, activation, plan.ignore_index)
+            names = required_statistics(plan, activation)
+            stats = compute_statistics(t, names) if names else {}
+            for term in plan.terms:
+                if term.params.get("activation", "none") != activation:
+                    continue
+                if term.spec.kind == "statistics":
+                    value = term.spec.from_statistics(jnp, stats, term.params)
+                else:
+                    shape = (t.p.shape[0], t.p.shape[1], *spatial)
+                    w = jnp.reshape(t.w, (t.w.shape[0], t.w.shape[1], *spatial))
+                    p, g = jnp.reshape(t.p, shape), jnp.reshape(t.g, shape)
+                    value = term.spec.array_forward(jnp, JaxOperators, p, g, w, term.params)
+                contribution = value if term.weight == 1.0 else value * term.weight
+                total = contribution if total is None else total + contribution
+        return total
+
+    def _forward_and_grad(
+        self,
+        pred: Array,
+        labels: Array | None,
+        target: Array | None,
+        mask: Array | None,
+        seed: Array | None,
+        ones: bool,
+    ) -> tuple[Array, Array]:
+        value, pullback = jax.vjp(lambda x: self._forward(x, labels, target, mask), pred)
+        if ones:
+            seed = jnp.ones_like(value)
+        elif seed is None:
+            if value.ndim != 0:
+                raise ValueError(
+                    f"loss {self.plan.name!r}: value_and_grad needs a scalar loss or grad_output; reduction='none' "
+                    f"returns shape {tuple(value.shape)}"
+                )
+            seed = jnp.ones_like(value)
+        (grad,) = pullback(jnp.asarray(seed, dtype=value.dtype))
+        return value, grad
+
+    # -- public -------------------------------------------------------------------------
+    def __call__(self, pred: Array, target: Array, mask: Array | None = None) -> Array:
+        prepared = self._prepare(pred, target, mask)
+        return self._call(prepared.pred, prepared.labels, prepared.target, prepared.mask)
+
+    def value_and_grad(
+        self, pred: Array, target: Array, mask: Array | None = None, grad_output: Array | str | None = None
+    ) -> tuple[Array, Array]:
+        """(value, d value / d pred); with ``reduction="none"`` pass ``grad_output`` (the value's shape, or
+        ``"ones"``): the gradient is then that of Σ grad_output·value."""
+        prepared = self._prepare(pred, target, mask)
+        ones = isinstance(grad_output, str)
+        if ones and grad_output != "ones":
+            raise ValueError(f"grad_output must be an array, None or 'ones', got {grad_output!r}")
+        seed = None if ones else grad_output
+        return self._vag(prepared.pred, prepared.labels, prepared.target, prepared.mask, seed, ones=ones)
