@@ -48,6 +48,8 @@ Array = Any
 CONVENTIONS = ("boundary_loss", "signed", "signed_inside_positive")
 REGIONS = ("boundary", "inside", "outside")
 NORMALIZATIONS = (None, "max", "extent")
+# codes of the kernels' DistanceKind (csrc/kernels/edt.cuh): conventions, then regions
+KIND_CODES: dict[str, int] = {name: code for code, name in enumerate(CONVENTIONS + REGIONS)}
 
 
 def check_spacing(spacing: float | Sequence[float] | None, ndim: int) -> tuple[float, ...]:

@@ -97,3 +97,21 @@ def describe(name: str) -> str:
         return FIELD[base].replace("F", arg)
     text = STATISTICS.get(base) or PARAMETRIC[base]
     return text.replace("γ", f"{arg:g}") if arg is not None else text
+
+
+# Layout of the fused kernels' (B, C, 10) output (csrc/kernels/region_stats.cuh, enum Stat):
+# every backend built on those kernels reads its statistics from these slots.
+FUSED_SLOTS: dict[str, int] = {
+    "intersection": 0,
+    "pred_sum": 1,
+    "target_sum": 2,
+    "pred_sq_sum": 3,
+    "target_sq_sum": 4,
+    "abs_diff_sum": 5,
+    "ce_pos": 6,
+    "ce_neg": 7,
+    "count": 8,
+}
+FUSED_INVALID_SLOT = 9  # invalid-label count, class 0 only
+FUSED_NUM_SLOTS = 10
+ACTIVATION_CODES: dict[str, int] = {"softmax": 0, "sigmoid": 1, "none": 2}  # enum Activation

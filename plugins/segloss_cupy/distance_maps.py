@@ -18,14 +18,7 @@ from segloss_core.distance_maps import check_spacing, normalise
 
 from . import kernels
 
-KINDS = {
-    "boundary_loss": 0,
-    "signed": 1,
-    "signed_inside_positive": 2,
-    "boundary": 3,
-    "inside": 4,
-    "outside": 5,
-}
+KINDS = reference.KIND_CODES
 EDT_BLOCK = 128
 MAX_THREADS = 8192
 

@@ -11,24 +11,15 @@ from typing import Any
 
 import numpy as np
 
+from segloss_core.statistics import ACTIVATION_CODES, FUSED_INVALID_SLOT, FUSED_NUM_SLOTS, FUSED_SLOTS
 from segloss_core.validation import PreparedInputs
 
 from . import kernels
 
-SLOTS = {
-    "intersection": 0,
-    "pred_sum": 1,
-    "target_sum": 2,
-    "pred_sq_sum": 3,
-    "target_sq_sum": 4,
-    "abs_diff_sum": 5,
-    "ce_pos": 6,
-    "ce_neg": 7,
-    "count": 8,
-}
-NUM_SLOTS = 10
-INVALID_SLOT = 9
-ACTIVATIONS = {"softmax": 0, "sigmoid": 1, "none": 2}
+SLOTS = FUSED_SLOTS
+NUM_SLOTS = FUSED_NUM_SLOTS
+INVALID_SLOT = FUSED_INVALID_SLOT
+ACTIVATIONS = ACTIVATION_CODES
 BLOCK = 256
 GROUP = 8
 CHUNK = 4096

@@ -25,14 +25,7 @@ from . import fused
 
 __all__ = ["distance_map", "mask_distance_map", "signed_distance_map"]
 
-KINDS = {
-    "boundary_loss": 0,
-    "signed": 1,
-    "signed_inside_positive": 2,
-    "boundary": 3,
-    "inside": 4,
-    "outside": 5,
-}
+KINDS = reference.KIND_CODES
 
 
 def _xp():

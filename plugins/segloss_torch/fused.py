@@ -14,24 +14,15 @@ from typing import Any
 
 import torch
 
+from segloss_core.statistics import ACTIVATION_CODES, FUSED_NUM_SLOTS, FUSED_SLOTS
 from segloss_core.validation import PreparedInputs
 
 from . import build
 
 # slot of each statistic in the op's (B, C, 10) output (csrc/kernels/region_stats.cuh)
-SLOTS = {
-    "intersection": 0,
-    "pred_sum": 1,
-    "target_sum": 2,
-    "pred_sq_sum": 3,
-    "target_sq_sum": 4,
-    "abs_diff_sum": 5,
-    "ce_pos": 6,
-    "ce_neg": 7,
-    "count": 8,
-}
-NUM_SLOTS = 10
-ACTIVATIONS = {"softmax": 0, "sigmoid": 1, "none": 2}
+SLOTS = FUSED_SLOTS
+NUM_SLOTS = FUSED_NUM_SLOTS
+ACTIVATIONS = ACTIVATION_CODES
 _REGISTERED = False
 
 

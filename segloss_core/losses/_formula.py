@@ -55,3 +55,13 @@ def included_classes(params: Any, num_classes: int) -> list[int]:
     if num_classes == 1 or params.get("include_background", True):
         return list(range(num_classes))
     return list(range(1, num_classes))
+
+
+def reduce_voxel_mean(xp: Any, numerator: Array, normaliser: Array, reduction: str) -> Array:
+    """Per-sample sums (B,) → ``none``: per-sample means, ``sum``: Σ numerator, ``mean``: the
+    weighted mean over every voxel of the batch (0 where nothing counts)."""
+    if reduction == "none":
+        return safe_ratio(xp, numerator, normaliser, 0.0)
+    if reduction == "sum":
+        return xp.sum(numerator)
+    return safe_ratio(xp, xp.sum(numerator), xp.sum(normaliser), 0.0)

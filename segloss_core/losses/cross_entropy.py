@@ -24,7 +24,7 @@ from typing import Any
 from ..spec import LossSpec, Param, Params, Preset
 from ..statistics import focal_statistic
 from . import _params as common
-from ._formula import constant_vector, included_classes, safe_ratio, select_columns
+from ._formula import constant_vector, included_classes, reduce_voxel_mean, select_columns
 
 Array = Any
 
@@ -88,12 +88,7 @@ def cross_entropy_from_statistics(xp: Any, stats: Mapping[str, Array], params: P
         if smoothing > 0:
             smooth = stats["neg_log_pred_sum"] if weights is None else stats["neg_log_pred_sum"] * weights
             numerator = (1.0 - smoothing) * numerator + (smoothing / num_classes) * xp.sum(smooth, axis=1)
-    reduction = params.reduction
-    if reduction == "none":
-        return safe_ratio(xp, numerator, normaliser, 0.0)
-    if reduction == "sum":
-        return xp.sum(numerator)
-    return safe_ratio(xp, xp.sum(numerator), xp.sum(normaliser), 0.0)
+    return reduce_voxel_mean(xp, numerator, normaliser, params.reduction)
 
 
 def _check(params: Params) -> None:
@@ -209,12 +204,7 @@ def focal_from_statistics(xp: Any, stats: Mapping[str, Array], params: Params) -
         normaliser = xp.sum(select_columns(xp, count, columns), axis=1)
     else:
         normaliser = count[:, 0]
-    reduction = params.reduction
-    if reduction == "none":
-        return safe_ratio(xp, numerator, normaliser, 0.0)
-    if reduction == "sum":
-        return xp.sum(numerator)
-    return safe_ratio(xp, xp.sum(numerator), xp.sum(normaliser), 0.0)
+    return reduce_voxel_mean(xp, numerator, normaliser, params.reduction)
 
 
 def _check_focal(params: Params) -> None:

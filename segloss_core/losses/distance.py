@@ -24,7 +24,7 @@ from .. import distance_maps
 from ..spec import LossSpec, Param, Params, Preset
 from ..statistics import field_statistic
 from . import _params as common
-from ._formula import full, included_classes, safe_ratio, select_columns
+from ._formula import full, included_classes, reduce_voxel_mean, safe_ratio, select_columns
 
 Array = Any
 
@@ -159,11 +159,7 @@ def _boundary_formula(xp: Any, stats: Mapping[str, Array], params: Params) -> Ar
     columns = included_classes(params, int(total.shape[1]))
     numerator = xp.sum(select_columns(xp, total, columns), axis=1)
     normaliser = stats["count"][:, 0] * float(len(columns))
-    if params.reduction == "none":
-        return safe_ratio(xp, numerator, normaliser, 0.0)
-    if params.reduction == "sum":
-        return xp.sum(numerator)
-    return safe_ratio(xp, xp.sum(numerator), xp.sum(normaliser), 0.0)
+    return reduce_voxel_mean(xp, numerator, normaliser, params.reduction)
 
 
 def _hausdorff_statistics(params: Params) -> frozenset[str]:
