@@ -1,6 +1,6 @@
 """Kernel sources shipped as package data (``segloss_csrc``): framework-free kernels
-(``kernels/``), CUDA launchers (``cuda/``), CPU launchers (``cpu/``) and the PyTorch glue
-(``torch/``). Backends compile them on the user's machine."""
+(``kernels/``), framework-free CUDA launchers (``cuda/``) and the PyTorch glue with the CPU
+launchers (``torch/``). Backends compile them on the user's machine."""
 
 from __future__ import annotations
 

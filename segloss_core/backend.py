@@ -71,7 +71,8 @@ class Backend:
 
     def prebuild(self) -> str | None:
         """Compile whatever the backend compiles lazily (``segloss build``); return a report
-        line, or None if there is nothing to build. Must not raise for a failed build: report it."""
+        line, or None if there is nothing to build. Must not raise for a failed build: report it
+        with a line containing "NOT" ("kernels NOT built: <reason>"); ``segloss build`` then exits 1."""
         return None
 
     def status(self) -> Mapping[str, str]:

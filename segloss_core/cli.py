@@ -2,9 +2,11 @@
 
 segloss list                 losses, with summaries
 segloss describe NAME        parameters, presets, formula, references, backends
+segloss explain NAME [--preset P]   the exact formula with constants, and its edge-case table
 segloss backends             backends: available / unavailable (why) / broken (error)
 segloss demo                 every loss on every available backend, synthetic 3D volume
-segloss check BACKEND        the conformance suite against the float64 reference
+segloss build [BACKEND...]   compile the backends' kernels now; exit 1 if a build failed
+segloss check BACKEND        the conformance suite against the float64 reference (--option impl=native)
 segloss distmap INPUT... --out DIR --num-classes K   precompute signed distance maps of label volumes
 """
 
@@ -84,23 +86,27 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     reg = registry()
-    built = False
+    built = failed = False
     for info in list_backends():
         if not info.available or (args.backend and info.name not in args.backend):
             continue
         report = reg.backend(info.name).prebuild()
         if report is not None:
             built = True
+            failed = failed or "NOT" in report.split()
             print(f"{info.name}: {report}")
     if not built:
         print("nothing to build for the available backends")
-    return 0
+    return 1 if failed else 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from .conformance import check_backend
 
-    report = check_backend(args.backend, losses=args.loss or None, dtypes=args.dtype or None, quick=args.quick)
+    options = _parse_params(args.option)
+    report = check_backend(
+        args.backend, losses=args.loss or None, dtypes=args.dtype or None, quick=args.quick, options=options
+    )
     print(report)
     return 0 if report.ok else 1
 
@@ -121,6 +127,7 @@ def _cmd_distmap(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             dtype=args.dtype,
             ignore_index=args.ignore_index,
+            engine=args.engine,
         )
     except OSError as exc:  # e.g. the output directory cannot be created
         print(f"segloss: error: {exc}", file=sys.stderr)
@@ -171,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: CPU count; 1: in-process)")
     p.add_argument("--overwrite", action="store_true", help="recompute maps whose output already exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--engine",
+        choices=("auto", "segloss", "scipy"),
+        default="auto",
+        help="segloss kernels (float32, fast) or scipy (float64 reference); auto: segloss when built",
+    )
     p.add_argument("--ignore-index", type=int, metavar="I", help="label value that belongs to no class")
     p.add_argument(
         "--dtype", choices=("float32", "float64", "float16"), default="float32", help="stored dtype (default float32)"
@@ -194,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", action="append", help="only this loss (repeatable)")
     p.add_argument("--dtype", action="append", help="only this dtype (repeatable)")
     p.add_argument("--quick", action="store_true", help="fewer cases")
+    p.add_argument(
+        "--option", action="append", metavar="NAME=VALUE", help="backend option for every build, e.g. impl=native"
+    )
     p.set_defaults(func=_cmd_check)
     return parser
 

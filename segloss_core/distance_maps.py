@@ -192,6 +192,16 @@ def class_distances(
     return d_in, d_out, inside, has_boundary
 
 
+def _check_reference(labels: Array, reference: bool) -> None:
+    if not isinstance(reference, bool):
+        raise TypeError(f"reference must be True or False, got {reference!r}")
+    if reference and type(labels).__module__.startswith("torch"):
+        raise TypeError(
+            "reference=True takes NumPy or CuPy labels (scipy or cupyx EDT); for a torch tensor pass "
+            "labels.cpu().numpy(), or omit reference to use the segloss kernels on the tensor's device"
+        )
+
+
 def signed_distance_map(
     labels: Array,
     num_classes: int,
@@ -201,14 +211,17 @@ def signed_distance_map(
     no_boundary_value: float = 0.0,
     normalize: str | None = None,
     ignore_index: int | None = None,
+    reference: bool = False,
 ) -> Array:
     """Signed distance map (B, C, *spatial) of a label map (B, *spatial); see the module docstring.
 
     Dispatches on the array type: NumPy → scipy (float64, the reference), CuPy → the shared
-    segloss kernels (float32; :func:`class_distances` gives the cupyx reference), torch → the
-    segloss torch ops on the tensor's device (float32).
+    segloss kernels (float32), torch → the segloss torch ops on the tensor's device (float32).
+    ``reference=True`` takes the exact float64 EDT of the array's own library instead of the
+    kernels: scipy for NumPy, ``cupyx.scipy.ndimage.distance_transform_edt`` for CuPy.
     """
-    if type(labels).__module__.startswith("torch"):
+    _check_reference(labels, reference)
+    if not reference and type(labels).__module__.startswith("torch"):
         from segloss_torch.distance_maps import signed_distance_map as torch_signed
 
         return torch_signed(
@@ -220,7 +233,7 @@ def signed_distance_map(
             normalize=normalize,
             ignore_index=ignore_index,
         )
-    if type(labels).__module__.startswith("cupy") and _cupy_kernels():
+    if not reference and type(labels).__module__.startswith("cupy") and _cupy_kernels():
         from segloss_cupy.distance_maps import signed_distance_map as cupy_signed
 
         return cupy_signed(
@@ -250,9 +263,12 @@ def distance_map(
     no_boundary_value: float = 0.0,
     normalize: str | None = None,
     ignore_index: int | None = None,
+    reference: bool = False,
 ) -> Array:
-    """Unsigned distance map (B, C, *spatial): ``boundary`` (d_in + d_out), ``inside`` or ``outside``."""
-    if type(labels).__module__.startswith("torch"):
+    """Unsigned distance map (B, C, *spatial): ``boundary`` (d_in + d_out), ``inside`` or ``outside``
+    (dispatch and ``reference`` as :func:`signed_distance_map`)."""
+    _check_reference(labels, reference)
+    if not reference and type(labels).__module__.startswith("torch"):
         from segloss_torch.distance_maps import distance_map as torch_unsigned
 
         return torch_unsigned(
@@ -264,7 +280,7 @@ def distance_map(
             normalize=normalize,
             ignore_index=ignore_index,
         )
-    if type(labels).__module__.startswith("cupy") and _cupy_kernels():
+    if not reference and type(labels).__module__.startswith("cupy") and _cupy_kernels():
         from segloss_cupy.distance_maps import distance_map as cupy_unsigned
 
         return cupy_unsigned(

@@ -36,19 +36,22 @@ Spacing: an explicit ``spacing`` wins; otherwise a NIfTI file's voxel size comes
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
 import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from .distance_maps import CONVENTIONS, check_spacing, signed_distance_map
+
+ENGINES = ("auto", "segloss", "scipy")
 
 __all__ = [
     "LABEL_SUFFIXES",
@@ -300,6 +303,8 @@ class _Task:
     convention: str
     dtype: str
     ignore_index: int | None
+    engine: str = "scipy"
+    threads: int | None = None
 
 
 def _distance_map_of_volume(
@@ -309,8 +314,13 @@ def _distance_map_of_volume(
     convention: str,
     ignore_index: int | None,
     dtype: np.dtype[Any],
+    engine: str = "scipy",
 ) -> np.ndarray:
-    """``signed_distance_map(labels[None], num_classes, spacing, ...)[0]``, one class at a time.
+    """``signed_distance_map(labels[None], num_classes, spacing, ...)[0]`` cast to ``dtype``.
+
+    ``engine="segloss"``: the segloss CPU kernels through torch, every class from one multi-label
+    pass (float32, exact to float32 rounding; parallel over lines). ``engine="scipy"``: the float64
+    reference, one class at a time (below).
 
     Computing all classes at once holds several float64 (C, *spatial) arrays; one class at a time
     holds a few (*spatial) ones plus the output in ``dtype``, which matters for large 3D volumes
@@ -318,6 +328,19 @@ def _distance_map_of_volume(
     with "not" ignored (voxels of ``ignore_index`` belong to no class): the same mask, the same
     EDT, the same numbers (tested against the all-classes call).
     """
+    if engine == "segloss":
+        import torch
+
+        from segloss_torch import signed_distance_map as torch_signed_distance_map
+
+        phi = torch_signed_distance_map(
+            torch.from_numpy(np.ascontiguousarray(labels))[None],
+            num_classes,
+            spacing,
+            convention=convention,
+            ignore_index=ignore_index,
+        )[0]
+        return phi.numpy().astype(dtype, copy=False)
     out = np.empty((num_classes, *labels.shape), dtype=dtype)
     for c in range(num_classes):
         in_class = labels == c if ignore_index != c else np.zeros(labels.shape, dtype=bool)
@@ -356,7 +379,7 @@ def _process(task: _Task) -> str | None:
             source = "explicit spacing" if task.spacing is not None else "voxel size in the NIfTI header"
             raise LabelFileError(task.input_path, f"invalid {source}: {exc}") from exc
         phi = _distance_map_of_volume(
-            labels, task.num_classes, sampling, task.convention, task.ignore_index, np.dtype(task.dtype)
+            labels, task.num_classes, sampling, task.convention, task.ignore_index, np.dtype(task.dtype), task.engine
         )
         _write_atomically(phi, task.output_path)
     except LabelFileError as exc:
@@ -421,6 +444,26 @@ class _Progress:
 # ---------------------------------------------------------------------------------------
 # the dataset tool
 # ---------------------------------------------------------------------------------------
+def _resolve_engine(engine: str, out_dtype: np.dtype[Any]) -> str:
+    """The engine to use: ``segloss`` needs the built CPU kernels; ``auto`` falls back to scipy."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "scipy" or (engine == "auto" and out_dtype == np.float64):
+        return "scipy"
+    try:
+        from segloss_torch import fused
+
+        built = fused.is_built()
+        reason = "" if built else f": {fused.status_line()}"
+    except Exception as exc:  # noqa: BLE001 - torch missing or broken: no kernels
+        built, reason = False, f": {type(exc).__name__}: {exc}"
+    if built:
+        return "segloss"
+    if engine == "segloss":
+        raise ValueError(f"engine='segloss' needs the segloss torch kernels, which are not available{reason}")
+    return "scipy"
+
+
 def _check_arguments(
     num_classes: int,
     spacing: float | Sequence[float] | None,
@@ -463,6 +506,7 @@ def precompute_distance_maps(
     progress: bool = True,
     dtype: str | np.dtype[Any] = "float32",
     ignore_index: int | None = None,
+    engine: str = "auto",
 ) -> PrecomputeReport:
     """Compute and store the signed distance map of every label volume in ``inputs``.
 
@@ -485,8 +529,14 @@ def precompute_distance_maps(
     - Atomic: each map is written to a temporary file in ``out_dir`` and renamed into place, so
       an interrupted run leaves no partial ``<stem>.npy`` (at worst a stray ``.*.tmp`` file after
       a hard kill, which is never taken as done and can be deleted).
-    - Parallel over files with a process pool of ``workers`` processes (default
-      ``os.cpu_count()``, never more than the files to compute); ``workers=1`` runs in this
+    - ``engine``: ``"segloss"`` computes every class from one multi-label pass of the segloss CPU
+      kernels (torch; float32, exact to float32 rounding, 20–40× faster than scipy on 3D
+      volumes, see docs/distance_maps.md); ``"scipy"`` is the float64 reference, class by class;
+      ``"auto"`` (default) takes segloss when its kernels are built and ``dtype`` is not float64.
+    - Parallel: the scipy engine over files with a process pool of ``workers`` processes (default
+      ``os.cpu_count()``, never more than the files to compute); the segloss engine is already
+      parallel inside a volume, so it runs in this process unless ``workers`` > 1 asks for a
+      (spawned) pool, the CPU threads then shared between the workers. ``workers=1`` runs in this
       process. Each worker holds one volume's maps in memory: lower ``workers`` when memory is
       short.
     - A file that fails (unreadable, wrong shape or dtype, labels out of range, …) is listed in
@@ -510,6 +560,7 @@ def precompute_distance_maps(
     labels outside [0, 2): 3 (1 voxels)
     """
     checked_spacing, out_dtype = _check_arguments(num_classes, spacing, convention, workers, dtype, ignore_index)
+    engine = _resolve_engine(engine, out_dtype)
     out_dir = Path(out_dir)
     raw_inputs = [Path(p) for p in inputs]
     if out_dir.exists() and any(p.is_dir() and p.resolve() == out_dir.resolve() for p in raw_inputs):
@@ -551,18 +602,23 @@ def precompute_distance_maps(
             convention=convention,
             dtype=out_dtype.str,
             ignore_index=None if ignore_index is None else int(ignore_index),
+            engine=engine,
         )
         for index in pending
     }
     bar = _Progress(total=len(files), initial=len(files) - len(pending), enabled=progress)
     try:
-        pool_size = min(workers or os.cpu_count() or 1, len(pending))
+        default_workers = 1 if engine == "segloss" else os.cpu_count() or 1
+        pool_size = min(workers or default_workers, len(pending))
         if pool_size <= 1:
             for index, task in tasks.items():
                 errors[index] = _process(task)
                 bar.update()
         else:
-            _run_pool(tasks, pool_size, errors, bar)
+            if engine == "segloss":  # share the CPU threads between the workers
+                threads = max(1, (os.cpu_count() or 1) // pool_size)
+                tasks = {index: replace(task, threads=threads) for index, task in tasks.items()}
+            _run_pool(tasks, pool_size, errors, bar, spawn=engine == "segloss")
     finally:
         bar.close()
 
@@ -587,6 +643,10 @@ def _raise_on_signal(signum: int, frame: Any) -> None:
 
 
 def _process_in_worker(task: _Task) -> str | None:
+    if task.threads is not None:
+        import torch
+
+        torch.set_num_threads(task.threads)
     try:
         return _process(task)
     except (KeyboardInterrupt, SystemExit):  # the temporary file is already removed
@@ -604,8 +664,12 @@ def _stop_workers(executor: ProcessPoolExecutor) -> None:
     executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _run_pool(tasks: dict[int, _Task], pool_size: int, errors: dict[int, str | None], bar: _Progress) -> None:
-    executor = ProcessPoolExecutor(max_workers=pool_size, initializer=_worker_init)
+def _run_pool(
+    tasks: dict[int, _Task], pool_size: int, errors: dict[int, str | None], bar: _Progress, spawn: bool = False
+) -> None:
+    # torch's thread pools do not survive fork(): the segloss engine's workers are spawned
+    context = multiprocessing.get_context("spawn") if spawn else None
+    executor = ProcessPoolExecutor(max_workers=pool_size, initializer=_worker_init, mp_context=context)
     try:
         futures = {executor.submit(_process_in_worker, task): index for index, task in tasks.items()}
         for future in as_completed(futures):

@@ -230,19 +230,34 @@ def render_conventions() -> str:
         if explanations[0].cases[i].lesion_grad is None:
             continue
         lines.append(f"| {case} | " + " | ".join(_cell(ex.cases[i].lesion_grad) for ex in explanations) + " |")
+    by_preset = {preset: {c.name: c for c in ex.cases} for preset, ex in zip(presets, explanations, strict=True)}
+
+    def value(preset: str, case: str) -> str:
+        return _cell(by_preset[preset][case].value)
+
+    def grad(preset: str, case: str) -> str:
+        return _cell(by_preset[preset][case].grad_max)
+
+    empty, false_pos = case_names[0], case_names[1]
     lines += [
         "",
         "## Reading the table",
         "",
-        "- *Empty target, empty prediction.* No preset with tiny smoothing scores this as correct: 512 voxels at",
-        "  p = 0.01 are 5.12 units of predicted foreground against 1e-5 of smoothing, so the absent foreground class",
-        "  scores ≈ 0. Per-class means with background (monai, diceloss_cpp, boundary_loss) then read ≈ 0.5, and",
-        "  nnU-Net's foreground-only −Dice reads ≈ 0, its worst value — the same as a completely missed object.",
-        "  Only large smoothing (keras/ivadomed, smooth 1) or zeroing absent classes (smp) treats it as nearly",
-        "  right.",
-        "- *27 false positives on an empty target* barely move any Dice (compare with the row above) and the",
-        "  gradients are ~1e-6: Dice alone gives a network almost no signal to clean up empty images, which is why",
-        "  nnU-Net and MONAI pair it with cross-entropy (`dice_ce`).",
+        "- *Empty target, empty prediction.* No preset scores this as correct: 512 voxels at p = 0.01 are 5.12",
+        "  units of predicted foreground, and the absent foreground class scores ≈ 0 with tiny smoothing.",
+        f"  Per-class means with background (monai, diceloss_cpp, boundary_loss) read {value('monai', empty)};",
+        f"  nnU-Net's foreground-only −Dice reads {value('nnunet', empty)}, its worst value — the same as a",
+        f"  completely missed object. smp zeroes the absent class ({value('smp', empty)}: the background term",
+        f"  only). Smooth 1 in one pooled score (keras/ivadomed) gives {value('keras', empty)} of a best −1: its",
+        "  score 1/(P + 1) forgives an empty image only while the predicted foreground mass P stays well",
+        "  below one voxel.",
+        f"- *27 false positives on an empty target.* Per-class presets barely move (monai {value('monai', empty)}"
+        f" → {value('monai', false_pos)},",
+        f"  nnunet {value('nnunet', empty)} → {value('nnunet', false_pos)}) and their gradients are tiny (monai"
+        f" {grad('monai', false_pos)}):",
+        "  Dice alone gives a network almost no signal to clean up empty images, which is why nnU-Net and MONAI",
+        "  pair it with cross-entropy (`dice_ce`). Only the smooth-1 pooled score reacts"
+        f" (keras {value('keras', empty)} → {value('keras', false_pos)}).",
         "- *1-voxel lesion.* The lesion column is the pull on a missed lesion. Foreground-only presets (nnunet,",
         "  isensee2017) pull twice as hard as those averaging in the background class (monai); the squared",
         "  denominator (vnet) pulls several times harder at p = 0.01 and several times less once p = 0.99.",

@@ -15,8 +15,10 @@
 
 Out-of-range labels raise here, with the offending value, so they can never reach a kernel
 that indexes with them. Logits are *not* checked for finiteness (that would cost a pass
-over the largest tensor): a NaN or infinite logit gives a NaN/infinite loss and gradient,
-never a silently finite one (tests/test_validation.py).
+over the largest tensor). A logit without a probability (NaN, or +inf under softmax) gives a
+NaN loss and gradient. An infinity that only saturates the activation (−inf under softmax,
+±inf under sigmoid) acts as its limit, p = 0 or 1 exactly: region losses stay finite (as at
+logit ±1e30) and a log term on a zero probability is +inf (tests/test_validation.py).
 """
 
 from __future__ import annotations

@@ -49,3 +49,60 @@ def test_check_numpy_quick(capsys):
 def test_console_script_runs(args):
     result = subprocess.run([sys.executable, "-m", "segloss_core.cli", *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_check_with_a_backend_option(capsys):
+    pytest.importorskip("torch")
+    assert main(["check", "torch", "--loss", "dice", "--quick", "--dtype", "float64", "--option", "impl=native"]) == 0
+    assert "with {'impl': 'native'}" in capsys.readouterr().out
+
+
+def test_build_reports_what_was_built(capsys):
+    pytest.importorskip("torch")
+    from segloss_torch import build
+
+    code = main(["build", "torch"])
+    out = capsys.readouterr().out
+    if build.status().loaded:
+        assert code == 0 and "torch: fused kernels built for CPU" in out
+    else:
+        assert code == 1 and "torch: fused kernels NOT built" in out
+
+
+FAILED_BUILD = r"""
+import warnings
+import torch
+from segloss_core import describe, get_loss
+from segloss_core.cli import main
+from segloss_torch.build import FusedBuildWarning
+
+x = torch.randn(2, 3, 5, 4, 3, dtype=torch.float64, requires_grad=True)
+y = torch.randint(0, 3, (2, 5, 4, 3))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    first = get_loss("dice_ce", backend="torch")(x, y)
+    second = get_loss("dice", backend="torch")(x, y)
+ours = [w for w in caught if issubclass(w.category, FusedBuildWarning)]
+assert len(ours) == 1, [str(w.message) for w in caught]
+assert "could not be built" in str(ours[0].message) and "using the native" in str(ours[0].message)
+print("WARNING:", ours[0].message)
+native = get_loss("dice_ce", backend="torch", impl="native")(x, y)
+assert torch.equal(first, native)
+assert "native" in describe("dice").backends["torch"]
+assert main(["build", "torch"]) == 1
+"""
+
+
+def test_failed_build_warns_once_with_the_reason_and_uses_native(tmp_path):
+    """A broken compiler: one FusedBuildWarning naming the error, native results, `segloss build` exits 1."""
+    pytest.importorskip("torch")
+    import os
+
+    fake = tmp_path / "broken-cxx"
+    fake.write_text("#!/bin/sh\necho 'broken-cxx: this compiler refuses to compile' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "CXX": str(fake), "SEGLOSS_BUILD_DIR": str(tmp_path / "build")}
+    result = subprocess.run([sys.executable, "-c", FAILED_BUILD], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WARNING: segloss: the fused C++/CUDA kernels could not be built" in result.stdout
+    assert "fused kernels NOT built" in result.stdout

@@ -21,6 +21,15 @@ def test_backend_conforms(backend):
     assert len([o for o in report.outcomes if o.status == "pass"]) > 500
 
 
+@pytest.mark.skipif("torch" not in AVAILABLE, reason="torch backend not available")
+def test_torch_native_implementation_conforms():
+    """impl='auto' picks the fused kernels where they built (as in CI): certify the autograd path too."""
+    report = check_backend("torch", options={"impl": "native"})
+    assert report.ok, str(report)
+    assert len([o for o in report.outcomes if o.status == "pass"]) > 500
+    assert {o.dtype for o in report.outcomes} == {"float64", "float32", "float16", "bfloat16"}
+
+
 class _Planted(NumpyLoss):
     def __init__(self, plan, bug):
         super().__init__(plan)

@@ -155,3 +155,50 @@ def test_schedule_applies_to_the_compound(backend):
         assert float(loss(xa, ya)) == pytest.approx(expected, rel=1e-9)
     with pytest.raises(ValueError, match="0 terms named 'dice'"):
         loss.set_weights(dice=1.0)
+
+
+def livi_generalized_dice(probs, y, idc):
+    """LIVIAETS/boundary-loss losses.py GeneralizedDice(idc) (171c32d), transcribed in float64 (theirs casts to
+    float32): w = 1/(Σg + 1e-10)², per sample 1 − 2(Σ_k w·I + 1e-10)/(Σ_k w·(P + G) + 1e-10), mean over samples."""
+    onehot = torch.nn.functional.one_hot(y, probs.shape[1]).movedim(-1, 1).double()
+    pc, tc = probs[:, idc].flatten(2), onehot[:, idc].flatten(2)
+    w = 1 / (tc.sum(2) + 1e-10) ** 2
+    intersection = w * (pc * tc).sum(2)
+    union = w * (pc.sum(2) + tc.sum(2))
+    return (1 - 2 * (intersection.sum(1) + 1e-10) / (union.sum(1) + 1e-10)).mean()
+
+
+def test_kervadec2019_recipe():
+    """The preset: GDL (MONAI's weights, foreground classes) + 0.01 · SurfaceLoss(idc=[1..C-1]); and the
+    isles.make/wmh.make recipe itself, GeneralizedDice(idc=[0, 1]) + 0.01 · SurfaceLoss(idc=[1]), through compound()."""
+    from segloss_core import compound
+
+    x, y = _problem(7, shape=(2, 2, 12, 10, 6))
+    y = (y > 0).long()  # binary, as ISLES/WMH; every class present in every sample
+    preset = get_loss("generalized_dice_boundary", backend="torch", preset="kervadec2019")
+    gdl_fg = get_loss("generalized_dice", backend="torch", include_background=False)
+    v_o, g_o = _value_and_grad(preset, x, y)
+    v_r, g_r = _value_and_grad(
+        lambda t, yy: gdl_fg(t, yy) + 0.01 * livi_surface_loss(torch.softmax(t, 1), yy, [1]), x, y
+    )
+    torch.testing.assert_close(v_o, v_r, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(g_o, g_r, rtol=1e-5, atol=1e-8)
+
+    recipe = compound(
+        [
+            ("generalized_dice", 1.0, {"include_background": True, "smooth_nr": 1e-10, "smooth_dr": 1e-10}),
+            ("boundary", 0.01, {}),
+        ],
+        backend="torch",
+    )
+    v_o, g_o = _value_and_grad(recipe, x, y)
+    v_r, g_r = _value_and_grad(
+        lambda t, yy: (
+            livi_generalized_dice(torch.softmax(t, 1), yy, [0, 1])
+            + 0.01 * livi_surface_loss(torch.softmax(t, 1), yy, [1])
+        ),
+        x,
+        y,
+    )
+    torch.testing.assert_close(v_o, v_r, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(g_o, g_r, rtol=1e-5, atol=1e-8)

@@ -185,6 +185,18 @@ def test_numpy_entry_point_dispatches_to_torch():
     torch.testing.assert_close(via_core, signed_distance_map(labels, 3))
 
 
+def test_reference_switch():
+    labels = np.random.default_rng(3).integers(0, 3, (2, 9, 7))
+    np.testing.assert_array_equal(
+        ref.signed_distance_map(labels, 3, (1.0, 2.0), reference=True), ref.signed_distance_map(labels, 3, (1.0, 2.0))
+    )
+    np.testing.assert_array_equal(ref.distance_map(labels, 3, reference=True), ref.distance_map(labels, 3))
+    with pytest.raises(TypeError, match=r"reference=True takes NumPy or CuPy labels"):
+        ref.signed_distance_map(torch.from_numpy(labels), 3, reference=True)
+    with pytest.raises(TypeError, match=r"reference must be True or False"):
+        ref.distance_map(labels, 3, reference="yes")
+
+
 @pytest.mark.skipif(not fused.is_built(), reason="fused extension not built")
 def test_kernel_is_used_and_is_fast_path_for_absent_classes():
     labels = torch.zeros(1, 40, 40, 40, dtype=torch.long)

@@ -51,7 +51,7 @@ def test_npy_and_npz_equal_the_reference(tmp_path, rng):
     np.save(tmp_path / "a.npy", vol3d)
     np.savez(tmp_path / "b.npz", labels=vol2d, image=np.zeros((11, 6)))  # key "labels" wins
     np.savez(tmp_path / "c.npz", vol3d.astype(np.int32))  # the only array
-    report = precompute_distance_maps([tmp_path], tmp_path / "out", 3, workers=1, progress=False)
+    report = precompute_distance_maps([tmp_path], tmp_path / "out", 3, workers=1, progress=False, engine="scipy")
     assert report.ok and [p.name for p in report.done] == ["a.npy", "b.npz", "c.npz"]
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "a.npy"), _reference(vol3d, 3).astype(np.float32))
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "b.npy"), _reference(vol2d, 3).astype(np.float32))
@@ -217,7 +217,8 @@ def test_resume_skips_finished_outputs_but_not_temporaries(tmp_path, rng):
     (out / ".b.npy.1234-deadbeef.tmp").write_bytes(b"\x93NUMPY half-written")  # a killed run's leftover
     first = precompute_distance_maps([tmp_path], out, 3, workers=1, progress=False)
     assert [p.name for p in first.done] == ["a.npy", "b.npy", "c.npy"] and not first.skipped
-    np.testing.assert_array_equal(np.load(out / "b.npy"), _reference(np.load(tmp_path / "b.npy"), 3).astype("f4"))
+    want = _reference(np.load(tmp_path / "b.npy"), 3)
+    np.testing.assert_allclose(np.load(out / "b.npy"), want, rtol=2e-7, atol=2e-6)  # the float32 kernels
 
     stamp = (out / "a.npy").stat().st_mtime_ns
     (out / "c.npy").unlink()  # as if the first run had stopped before c
@@ -385,3 +386,55 @@ def test_random_patch_on_torch_tensors():
     image, phi = torch.zeros(1, 6, 6), torch.arange(2 * 36.0).reshape(2, 6, 6)
     img_p, phi_p = random_patch((image, phi), (3, 3), start=(1, 2))
     assert img_p.shape == (1, 3, 3) and torch.equal(phi_p, phi[:, 1:4, 2:5])
+
+
+# ---------------------------------------------------------------------------------------
+# engines: the segloss kernels (float32) and scipy (the float64 reference)
+# ---------------------------------------------------------------------------------------
+def _kernels_built() -> bool:
+    try:
+        from segloss_torch import fused
+    except Exception:  # noqa: BLE001
+        return False
+    return fused.is_built()
+
+
+@pytest.mark.skipif(not _kernels_built(), reason="segloss torch kernels not built")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_segloss_engine_equals_the_reference_to_float32_rounding(tmp_path, rng, workers):
+    volumes = {"a": _labels(rng, (12, 9, 7)), "b": _labels(rng, (15, 8)), "c": _labels(rng, (10, 10, 10), 4)}
+    volumes["c"][0, 0, :] = 255
+    for name, vol in volumes.items():
+        np.save(tmp_path / f"{name}.npy", vol)
+    spacing = (0.8, 1.7, 2.5)
+    kw = {"ignore_index": 255, "progress": False, "workers": workers}
+    inputs = [tmp_path / "a.npy", tmp_path / "c.npy"]
+    report = precompute_distance_maps(inputs, tmp_path / "s", 4, spacing=spacing, **kw)
+    assert report.ok and len(report.done) == 2
+    report = precompute_distance_maps([tmp_path / "b.npy"], tmp_path / "s", 4, spacing=(0.8, 1.7), **kw)
+    assert report.ok
+    for name, vol in volumes.items():
+        want = _reference(vol, 4, spacing[: vol.ndim], ignore_index=255)
+        got = np.load(tmp_path / "s" / f"{name}.npy")
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=2e-7, atol=2e-6)
+
+
+def test_engine_choice(tmp_path, rng, monkeypatch):
+    vol = _labels(rng, (7, 6, 5))
+    np.save(tmp_path / "v.npy", vol)
+    # float64 output always comes from the float64 reference, bit for bit
+    precompute_distance_maps([tmp_path / "v.npy"], tmp_path / "o", 3, dtype="float64", workers=1, progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "o" / "v.npy"), _reference(vol, 3))
+    precompute_distance_maps([tmp_path / "v.npy"], tmp_path / "p", 3, engine="scipy", workers=1, progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "p" / "v.npy"), _reference(vol, 3).astype(np.float32))
+    with pytest.raises(ValueError, match=r"engine must be one of auto, segloss, scipy, got 'edt'"):
+        precompute_distance_maps([tmp_path / "v.npy"], tmp_path / "q", 3, engine="edt")
+    from segloss_torch import fused
+
+    monkeypatch.setattr(fused, "is_built", lambda: False)
+    with pytest.raises(ValueError, match=r"engine='segloss' needs the segloss torch kernels"):
+        precompute_distance_maps([tmp_path / "v.npy"], tmp_path / "q", 3, engine="segloss")
+    report = precompute_distance_maps([tmp_path / "v.npy"], tmp_path / "r", 3, workers=1, progress=False)  # auto
+    assert report.ok
+    np.testing.assert_array_equal(np.load(tmp_path / "r" / "v.npy"), _reference(vol, 3).astype(np.float32))

@@ -43,7 +43,9 @@ def _global_batch(sizes: list[int], seed: int = 0):
     total = sum(sizes)
     x = torch.randn(total, 4, 6, 5, 4, generator=g, dtype=torch.float64) * 2
     y = torch.randint(0, 4, (total, 6, 5, 4), generator=g)
-    y[0][y[0] == 3] = 1  # class 3 absent from the first sample (and so from rank 0's slice)
+    rank0 = y[: sizes[0]]
+    rank0[rank0 == 3] = 1  # class 3 absent from every sample of rank 0 (present on the other ranks)
+    assert not (y[: sizes[0]] == 3).any() and (len(sizes) == 1 or (y[sizes[0] :] == 3).any())
     y[:, 0, 0] = 255  # ignored voxels everywhere
     return x, y
 

@@ -313,3 +313,32 @@ def test_mixed_activation_compound_reproduces_monai_dice_focal(seed, channels, s
         [("dice", 1.0, {"activation": "softmax"}), ("focal", 1.0, {"activation": "sigmoid"})], backend="torch"
     )
     _assert_same(monai, y[:, None], ours, y, x, rtol=1e-6, atol=1e-7)
+
+
+PRESET_CASES = [
+    # (loss, preset, MONAI loss as users call it, MONAI wants a one-hot-able (B, 1, ...) target)
+    ("dice", "monai", lambda: monai_losses.DiceLoss(softmax=True, to_onehot_y=True)),
+    ("dice_ce", "monai", lambda: monai_losses.DiceCELoss(softmax=True, to_onehot_y=True)),
+    ("generalized_dice", "monai", lambda: monai_losses.GeneralizedDiceLoss(softmax=True, to_onehot_y=True)),
+    ("tversky", "monai", lambda: monai_losses.TverskyLoss(softmax=True, to_onehot_y=True)),
+    ("focal", "monai", lambda: monai_losses.FocalLoss(to_onehot_y=True)),
+    ("focal", "monai_softmax", lambda: monai_losses.FocalLoss(to_onehot_y=True, use_softmax=True)),
+    ("dice_focal", "monai_sigmoid", lambda: monai_losses.DiceFocalLoss(sigmoid=True, to_onehot_y=True)),
+    ("hausdorff_dt", "monai", lambda: monai_losses.HausdorffDTLoss(softmax=True, to_onehot_y=True)),
+    ("log_hausdorff_dt", "monai", lambda: monai_losses.LogHausdorffDTLoss(softmax=True, to_onehot_y=True)),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "preset", "monai_factory"), PRESET_CASES, ids=[f"{c[0]}-{c[1]}" for c in PRESET_CASES]
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_monai_presets_are_monai_defaults(name, preset, monai_factory, seed):
+    """Each 'monai' preset is the MONAI class with its defaults, called with the activation and to_onehot_y."""
+    x, y = _problem(seed, 3, (5, 4, 3), 2)
+    if seed == 1:
+        y[0][y[0] == 2] = 0  # a class absent from one sample
+    # parts MONAI computes in float32: GDL weights, the focal term, the distance fields
+    float32_inside = name in ("generalized_dice", "focal", "dice_focal", "hausdorff_dt", "log_hausdorff_dt")
+    tol = {"rtol": 1e-5, "atol": 1e-7} if float32_inside else {}
+    _assert_same(monai_factory(), y[:, None], get_loss(name, backend="torch", preset=preset), y, x, **tol)

@@ -91,3 +91,19 @@ def test_dc_and_topk():
     # DC_and_topk_loss uses SoftDiceLoss (not the memory-efficient one): the same formula
     ours = get_loss("dice_topk", backend="torch", preset="nnunet")
     _compare(theirs, ours, x, y, y[:, 0])
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_dc_and_ce_nosmooth(batch_dice):
+    """nnUNetTrainerDiceCELoss_noSmooth: DC_and_CE_loss with MemoryEfficientSoftDiceLoss(smooth=0)."""
+    x, y = _problem(8)
+    theirs = DC_and_CE_loss(
+        {"batch_dice": batch_dice, "smooth": 0, "do_bg": False, "ddp": False},
+        {},
+        weight_ce=1,
+        weight_dice=1,
+        ignore_label=None,
+        dice_class=MemoryEfficientSoftDiceLoss,
+    )
+    ours = get_loss("dice_ce", backend="torch", preset="nnunet_nosmooth", batch=batch_dice)
+    _compare(theirs, ours, x, y, y[:, 0])

@@ -1,4 +1,4 @@
-"""Each Dice preset against a literal transcription of its library's code (value and gradient).
+"""Each preset against a literal transcription of its library's code (value and gradient).
 
 The transcriptions below follow the quoted source lines (file and version in each
 docstring; the preset's ``source`` says the same). MONAI is tested directly in
@@ -27,8 +27,8 @@ def _onehot(y, channels):
     return F.one_hot(y, channels).movedim(-1, 1).double()
 
 
-def _check(preset, reference, x, y, rtol=1e-12, **params):
-    ours = get_loss("dice", backend="torch", preset=preset, **params)
+def _check(preset, reference, x, y, rtol=1e-12, loss="dice", **params):
+    ours = get_loss(loss, backend="torch", preset=preset, **params)
     xa = x.clone().requires_grad_(True)
     xb = x.clone().requires_grad_(True)
     va, vb = ours(xa, y), reference(xb, y)
@@ -169,6 +169,95 @@ def test_boundary_loss():
     _check("boundary_loss", boundary_loss_dice, x, y)
 
 
+def smp_jaccard(x, y, eps=1e-7):
+    """segmentation_models_pytorch v0.5.0 losses/jaccard.py JaccardLoss(mode='multiclass') with
+    _functional.py soft_jaccard_score = soft_tversky_score(alpha=beta=1): dims=(0, 2), L1 intersection,
+    I/clamp_min(I + FP + FN, eps), absent classes zeroed (mask = y_true.sum(dims) > 0), mean."""
+    bs, num_classes = x.shape[:2]
+    y_pred = x.log_softmax(dim=1).exp().reshape(bs, num_classes, -1)
+    y_true = F.one_hot(y.reshape(bs, -1), num_classes).permute(0, 2, 1).type_as(y_pred)
+    dims = (0, 2)
+    output_sum, target_sum = y_pred.sum(dims), y_true.sum(dims)
+    intersection = (output_sum + target_sum - torch.linalg.vector_norm(y_pred - y_true, ord=1, dim=dims)) / 2
+    fp, fn = output_sum - intersection, target_sum - intersection
+    loss = 1.0 - intersection / (intersection + fp + fn).clamp_min(eps)
+    return (loss * (y_true.sum(dims) > 0).to(loss.dtype)).mean()
+
+
+def test_jaccard_smp():
+    x, y = _problem(seed=8)
+    _check("smp", smp_jaccard, x, y, loss="jaccard")
+
+
+def abraham_focal_tversky(x, y):
+    """nabsabraham/focal-tversky-unet losses.py: tversky() over K.flatten of everything, smooth 1,
+    alpha = 0.7 on false negatives, (1 − alpha) on false positives; focal_tversky = (1 − TI)^0.75."""
+    p = torch.sigmoid(x).reshape(-1)
+    t = y.double().reshape(-1)
+    true_pos = (t * p).sum()
+    false_neg = (t * (1 - p)).sum()
+    false_pos = ((1 - t) * p).sum()
+    alpha = 0.7
+    tversky = (true_pos + 1) / (true_pos + alpha * false_neg + (1 - alpha) * false_pos + 1)
+    return (1 - tversky) ** 0.75
+
+
+def test_focal_tversky_abraham2019():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 1, 6, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (3, 6, 5), generator=g)
+    _check("abraham2019", abraham_focal_tversky, x, y, loss="focal_tversky")
+
+
+def salehi_tversky(x, y, alpha=0.3, beta=0.7, smooth=1e-5):
+    """Salehi et al. 2017 eq. (3) per sample and class: TI = Σpg/(Σpg + alpha·Σp(1 − g) + beta·Σ(1 − p)g), alpha
+    on false positives (0.3) and beta on false negatives (0.7), with MONAI TverskyLoss's smoothing 1e-5 and
+    mean of 1 − TI over (sample, class) — the segloss defaults the preset keeps."""
+    p = torch.softmax(x, 1).flatten(2)
+    g = _onehot(y, x.shape[1]).flatten(2)
+    tp = (p * g).sum(2)
+    fp = (p * (1 - g)).sum(2)
+    fn = ((1 - p) * g).sum(2)
+    return (1 - (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)).mean()
+
+
+def test_tversky_salehi2017_weights_false_negatives_more():
+    x, y = _problem(seed=10)
+    _check("salehi2017", salehi_tversky, x, y, loss="tversky")
+    # the asymmetry matters: swapping alpha and beta changes the value
+    swapped = get_loss("tversky", backend="torch", alpha=0.7, beta=0.3)(x, y)
+    assert abs(float(swapped) - float(salehi_tversky(x, y))) > 1e-3
+
+
+@pytest.mark.parametrize("ignore_index", [None, 255])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_torch(ignore_index, label_smoothing, weighted):
+    """torch.nn.CrossEntropyLoss (the 'torch' preset): weighted mean over valid voxels, PyTorch's label smoothing."""
+    x, y = _problem(seed=11)
+    if ignore_index is not None:
+        y[0, :2] = ignore_index
+    weight = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64) if weighted else None
+    reference = torch.nn.CrossEntropyLoss(
+        weight=weight, ignore_index=-100 if ignore_index is None else ignore_index, label_smoothing=label_smoothing
+    )
+    params = {"ignore_index": ignore_index, "label_smoothing": label_smoothing}
+    if weighted:
+        params["class_weights"] = weight.tolist()
+    _check("torch", reference, x, y, loss="cross_entropy", **params)
+
+
+@pytest.mark.parametrize("pos_weight", [None, [2.0, 0.5]])
+def test_bce_torch(pos_weight):
+    """torch.nn.BCEWithLogitsLoss (the 'torch' preset) on (B, C, *spatial) multi-label targets."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 2, 5, 4, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 2, x.shape, generator=g).double()
+    pw = None if pos_weight is None else torch.tensor(pos_weight, dtype=torch.float64)[:, None, None]
+    reference = torch.nn.BCEWithLogitsLoss(pos_weight=pw)
+    _check("torch", reference, x, t, loss="bce", pos_weight=pos_weight)
+
+
 def test_every_dice_preset_has_a_source_and_a_test():
     from segloss_core import describe
 
@@ -187,3 +276,47 @@ def test_every_dice_preset_has_a_source_and_a_test():
     presets = {p.name: p for p in describe("dice").presets}
     assert set(presets) == tested
     assert all(p.source for p in presets.values())
+
+
+# Where each built-in preset is checked against its source (a transcription here, or the library itself).
+PRESET_TESTS = {
+    **{("dice", name): "tests/test_presets.py" for name in ("nnunet", "nnunet_nosmooth", "smp", "keras", "ivadomed")},
+    **{("dice", name): "tests/test_presets.py" for name in ("vnet", "isensee2017", "diceloss_cpp", "boundary_loss")},
+    ("dice", "monai"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("dice_ce", "monai"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("generalized_dice", "monai"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("tversky", "monai"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("focal", "monai"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("focal", "monai_softmax"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("dice_focal", "monai_sigmoid"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("hausdorff_dt", "monai"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("log_hausdorff_dt", "monai"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("dice_ce", "nnunet"): "tests/test_nnunet.py::test_dc_and_ce",
+    ("dice_ce", "nnunet_nosmooth"): "tests/test_nnunet.py::test_dc_and_ce_nosmooth",
+    ("topk_ce", "nnunet"): "tests/test_nnunet.py::test_topk",
+    ("dice_topk", "nnunet"): "tests/test_nnunet.py::test_dc_and_topk",
+    ("jaccard", "smp"): "tests/test_presets.py::test_jaccard_smp",
+    ("tversky", "salehi2017"): "tests/test_presets.py::test_tversky_salehi2017_weights_false_negatives_more",
+    ("focal_tversky", "abraham2019"): "tests/test_presets.py::test_focal_tversky_abraham2019",
+    ("cross_entropy", "torch"): "tests/test_presets.py::test_cross_entropy_torch",
+    ("bce", "torch"): "tests/test_presets.py::test_bce_torch",
+    ("lovasz_softmax", "berman2018"): "tests/test_voxelwise.py::test_lovasz_matches_berman",
+    ("boundary", "kervadec2019"): "tests/test_distance_losses.py::test_boundary_matches_liviaets",
+    ("generalized_dice_boundary", "kervadec2019"): "tests/test_distance_losses.py::test_kervadec2019_recipe",
+}
+
+
+def test_every_builtin_preset_is_checked_against_its_source():
+    from pathlib import Path
+
+    from segloss_core import describe, list_losses
+    from segloss_core.losses import BUILTIN_SPECS
+
+    builtin = {spec.name for spec in BUILTIN_SPECS}
+    presets = {(name, p.name) for name in list_losses() if name in builtin for p in describe(name).presets}
+    assert presets == set(PRESET_TESTS)
+    root = Path(__file__).resolve().parent.parent
+    for where in set(PRESET_TESTS.values()):
+        path, _, test = where.partition("::")
+        source = (root / path).read_text()
+        assert not test or f"def {test}(" in source, where

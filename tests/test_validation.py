@@ -144,16 +144,37 @@ def test_non_array_inputs(backend, good):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
-def test_non_finite_logits_give_non_finite_loss(backend, good, bad_value):
-    """Documented behaviour: no finiteness check (a pass over the logits); the loss shows it."""
+@pytest.mark.parametrize(("activation", "bad_value"), [("softmax", np.nan), ("softmax", np.inf), ("sigmoid", np.nan)])
+def test_undefined_logits_give_non_finite_loss(backend, good, activation, bad_value):
+    """Documented behaviour: no finiteness check (a pass over the logits). NaN, or +inf under softmax
+    (inf − inf), has no probability: the loss shows it."""
     pred, labels = good
     pred = pred.copy()
     pred[0, 1, 2, 2] = bad_value
     for name in ("dice", "cross_entropy", "dice_ce"):
-        loss = get_loss(name, backend=backend)
+        loss = get_loss(name, backend=backend, activation=activation)
         p, t, _ = _arrays(backend, pred, labels)
         assert not np.isfinite(float(loss(p, t))), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("activation", "bad_value"), [("softmax", -np.inf), ("sigmoid", np.inf), ("sigmoid", -np.inf)])
+def test_saturating_infinite_logits_act_as_their_limit(backend, good, activation, bad_value):
+    """An infinity that only saturates the activation is its limit, p = 0 or 1 exactly: the loss equals the
+    loss at logit ±1e30 (finite for region losses, +inf for a log term on a zero probability)."""
+    pred, labels = good
+    at_inf, at_big = pred.copy(), pred.copy()
+    at_inf[0, 1, 2, 2] = bad_value
+    at_big[0, 1, 2, 2] = np.sign(bad_value) * 1e30
+    for name in ("dice", "tversky", "cross_entropy", "dice_ce"):
+        loss = get_loss(name, backend=backend, activation=activation)
+        p_inf, t, _ = _arrays(backend, at_inf, labels)
+        p_big, _, _ = _arrays(backend, at_big, labels)
+        v_inf, v_big = float(loss(p_inf, t)), float(loss(p_big, t))
+        if np.isfinite(v_big) and v_big < 1e20:
+            assert v_inf == pytest.approx(v_big, rel=1e-12), name
+        else:  # −log p at the true class with p = 0
+            assert v_inf == np.inf, name
 
 
 def test_torch_rejects_numpy_and_mixed_inputs(good):

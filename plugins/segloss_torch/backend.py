@@ -45,6 +45,7 @@ class TorchBackend(Backend):
     conformance_dtypes = (
         ConformanceDtype("float64", 1e-7, 1e-9),
         ConformanceDtype("float32", 2e-4, 2e-5),
+        ConformanceDtype("float16", 1e-2, 2e-3),
         ConformanceDtype("bfloat16", 5e-2, 2e-2),
     )
 

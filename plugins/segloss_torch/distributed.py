@@ -75,5 +75,7 @@ def gather_statistics(stats: dict[str, torch.Tensor], group: Any = None) -> dict
 
 
 def bytes_per_step(batch: int, classes: int, statistics: int, world_size: int, dtype_size: int = 4) -> int:
-    """Bytes each rank receives per forward (the backward all-reduce moves the same order)."""
+    """Bytes each rank receives per forward: ``batch`` is the largest per-rank batch (every rank's rows
+    are padded to it), ``statistics`` the K of the (B, C, K) tensor, ``dtype_size`` 4 (8 for float64
+    inputs). The backward all-reduce moves the same order of bytes."""
     return world_size * (8 + batch * classes * statistics * dtype_size)

@@ -1,10 +1,11 @@
 """Native statistics: plain torch ops with autograd (the fallback when no fused kernel runs).
 
-Accumulates in float32 for float16/bfloat16 inputs (float64 stays float64), builds the
-one-hot target under ``no_grad`` in the accumulation dtype with the voxel weights folded
-in, and never indexes with an ignored label (ignored voxels get class 0 before one-hot and
-weight 0). Memory: about three copies of the logits (activation, its saved output, the
-weighted one-hot), which is what the fused path avoids.
+Accumulates in float32 for float16/bfloat16 inputs (float64 stays float64). Integer labels
+take a sparse path: the target-side statistics are gathered at each voxel's label (no one-hot
+is built) and ignored voxels get class 0 with weight 0, so no kernel ever indexes with an
+ignored label; float (one-hot or soft) targets are used as given. Memory: the activation, its
+saved output and autograd's intermediates, about 3–5 copies of the logits beyond the gradient
+(docs/benchmarks.md), which is what the fused path avoids.
 """
 
 from __future__ import annotations

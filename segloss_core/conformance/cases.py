@@ -69,11 +69,12 @@ class Case:
         parts.append(self.kind)
         return "-".join(parts)
 
-    def reproducer(self, backend: str, dtype: str) -> str:
+    def reproducer(self, backend: str, dtype: str, options: Mapping[str, Any] | None = None) -> str:
+        extra = f", {dict(options)!r}" if options else ""
         return (
             "from segloss_core.conformance import Case, check_case\n"
             f"case = Case({self.loss!r}, {self.preset!r}, {dict(self.params)!r}, {self.kind!r}, seed={self.seed})\n"
-            f"print(check_case({backend!r}, case, {dtype!r}))"
+            f"print(check_case({backend!r}, case, {dtype!r}{extra}))"
         )
 
 

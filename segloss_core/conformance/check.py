@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,7 @@ class Outcome:
 class Report:
     backend: str
     outcomes: list[Outcome] = field(default_factory=list)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def failures(self) -> list[Outcome]:
@@ -46,11 +48,13 @@ class Report:
         return f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped"
 
     def __str__(self) -> str:
-        lines = [f"segloss conformance of backend {self.backend!r}: {self.summary()}"]
+        options = f" with {dict(self.options)}" if self.options else ""
+        lines = [f"segloss conformance of backend {self.backend!r}{options}: {self.summary()}"]
         for failure in self.failures:
             lines.append(f"  {failure}")
             lines.append("    reproduce:")
-            lines += ["      " + line for line in failure.case.reproducer(failure.backend, failure.dtype).splitlines()]
+            reproducer = failure.case.reproducer(failure.backend, failure.dtype, self.options)
+            lines += ["      " + line for line in reproducer.splitlines()]
         return "\n".join(lines)
 
 
@@ -88,8 +92,16 @@ def _compare(got: np.ndarray, want: np.ndarray, tol: ConformanceDtype, scale: fl
     return True, worst, ""
 
 
-def check_case(backend_name: str, case: Case, dtype: str | ConformanceDtype = "float64") -> Outcome:
-    """Run one case on one dtype: compare value and gradient with the float64 reference."""
+def check_case(
+    backend_name: str,
+    case: Case,
+    dtype: str | ConformanceDtype = "float64",
+    options: Mapping[str, Any] | None = None,
+) -> Outcome:
+    """Run one case on one dtype: compare value and gradient with the float64 reference.
+
+    ``options`` are backend options (e.g. ``{"impl": "native"}`` for torch), passed to every build.
+    """
     reg = registry()
     backend: Backend = reg.backend(backend_name)
     if isinstance(dtype, str):
@@ -120,7 +132,7 @@ def check_case(backend_name: str, case: Case, dtype: str | ConformanceDtype = "f
     except ValueError as exc:
         return Outcome(case, backend_name, tol.name, "skip", "invalid", f"inputs refused by the reference: {exc}")
     try:
-        loss = reg.build(plan, backend_name)
+        loss = reg.build(plan, backend_name, options)
         got_value, got_grad = backend.run_for_conformance(loss, pred, target, mask, tol.name)
     except Exception as exc:  # noqa: BLE001 - any backend error is a failure to report
         return Outcome(case, backend_name, tol.name, "fail", "error", f"{type(exc).__name__}: {exc}")
@@ -169,15 +181,17 @@ def check_backend(
     dtypes: Sequence[str] | None = None,
     *,
     quick: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> Report:
-    """Every case of every loss the backend supports, on each of its conformance dtypes."""
+    """Every case of every loss the backend supports, on each of its conformance dtypes
+    (``options``: backend options for every build, e.g. ``{"impl": "native"}``)."""
     reg = registry()
     backend = reg.backend(backend_name)
     names = [n for n in (losses or reg.loss_names()) if reg._supports(backend, reg.loss(n))]
     wanted = [d for d in backend.conformance_dtypes if dtypes is None or d.name in dtypes]
-    report = Report(backend_name)
+    report = Report(backend_name, options=dict(options or {}))
     for case in cases_for(names, quick=quick):
         case = materialise(case)
         for dtype in wanted:
-            report.outcomes.append(check_case(backend_name, case, dtype))
+            report.outcomes.append(check_case(backend_name, case, dtype, options))
     return report

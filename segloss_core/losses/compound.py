@@ -157,8 +157,12 @@ GENERALIZED_DICE_BOUNDARY = build_compound(
         Preset(
             "kervadec2019",
             {"lambda_region": 1.0, "lambda_boundary": 0.01, "include_background": False},
-            "GDL + α·BL with α = 0.01 at epoch 0; use segloss_core.schedules.RebalanceSchedule to raise α",
-            "LIVIAETS/boundary-loss main.py / scheduler.py (171c32d)",
+            "GDL (MONAI weights 1/G², foreground classes) + α·BL (foreground classes) with α = 0.01 at epoch 0; "
+            "raise α with segloss_core.schedules.RebalanceSchedule. The authors' isles.make/wmh.make recipe keeps "
+            "the background in its GeneralizedDice (idc=[0, 1]): segloss_core.compound([('generalized_dice', 1, "
+            "{'include_background': True, 'smooth_nr': 1e-10, 'smooth_dr': 1e-10}), ('boundary', 0.01, {})]) "
+            "reproduces it (their 1/(G + 1e-10)² weights give an absent class a weight of 1e20; MONAI's do not)",
+            "LIVIAETS/boundary-loss losses.py, isles.make, scheduler.py (171c32d)",
         ),
     ),
     references=("Kervadec et al. Boundary loss for highly unbalanced segmentation. MIDL 2019",),

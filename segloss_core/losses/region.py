@@ -496,8 +496,9 @@ FOCAL_TVERSKY = LossSpec(
     summary="Focal Tversky loss: (1 − Tversky index)^gamma per class",
     params=(
         *COMMON,
-        replace(ALPHA, default=0.7, examples=(0.5,)),
-        replace(BETA, default=0.3, examples=(0.5,)),
+        # Abraham & Khan weight false negatives by 0.7 (their alpha); here alpha is always the FP weight
+        replace(ALPHA, default=0.3, examples=(0.5,)),
+        replace(BETA, default=0.7, examples=(0.5,)),
         FOCAL_GAMMA,
     ),
     formula="loss_c = max(1 − TI_c, 0)^gamma with TI as tversky (gradient 0 where 1 − TI_c = 0).  " + _PIPELINE_TEXT,
@@ -505,9 +506,20 @@ FOCAL_TVERSKY = LossSpec(
     presets=(
         Preset(
             "abraham2019",
-            {"alpha": 0.7, "beta": 0.3, "gamma": 0.75, "smooth_nr": 1.0, "smooth_dr": 1.0},
-            "Abraham & Khan 2019: alpha = 0.7, beta = 0.3, gamma = 4/3 as exponent 1/gamma = 0.75, smooth 1",
-            "arXiv:1810.07842; nabsabraham/focal-tversky-unet losses.py",
+            {
+                "activation": "sigmoid",
+                "batch": True,
+                "average": "micro",
+                "alpha": 0.3,
+                "beta": 0.7,
+                "gamma": 0.75,
+                "smooth_nr": 1.0,
+                "smooth_dr": 1.0,
+            },
+            "Abraham & Khan 2019 focal_tversky: everything flattened (single sigmoid channel), "
+            "TI = (TP + 1)/(TP + 0.7·FN + 0.3·FP + 1), loss (1 − TI)^0.75 (their gamma 4/3 as the exponent 1/gamma); "
+            "their alpha = 0.7 weights false negatives, which is beta here",
+            "arXiv:1810.07842; nabsabraham/focal-tversky-unet losses.py (tversky, focal_tversky)",
         ),
     ),
     required_statistics=statistics_needed,

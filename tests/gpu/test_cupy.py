@@ -46,14 +46,22 @@ def test_matches_the_reference(name, dtype):
     np.testing.assert_allclose(cupy.asnumpy(grad).astype(np.float64), want_grad, rtol=tol * 10, atol=tol)
 
 
-@pytest.mark.parametrize("spacing", [None, (0.8, 0.8, 2.5)])
-def test_distance_maps_match_cupyx_and_scipy(spacing):
+@pytest.mark.parametrize(
+    ("spatial", "spacing"),
+    [((24, 20, 13), None), ((24, 20, 13), (0.8, 0.8, 2.5)), ((40, 33), None), ((40, 33), (0.7, 1.9))],
+)
+def test_distance_maps_match_cupyx_and_scipy(spatial, spacing):
     from segloss_cupy import distance_map, mask_distance_map, signed_distance_map
 
     rng = np.random.default_rng(1)
-    labels = rng.integers(0, 4, size=(2, 24, 20, 13))
+    labels = rng.integers(0, 4, size=(2, *spatial))
     labels[1][labels[1] == 3] = 0  # an absent class
     gpu = cupy.asarray(labels)
+    cupyx_phi = ref.signed_distance_map(gpu, 4, spacing, reference=True)  # cupyx's exact EDT, float64
+    assert isinstance(cupyx_phi, cupy.ndarray) and cupyx_phi.dtype == cupy.float64
+    np.testing.assert_allclose(
+        cupy.asnumpy(signed_distance_map(gpu, 4, spacing)), cupy.asnumpy(cupyx_phi), rtol=2e-6, atol=2e-6
+    )
     for convention in ref.CONVENTIONS:
         got = cupy.asnumpy(signed_distance_map(gpu, 4, spacing, convention=convention))
         np.testing.assert_allclose(
@@ -65,7 +73,7 @@ def test_distance_maps_match_cupyx_and_scipy(spacing):
     d_in, d_out, _, has = ref.class_distances(gpu, 4, spacing)  # cupyx reference
     got = cupy.asnumpy(distance_map(gpu, 4, spacing, region="boundary"))
     np.testing.assert_allclose(got, cupy.asnumpy(cupy.where(has, d_in + d_out, 0)), rtol=2e-6, atol=2e-5)
-    masks = cupy.asarray(rng.random((2, 3, 24, 20, 13)) < 0.3)
+    masks = cupy.asarray(rng.random((2, 3, *spatial)) < 0.3)
     got = cupy.asnumpy(mask_distance_map(masks, spacing))
     np.testing.assert_allclose(got, ref.mask_distance_map(cupy.asnumpy(masks), spacing), rtol=2e-6, atol=2e-6)
 

@@ -30,7 +30,7 @@ def x64(enabled: bool) -> AbstractContextManager[Any]:
 
 class JaxBackend(Backend):
     name = "jax"
-    description = "JAX: the core's array-API formulas on jax.numpy, jit-compiled, differentiated by jax.grad"
+    description = "JAX: the core's array-API formulas on jax.numpy, jit-compiled, differentiated by jax.vjp"
     api_version = API_VERSION
     operators = True  # max_pool/min_pool with jax.lax.reduce_window: array_forward losses (clDice) run here
     conformance_dtypes = (

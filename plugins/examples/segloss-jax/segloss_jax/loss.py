@@ -3,7 +3,7 @@
 The per-voxel stage mirrors ``segloss_core/reference/statistics.py`` (the float64 oracle)
 term by term, with the statistic names and definitions of ``segloss_core/statistics.py``;
 the formulas are the core's own (``spec.from_statistics(jax.numpy, stats, params)``) and
-``array_forward`` losses get :class:`JaxOperators`. ``jax.grad`` differentiates all of it.
+``array_forward`` losses get :class:`JaxOperators`. ``jax.vjp`` differentiates all of it.
 
 >>> import jax.numpy as jnp
 >>> from segloss_core import get_loss
