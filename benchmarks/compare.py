@@ -11,7 +11,10 @@ and labels — plus the forward alone. Times are the median of ``--repeat`` runs
 /proc/self/clear_refs before each run; CUDA: max_memory_allocated) above what was in use before
 the step, as a multiple of the logits' size: 1.0 is the gradient itself, the least any loss can
 allocate. The *floor* row is ``(x * 1.0).sum()`` forward + backward: it does nothing but read the
-logits, allocate and write a gradient. Output format: docs/benchmarks.md.
+logits, allocate and write a gradient. On CUDA, *% copy bw* relates each step to the device's
+measured copy bandwidth (``y.copy_(x)`` on the logits): the bytes a fused step must move (read the
+logits and labels in the forward and again in the backward, write the gradient) divided by the
+step's time, as a percentage of that bandwidth. Output format: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ class Result:
     extra_peak_mb: float
     extra_peak_x_logits: float
     speedup_vs_peer: float | None = None
+    memory_ratio_vs_peer: float | None = None  # the peer's extra peak memory / this row's
     peer: str | None = None
+    percent_of_copy_bandwidth: float | None = None  # CUDA only: minimal bytes / time vs a device copy
 
 
 def _rss_kb(field: str) -> int:
@@ -101,12 +106,49 @@ def median_ms(fn: Callable[[], None], device: str, warmup: int, repeat: int) -> 
     return 1e3 * statistics.median(samples)
 
 
-def _implementations(workload: str, channels: int) -> dict[str, Callable[[], Callable]]:
+def _cupy_loss(workload: str) -> Callable | None:
+    """The CuPy backend on the same CUDA tensors (zero-copy through DLPack), or None without CuPy.
+
+    CuPy allocates through torch's caching allocator here, so ``max_memory_allocated`` sees its
+    memory and the extra-peak column compares like with like. With ``requires_grad`` logits the
+    call is ``value_and_grad`` (a training step), otherwise the forward alone."""
+    try:
+        import cupy
+
+        from segloss_core import list_backends
+
+        if not any(b.name == "cupy" and b.available for b in list_backends()):
+            return None
+        allocator = cupy.cuda.PythonFunctionAllocator(
+            lambda size, device: torch.cuda.caching_allocator_alloc(size, device),
+            lambda pointer, device: torch.cuda.caching_allocator_delete(pointer),
+        )
+        cupy.cuda.set_allocator(allocator.malloc)
+        loss = get_loss(workload, backend="cupy")
+    except Exception as exc:  # noqa: BLE001 - a benchmark row, never a failure of the run
+        print(f"segloss cupy row skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+    def call(x: torch.Tensor, y: torch.Tensor) -> None:
+        xc, yc = cupy.from_dlpack(x.detach()), cupy.from_dlpack(y)
+        if x.requires_grad:
+            loss.value_and_grad(xc, yc)
+        else:
+            loss(xc, yc)
+
+    return call
+
+
+def _implementations(workload: str, channels: int, device: str = "cpu") -> dict[str, Callable[[], Callable]]:
     """name -> factory of a callable loss(logits, labels) for this workload."""
     impls: dict[str, Callable[[], Callable]] = {}
     name = workload
     impls["segloss fused"] = lambda: get_loss(name, backend="torch", impl="fused")
     impls["segloss native"] = lambda: get_loss(name, backend="torch", impl="native")
+    if device == "cuda":
+        cupy_call = _cupy_loss(workload)
+        if cupy_call is not None:
+            impls["segloss cupy"] = lambda: cupy_call
     try:
         from monai.losses import DiceCELoss, DiceLoss
 
@@ -134,6 +176,13 @@ def _implementations(workload: str, channels: int) -> dict[str, Callable[[], Cal
     return impls
 
 
+def copy_bandwidth(x: torch.Tensor, warmup: int, repeat: int) -> float:
+    """Bytes per second of ``y.copy_(x)`` (one read and one write of ``x``) on x's device."""
+    y = torch.empty_like(x)
+    seconds = median_ms(lambda: y.copy_(x), x.device.type, warmup, repeat) / 1e3
+    return 2 * x.numel() * x.element_size() / seconds
+
+
 def run(shapes: list[tuple[int, ...]], workloads: list[str], device: str, warmup: int, repeat: int) -> list[Result]:
     results: list[Result] = []
     for shape in shapes:
@@ -141,14 +190,19 @@ def run(shapes: list[tuple[int, ...]], workloads: list[str], device: str, warmup
         logits = torch.randn(*shape, device=device)
         labels = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=device)
         logit_bytes = logits.numel() * logits.element_size()
+        label_bytes = labels.numel() * labels.element_size()
+        minimal_bytes = 3 * logit_bytes + 2 * label_bytes  # fwd read, bwd read, gradient write
+        bandwidth = copy_bandwidth(logits, warmup, repeat) if device == "cuda" else None
         for workload in workloads:
             rows: list[Result] = []
-            for impl, factory in _implementations(workload, shape[1]).items():
+            for impl, factory in _implementations(workload, shape[1], device).items():
                 loss = factory()
 
                 def step(loss=loss, logits=logits, labels=labels) -> None:
                     x = logits.detach().requires_grad_(True)
-                    loss(x, labels).backward()
+                    out = loss(x, labels)
+                    if out is not None:  # the CuPy row computes value and gradient in one call
+                        out.backward()
 
                 def forward(loss=loss, logits=logits, labels=labels) -> None:
                     with torch.no_grad():
@@ -169,8 +223,11 @@ def run(shapes: list[tuple[int, ...]], workloads: list[str], device: str, warmup
                 )
             peer = next((r for r in rows if r.implementation == "MONAI"), None)
             for r in rows:
+                if bandwidth is not None:
+                    r.percent_of_copy_bandwidth = 100 * minimal_bytes / (r.forward_backward_ms / 1e3) / bandwidth
                 if peer is not None and r is not peer:
                     r.speedup_vs_peer = peer.forward_backward_ms / r.forward_backward_ms
+                    r.memory_ratio_vs_peer = peer.extra_peak_x_logits / max(r.extra_peak_x_logits, 1e-9)
                     r.peer = "MONAI"
             results.extend(rows)
     return results
@@ -187,21 +244,24 @@ def machine() -> str:
 
 
 def format_table(results: list[Result], device: str) -> str:
+    cuda = device == "cuda"
     head = (
         "| workload | shape (B×C×D×H×W) | implementation | fwd+bwd ms | fwd ms | extra peak MB | × logits "
-        "| speed-up vs MONAI |"
+        "| speed-up vs MONAI | memory saving vs MONAI |" + (" % copy bw |" if cuda else "")
     )
     lines = [
         f"device: {device} — {machine() if device == 'cpu' else torch.cuda.get_device_name()}",
         "",
         head,
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""),
     ]
     for r in results:
         speed = f"{r.speedup_vs_peer:.1f}×" if r.speedup_vs_peer is not None else "—"
+        memory = f"{r.memory_ratio_vs_peer:.2f}×" if r.memory_ratio_vs_peer is not None else "—"
+        bw = f" {r.percent_of_copy_bandwidth:.0f} % |" if cuda and r.percent_of_copy_bandwidth is not None else ""
         lines.append(
             f"| {r.workload} | {r.shape} | {r.implementation} | {r.forward_backward_ms:.1f} | {r.forward_ms:.1f} "
-            f"| {r.extra_peak_mb:.0f} | {r.extra_peak_x_logits:.2f} | {speed} |"
+            f"| {r.extra_peak_mb:.0f} | {r.extra_peak_x_logits:.2f} | {speed} | {memory} |{bw}"
         )
     return "\n".join(lines)
 

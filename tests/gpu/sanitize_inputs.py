@@ -1,4 +1,4 @@
-"""Run the fused CUDA kernels on the test inputs, for compute-sanitizer (memcheck, racecheck).
+"""Run the fused CUDA kernels and the EDT on the test inputs, for compute-sanitizer (memcheck, racecheck).
 
 compute-sanitizer --tool memcheck python tests/gpu/sanitize_inputs.py
 """
@@ -33,6 +33,19 @@ def main() -> None:
                 x.grad = None
             soft = torch.rand(*shape, device="cuda").to(dtype)
             get_loss("dice", backend="torch", impl="fused", activation="sigmoid")(x, soft).backward()
+    # the EDT kernels (csrc/cuda/edt.cu): 1-3 spatial dims, odd sizes, ignored voxels, empty and full
+    # classes, every label dtype, anisotropic spacing, and the unsigned and mask variants
+    from segloss_torch import distance_map, mask_distance_map, signed_distance_map
+
+    for spatial in ((37,), (33, 31), (9, 7, 5), (1, 1, 1), (64, 3, 17)):
+        for label_dtype in (torch.uint8, torch.int32, torch.int64):
+            labels = torch.randint(0, 4, (2, *spatial), device="cuda").to(label_dtype)
+            labels[0].view(-1)[0] = 200
+            labels[1] = 2
+            spacing = tuple(0.5 + 0.3 * i for i in range(len(spatial)))
+            signed_distance_map(labels, 4, spacing, ignore_index=200)
+            distance_map(labels, 4, None, region="outside", ignore_index=200)
+        mask_distance_map(torch.rand(2, 3, *spatial, device="cuda") < 0.3, None)
     torch.cuda.synchronize()
     print("sanitizer inputs ran")
 

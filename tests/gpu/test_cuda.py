@@ -109,3 +109,47 @@ def test_torch_compile_on_cuda():
     loss = get_loss("dice_ce", backend="torch", impl="fused")
     compiled = torch.compile(loss, fullgraph=True)
     torch.testing.assert_close(_value_and_grad(compiled, x, y)[1], _value_and_grad(loss, x, y)[1])
+
+
+@pytest.mark.parametrize(
+    ("spatial", "spacing"),
+    [((37,), None), ((40, 33), (0.7, 1.9)), ((24, 20, 13), None), ((24, 20, 13), (0.8, 0.8, 2.5))],
+)
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32, torch.int64])
+def test_distance_maps_on_cuda_match_scipy(spatial, spacing, label_dtype):
+    """The CUDA EDT (csrc/cuda/edt.cu) against scipy: every convention and region, ignore_index,
+    an absent class, a class filling a whole sample, single voxels; the result stays on the GPU."""
+    import numpy as np
+
+    from segloss_core import distance_maps as ref
+    from segloss_torch import distance_map, mask_distance_map, signed_distance_map
+
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 4, size=(3, *spatial))
+    labels[1][labels[1] == 3] = 0  # class 3 absent from sample 1
+    labels[2] = 2  # class 2 fills sample 2 ...
+    labels[2].flat[0] = 1  # ... but for a single voxel of class 1
+    labels[0].flat[-1] = 200  # an ignored voxel
+    gpu = torch.from_numpy(labels).to(label_dtype).cuda()
+    for convention in ref.CONVENTIONS:
+        got = signed_distance_map(gpu, 4, spacing, convention=convention, ignore_index=200)
+        assert got.is_cuda and got.dtype == torch.float32
+        want = ref.signed_distance_map(labels, 4, spacing, convention=convention, ignore_index=200)
+        np.testing.assert_allclose(got.cpu().numpy(), want, rtol=2e-6, atol=2e-6)
+    for region in ref.REGIONS:
+        got = distance_map(gpu, 4, spacing, region=region, ignore_index=200)
+        want = ref.distance_map(labels, 4, spacing, region=region, ignore_index=200)
+        np.testing.assert_allclose(got.cpu().numpy(), want, rtol=2e-6, atol=2e-6)
+    masks = torch.from_numpy(rng.random((2, 3, *spatial)) < 0.3)
+    got = mask_distance_map(masks.cuda(), spacing)
+    np.testing.assert_allclose(got.cpu().numpy(), ref.mask_distance_map(masks.numpy(), spacing), rtol=2e-6, atol=2e-6)
+
+
+def test_distance_maps_cpu_and_cuda_agree_on_a_large_volume():
+    from segloss_torch import signed_distance_map
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 5, (2, 70, 65, 40), generator=g)
+    cpu = signed_distance_map(labels, 5, (0.8, 0.8, 2.5))
+    cuda = signed_distance_map(labels.cuda(), 5, (0.8, 0.8, 2.5))
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=2e-6, atol=2e-6)
