@@ -40,6 +40,32 @@ def test_demo_small(capsys):
     assert "dice_ce" in out and "torch" in out and "numpy" in out and "|Δ ref|" in out
 
 
+def test_demo_runs_every_available_backend(capsys, monkeypatch):
+    """A third-party backend (here a throwaway one, registered through the plugin manager) gets rows."""
+    from segloss_core import hookimpl, plugin_manager
+    from segloss_core.numpy_backend import NumpyBackend
+
+    class ThirdParty(NumpyBackend):
+        name = "thirdparty"
+        description = "a throwaway backend"
+
+    class Plugin:
+        @hookimpl
+        def segloss_register_backends(self, register):
+            register(ThirdParty())
+
+    plugin = Plugin()
+    plugin_manager().register(plugin, name="thirdparty-demo")
+    try:
+        assert main(["demo", "--size", "12", "--repeat", "1"]) == 0
+    finally:
+        plugin_manager().unregister(plugin)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    third = {row[0]: row for row in rows if len(row) > 1 and row[1] == "thirdparty"}
+    assert "dice" in third and third["dice"][4] == "-"  # value and gradient in one call: no forward column
+    assert float(third["dice"][3]) == 0.0  # the reference math again (float32 logits are exact in float64)
+
+
 def test_check_numpy_quick(capsys):
     assert main(["check", "numpy", "--loss", "dice", "--quick"]) == 0
     assert "0 failed" in capsys.readouterr().out

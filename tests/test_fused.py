@@ -143,8 +143,12 @@ def test_torch_compile_inductor_cpu():
 def test_out_of_range_labels_under_compile_raise_in_the_kernel():
     x, y = _problem(shape=(1, 3, 4, 4), dtype=torch.float32)
     y[0, 0, 0] = 7
-    loss = torch.compile(get_loss("dice", backend="torch", impl="fused"), fullgraph=True, backend="aot_eager")
-    with pytest.raises(RuntimeError, match=r"labels outside \[0, 3\).*1 such voxel"):
+    y[0, 1, :2] = -2
+    y[0, 2, 3] = 255  # the ignore label is not an offender
+    loss = torch.compile(
+        get_loss("dice", backend="torch", impl="fused", ignore_index=255), fullgraph=True, backend="aot_eager"
+    )
+    with pytest.raises(RuntimeError, match=r"labels outside \[0, 3\) or ignore_index=255: -2, 7 \(3 voxel\(s\)\)"):
         loss(x, y)
 
 

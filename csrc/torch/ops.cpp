@@ -58,12 +58,28 @@ RegionStatsInputs canonical_inputs(const at::Tensor& logits, const std::optional
   return out;
 }
 
-void check_invalid_labels(const at::Tensor& stats, int64_t valid_max, bool has_ignore, int64_t ignore_index) {
+void check_invalid_labels(const at::Tensor& stats, const at::Tensor& labels, int64_t valid_max, bool has_ignore,
+                          int64_t ignore_index) {
   double invalid = stats.select(2, kInvalid).select(1, 0).sum().item<double>();
   if (invalid > 0) {
+    // error path only: find the offending values (the kernels counted them without indexing)
+    at::Tensor values = labels.to(at::kLong);
+    at::Tensor bad = values.lt(0).logical_or(values.ge(valid_max));
+    if (has_ignore) {
+      bad = bad.logical_and(values.ne(ignore_index));
+    }
+    at::Tensor offending = std::get<0>(at::_unique(values.masked_select(bad).cpu(), /*sorted=*/true));
+    std::string shown;
+    int64_t count = std::min<int64_t>(offending.numel(), 5);
+    for (int64_t i = 0; i < count; ++i) {
+      shown += (i ? ", " : "") + std::to_string(offending[i].item<int64_t>());
+    }
+    if (offending.numel() > count) {
+      shown += ", ...";
+    }
     std::string extra = has_ignore ? " or ignore_index=" + std::to_string(ignore_index) : std::string();
-    TORCH_CHECK(false, "target has labels outside [0, ", valid_max, ")", extra, ": found ",
-                static_cast<int64_t>(invalid), " such voxel(s)");
+    TORCH_CHECK(false, "target has labels outside [0, ", valid_max, ")", extra, ": ", shown, " (",
+                static_cast<int64_t>(invalid), " voxel(s))");
   }
 }
 

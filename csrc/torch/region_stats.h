@@ -35,7 +35,9 @@ at::Tensor region_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& l
                                      const std::optional<at::Tensor>& mask, int64_t activation, int64_t ignore_index,
                                      bool has_ignore);
 
-// Raise (with the count) if the kInvalid slot of ``stats`` is non-zero.
-void check_invalid_labels(const at::Tensor& stats, int64_t valid_max, bool has_ignore, int64_t ignore_index);
+// Raise, naming the offending label values and their count, if the kInvalid slot of ``stats`` is
+// non-zero (the values are looked up in ``labels`` only then).
+void check_invalid_labels(const at::Tensor& stats, const at::Tensor& labels, int64_t valid_max, bool has_ignore,
+                          int64_t ignore_index);
 
 }  // namespace segloss

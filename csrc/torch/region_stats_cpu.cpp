@@ -408,7 +408,8 @@ at::Tensor region_stats_cpu(const at::Tensor& logits, const std::optional<at::Te
     }
   });
   if (check_labels && in.labels.defined()) {
-    check_invalid_labels(out, valid_label_max(in.channels, static_cast<int>(activation)), has_ignore, ignore_index);
+    check_invalid_labels(out, in.labels, valid_label_max(in.channels, static_cast<int>(activation)), has_ignore,
+                         ignore_index);
   }
   return out;
 }

@@ -77,7 +77,8 @@ at::Tensor region_stats_cuda(const at::Tensor& logits, const std::optional<at::T
       cuda::region_stats_forward(args, out.data_ptr(), workspace.data_ptr(), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "segloss::region_stats (CUDA) failed: ", cudaGetErrorString(err));
   if (check_labels && in.labels.defined()) {
-    check_invalid_labels(out, valid_label_max(in.channels, static_cast<int>(activation)), has_ignore, ignore_index);
+    check_invalid_labels(out, in.labels, valid_label_max(in.channels, static_cast<int>(activation)), has_ignore,
+                         ignore_index);
   }
   return out;
 }
