@@ -192,6 +192,18 @@ def class_distances(
     return d_in, d_out, inside, has_boundary
 
 
+CUDA_MAX_VOLUMES = 65535  # the CUDA kernels put one map (label map, or mask) per grid row
+
+
+def check_cuda_volumes(count: int, what: str) -> None:
+    """Refuse, before any launch, more maps in one call than the CUDA grid holds."""
+    if count > CUDA_MAX_VOLUMES:
+        raise ValueError(
+            f"{what}: {count} maps in one call on the GPU, at most {CUDA_MAX_VOLUMES} (the CUDA grid's y "
+            "dimension); split the batch"
+        )
+
+
 def _check_reference(labels: Array, reference: bool) -> None:
     if not isinstance(reference, bool):
         raise TypeError(f"reference must be True or False, got {reference!r}")

@@ -204,3 +204,9 @@ def test_kernel_is_used_and_is_fast_path_for_absent_classes():
     for convention, region in itertools.product(ref.CONVENTIONS, ref.REGIONS):
         assert signed_distance_map(labels, 50, convention=convention)[:, 2:].abs().sum() == 0
         assert distance_map(labels, 50, region=region)[:, 2:].abs().sum() == 0
+
+
+def test_cuda_grid_limit_is_checked_before_any_launch():
+    ref.check_cuda_volumes(ref.CUDA_MAX_VOLUMES, "labels")  # the limit itself is fine
+    with pytest.raises(ValueError, match=r"labels: 65536 maps in one call on the GPU, at most 65535"):
+        ref.check_cuda_volumes(65536, "labels")

@@ -96,6 +96,7 @@ def _label_maps(
     import cupy
 
     reference.check_labels(labels, num_classes, _xp())
+    reference.check_cuda_volumes(int(labels.shape[0]), "labels")
     sizes = tuple(int(s) for s in labels.shape[1:])
     sampling = check_spacing(spacing, len(sizes))
     label_type = str(labels.dtype) if str(labels.dtype) in kernels.LABEL_TYPES else "int64"
@@ -197,6 +198,7 @@ def mask_distance_map(
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     sizes = tuple(int(s) for s in masks.shape[2:])
     sampling = check_spacing(spacing, len(sizes))
+    reference.check_cuda_volumes(int(masks.shape[0] * masks.shape[1]), "masks")
     m = cupy.ascontiguousarray(masks.astype(cupy.uint8))
     volumes, voxels = int(masks.shape[0] * masks.shape[1]), int(np.prod(sizes))
     fns = kernels.functions(kernels.edt_names("int64"))

@@ -46,6 +46,8 @@ def _label_maps(
     reference.check_labels(labels, num_classes, _xp())
     spatial = tuple(labels.shape[1:])
     sampling = check_spacing(spacing, len(spatial))
+    if labels.is_cuda:
+        reference.check_cuda_volumes(int(labels.shape[0]), "labels")
     if fused.is_built():
         maps = torch.ops.segloss.label_distance_maps(
             labels,
@@ -127,6 +129,8 @@ def mask_distance_map(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     sampling = check_spacing(spacing, masks.dim() - 2)
+    if masks.is_cuda:
+        reference.check_cuda_volumes(int(masks.shape[0] * masks.shape[1]), "masks")
     if fused.is_built():
         return torch.ops.segloss.mask_distance_maps(masks, list(sampling), KINDS[kind], float(no_boundary_value))
     field = reference.mask_distance_map(masks.cpu().numpy(), sampling, kind=kind, no_boundary_value=no_boundary_value)
