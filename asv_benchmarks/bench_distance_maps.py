@@ -97,6 +97,14 @@ class DistanceMapCPU(Benchmark):
             if peer("seunglab_edt") is None:
                 raise NotImplementedError("seung-lab edt is not installed")
             self.fn = lambda: seunglab_one_hot2dist(labels, self.k, self.spacing)
+        elif implementation == "segloss-cupy" and self.device == "cuda":
+            try:
+                from segloss_cupy import signed_distance_map as cupy_signed_distance_map
+
+                on_gpu = cupy.asarray(labels)[None]
+            except (ImportError, NameError) as exc:
+                raise NotImplementedError("cupy is not installed") from exc
+            self.fn = lambda: cupy_signed_distance_map(on_gpu, self.k, self.spacing)
         elif implementation == "cupyx" and self.device == "cuda":
             try:
                 on_gpu = cupy.asarray(labels)
@@ -110,13 +118,14 @@ class DistanceMapCPU(Benchmark):
     def time_signed_distance_map(self, cache, implementation, volume, spacing, classes):
         self.fn()
         synchronize(self.device)
-        if implementation == "cupyx":
+        if implementation in ("cupyx", "segloss-cupy"):
             cupy.cuda.Device().synchronize()
 
 
 class DistanceMapCUDA(DistanceMapCPU):
-    """As DistanceMapCPU on the GPU: segloss (one call, all classes) against cupyx per class."""
+    """As DistanceMapCPU on the GPU: segloss through torch and through CuPy (one call, all classes)
+    against cupyx per class."""
 
     version = "1"
     device = "cuda"
-    params: ClassVar[list] = [["segloss", "cupyx"], VOLUMES, SPACINGS, CLASSES]
+    params: ClassVar[list] = [["segloss", "segloss-cupy", "cupyx"], VOLUMES, SPACINGS, CLASSES]

@@ -20,6 +20,7 @@ import torch
 from .common import (
     DTYPES,
     IMPLEMENTATIONS,
+    IMPLEMENTATIONS_CUDA,
     LOSSES,
     SHAPES,
     Benchmark,
@@ -90,10 +91,12 @@ class LossTimeCPU(_LossCase):
 
 
 class LossTimeCUDA(LossTimeCPU):
-    """As LossTimeCPU on the GPU (synchronised before the clock stops); skipped without CUDA."""
+    """As LossTimeCPU on the GPU (synchronised before the clock stops), with the CuPy backend as a
+    fifth implementation; skipped without CUDA."""
 
     version = "1"
     device = "cuda"
+    params: ClassVar[list] = [LOSSES, IMPLEMENTATIONS_CUDA, SHAPES]
 
 
 class LossMemoryCPU(_LossCase):
@@ -125,7 +128,7 @@ class LossMemoryCUDA(_LossCase):
 
     version = "1"
     device = "cuda"
-    params: ClassVar[list] = [LOSSES, IMPLEMENTATIONS, SHAPES]
+    params: ClassVar[list] = [LOSSES, IMPLEMENTATIONS_CUDA, SHAPES]
     param_names: ClassVar[list] = ["loss", "implementation", "shape"]
     warm_up = True
 
@@ -169,7 +172,8 @@ class LossDtypeCPU(_LossCase):
 
 
 class LossDtypeCUDA(LossDtypeCPU):
-    """As LossDtypeCPU on the GPU; skipped without CUDA."""
+    """As LossDtypeCPU on the GPU (and the CuPy backend); skipped without CUDA."""
 
     version = "1"
     device = "cuda"
+    params: ClassVar[list] = [["dice", "dice_ce"], IMPLEMENTATIONS_CUDA, DTYPES]

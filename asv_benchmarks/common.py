@@ -63,6 +63,7 @@ def peer(name: str):
 
 LOSSES = ["dice", "dice_ce", "generalized_dice", "tversky", "boundary", "boundary_precomputed", "hausdorff_dt"]
 IMPLEMENTATIONS = ["segloss-fused", "segloss-native", "monai", "nnunet"]
+IMPLEMENTATIONS_CUDA = [*IMPLEMENTATIONS, "segloss-cupy"]  # the CuPy backend on the same (DLPack) arrays
 # B×C×spatial: 2D 512² (C = 4), 3D 64³ (C = 2), 3D 128³ (C = 14, 117 MB of float32 logits: the
 # largest, where bytes moved decide; benchmarks/compare.py also has 2×4×128³)
 SHAPES = ["4x4x512x512", "2x2x64x64x64", "1x14x128x128x128"]
@@ -188,6 +189,17 @@ def check_combination(loss: str, implementation: str, shape: tuple[int, ...]) ->
         if loss == "hausdorff_dt" and int(np.prod(shape)) > PEER_DISTANCE_MAP_CAP:
             raise NotImplementedError(f"MONAI HausdorffDTLoss above the size cap ({PEER_DISTANCE_MAP_CAP} elements)")
         return
+    if implementation == "segloss-cupy":
+        from segloss_core import list_backends
+        from segloss_core.registry import registry
+
+        if not any(b.name == "cupy" and b.available for b in list_backends()):
+            raise NotImplementedError("the CuPy backend is not available here")
+        reg = registry()
+        name = "boundary" if loss == "boundary_precomputed" else loss
+        if not reg._supports(reg.backend("cupy"), reg.loss(name)):
+            raise NotImplementedError(f"the CuPy backend does not compute {loss}")
+        return
     if implementation == "nnunet":
         if peer("MemoryEfficientSoftDiceLoss") is None:
             raise NotImplementedError("nnU-Net is not installed")
@@ -212,6 +224,8 @@ def make_loss(loss: str, implementation: str, shape: tuple[int, ...], labels: to
     from segloss_core import get_loss
 
     check_combination(loss, implementation, shape)
+    if implementation == "segloss-cupy":
+        return _cupy_loss(loss, shape, labels)
     if implementation.startswith("segloss-"):
         impl = implementation.removeprefix("segloss-")
         if loss == "boundary_precomputed":  # the map from `segloss distmap`, not timed
@@ -230,6 +244,43 @@ def make_loss(loss: str, implementation: str, shape: tuple[int, ...], labels: to
     else:
         module = DC_and_CE_loss(kwargs, {}, dice_class=MemoryEfficientSoftDiceLoss)
     return lambda x, y: module(x, y[:, None])
+
+
+class _GradientDone:
+    """What the CuPy row returns for a step: value and gradient were computed in one call."""
+
+    def backward(self) -> None:
+        pass
+
+
+def _cupy_loss(loss: str, shape: tuple[int, ...], labels: torch.Tensor) -> Callable:
+    """The CuPy backend on the torch tensors' memory (DLPack, zero-copy). CuPy allocates through
+    torch's caching allocator, so ``max_memory_allocated`` measures it like the torch rows."""
+    import cupy
+
+    from segloss_core import get_loss
+
+    allocator = cupy.cuda.PythonFunctionAllocator(
+        lambda size, device: torch.cuda.caching_allocator_alloc(size, device),
+        lambda pointer, device: torch.cuda.caching_allocator_delete(pointer),
+    )
+    cupy.cuda.set_allocator(allocator.malloc)
+    inputs = {}
+    if loss == "boundary_precomputed":
+        from segloss_cupy import signed_distance_map
+
+        inputs["distance_map"] = signed_distance_map(cupy.from_dlpack(labels), shape[1])
+        loss = "boundary"
+    module = get_loss(loss, backend="cupy")
+
+    def call(x: torch.Tensor, y: torch.Tensor):
+        xc, yc = cupy.from_dlpack(x.detach()), cupy.from_dlpack(y)
+        if x.requires_grad:
+            module.value_and_grad(xc, yc, **inputs)
+            return _GradientDone()
+        return module(xc, yc, **inputs)
+
+    return call
 
 
 def step(loss: Callable, logits: torch.Tensor, labels: torch.Tensor) -> None:
