@@ -15,11 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .spec import LossPlan, LossSpec, Param
+from .spec import API_VERSION, LossPlan, LossSpec, Param
 
-API_VERSION = 1
-"""Version of this interface. A backend states the version it was written for in
-``api_version``; the registry refuses backends written for a newer one."""
+__all__ = ["API_VERSION", "Backend", "ConformanceDtype"]
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,16 @@ class Registry:
                 PluginProblem(plugin, "register", f"registered a {type(spec).__name__}, not a LossSpec: {spec!r:.60}")
             )
             return
+        if spec.api_version > API_VERSION:
+            self._problem(
+                PluginProblem(
+                    plugin,
+                    "register",
+                    f"loss {spec.name!r} needs segloss plugin API {spec.api_version}; this segloss provides "
+                    f"{API_VERSION} (upgrade segloss)",
+                )
+            )
+            return
         if spec.name in self._losses and not override:
             self._problem(
                 PluginProblem(

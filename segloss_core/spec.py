@@ -302,6 +302,11 @@ def _plan_from_names(name: str, terms: tuple[tuple[float, str, dict[str, Any], s
 
 StatisticsFn = Callable[[Params], frozenset[str]]
 FormulaFn = Callable[[Any, Mapping[str, Any], Params], Any]
+API_VERSION = 1
+"""Version of the plugin interface (``LossSpec`` and :class:`~segloss_core.backend.Backend`). A
+plugin states the version it was written for in ``api_version``; the registry refuses losses and
+backends written for a newer one."""
+
 ReferenceFn = Callable[..., tuple[Any, Any]]
 FieldsFn = Callable[[Any, Params, Mapping[str, Any]], dict[str, Any]]
 ArrayForwardFn = Callable[[Any, Any, Any, Any, Any, Params], Any]
@@ -344,6 +349,8 @@ class LossSpec:
     """Per-voxel constant fields (e.g. distance maps) the statistics need: called with the
     validated inputs, the parameters and the call-time inputs; returns {name: (B, C, *S) array}
     on the inputs' device and framework (no gradient flows into them)."""
+    api_version: int = API_VERSION
+    """The plugin API this spec was written for (a loss plugin needing a newer segloss sets it)."""
 
     def __post_init__(self) -> None:
         defined = [

@@ -117,6 +117,38 @@ def test_builtin_loss_override_is_refused(registered):
         assert segloss_core.registry().loss("dice").summary != "impostor"
 
 
+class DeliberateOverridePlugin:
+    @hookimpl
+    def segloss_register_losses(self, register):
+        from segloss_core.losses.region import DICE
+
+        register(LossSpec(**{**DICE.__dict__, "summary": "a patched dice"}), override=True)
+
+
+def test_explicit_override_replaces_a_builtin_loss(registered):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", plugin_loading.SeglossPluginWarning)  # no warning: it said so
+        registered(DeliberateOverridePlugin(), "patcher")
+        assert segloss_core.registry().loss("dice").summary == "a patched dice"
+        assert segloss_core.describe("dice").summary == "a patched dice"
+
+
+class FutureLossPlugin:
+    @hookimpl
+    def segloss_register_losses(self, register):
+        from segloss_core.losses.region import DICE
+
+        register(LossSpec(**{**DICE.__dict__, "name": "future_dice", "api_version": 99}))
+
+
+def test_loss_for_a_newer_api_is_refused(registered):
+    with pytest.warns(plugin_loading.SeglossPluginWarning, match="loss 'future_dice' needs segloss plugin API 99"):
+        registered(FutureLossPlugin(), "future-loss")
+        assert "future_dice" not in segloss_core.list_losses()
+
+
 class DuplicateBackendPlugin:
     @hookimpl
     def segloss_register_backends(self, register):
