@@ -11,7 +11,9 @@ maps of all K classes in the boundary-loss convention (LIVIAETS ``one_hot2dist``
 scipy's ``distance_transform_edt`` called per class (twice: inside and outside, as
 ``one_hot2dist``), seung-lab ``edt.edt`` per class (``parallel`` = all cores), cupyx per class
 on the GPU, and ``segloss_torch.signed_distance_map`` (one batched call). Median of
-``--repeat`` runs after one warm-up; every result is checked against scipy's.
+``--repeat`` runs after one warm-up. Every result is compared with scipy's float64 maps: the
+``max |error|`` column, and the exit status is 1 when an error exceeds ``--tolerance`` (relative to
+the largest distance; default 1e-5, several float32 roundings), so a fast wrong answer cannot pass.
 """
 
 from __future__ import annotations
@@ -153,9 +155,10 @@ def run(sizes: list[int], spacings: list[tuple[float, ...]], device: str, repeat
                     out = cupy.zeros((k, *labels_gpu.shape), dtype=cupy.float32)
                     for c in range(k):
                         pos = labels_gpu == c
-                        out[c] = cupy.where(
-                            pos, -(cupy_edt(pos, sampling=spacing) - 1), cupy_edt(~pos, sampling=spacing)
-                        )
+                        if bool(pos.any()) and not bool(pos.all()):  # one_hot2dist: 0 without a boundary
+                            out[c] = cupy.where(
+                                pos, -(cupy_edt(pos, sampling=spacing) - 1), cupy_edt(~pos, sampling=spacing)
+                            )
                     return out
 
                 ms, out = median_ms(cupyx_maps, repeat, cupy.cuda.Device().synchronize)
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--tolerance", type=float, default=1e-5, help="largest error allowed, relative")
     args = parser.parse_args(argv)
     sizes = [64] if args.quick else [128, 256]
     spacings = [(1.0, 1.0, 1.0), (0.8, 0.8, 2.5)]
@@ -220,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=2)
-    return 0
+    scale = max(sizes) * 2.5  # bound on any distance of these volumes (largest extent × spacing)
+    wrong = [r for r in results if r.max_abs_error > args.tolerance * scale]
+    for r in wrong:
+        print(f"ERROR: {r.implementation} on {r.shape} {r.spacing}: max |error| {r.max_abs_error:.2e} vs scipy")
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":

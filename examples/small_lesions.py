@@ -104,6 +104,11 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=25, help="evaluate every N steps")
     parser.add_argument("--plot", metavar="PNG", help="save the lesion-Dice curves to this file")
     args = parser.parse_args()
+    if args.plot:
+        try:
+            import matplotlib
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'segloss[plot]'")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     train_set, val_set = make_set(48, args.seed), make_set(16, args.seed + 1)
     lesions = int((val_set[1] == 2).sum())
@@ -116,8 +121,6 @@ def main() -> None:
         best = max(v for _, v in curves[name])
         print(f"{name:<34} lesion Dice: final {final:.3f}, best {best:.3f}  ({time.perf_counter() - start:.0f} s)")
     if args.plot:
-        import matplotlib
-
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

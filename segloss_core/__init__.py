@@ -11,6 +11,7 @@ from .backend import API_VERSION, Backend, ConformanceDtype
 from .deep_supervision import deep_supervision_weights
 from .describe import LossDescription, describe
 from .distance_maps import distance_map, mask_distance_map, signed_distance_map
+from .explain import Explanation, explain
 from .hookspecs import hookimpl, hookspec
 from .plugins import PluginProblem, SeglossPluginWarning
 from .registry import (
@@ -38,6 +39,7 @@ __all__ = [
     "BackendInfo",
     "BackendUnavailableError",
     "ConformanceDtype",
+    "Explanation",
     "LossDescription",
     "LossPlan",
     "LossSpec",
@@ -57,6 +59,7 @@ __all__ = [
     "deep_supervision_weights",
     "describe",
     "distance_map",
+    "explain",
     "get_loss",
     "hookimpl",
     "hookspec",

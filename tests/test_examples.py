@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +12,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_small_lesions_example_runs(tmp_path):
+    figure = tmp_path / "curves.png"
+    command = [sys.executable, str(ROOT / "examples" / "small_lesions.py"), "--steps", "4", "--every", "2"]
+    plotting = importlib.util.find_spec("matplotlib") is not None
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "small_lesions.py"), "--steps", "4", "--every", "2"],
-        capture_output=True,
-        text=True,
-        timeout=600,
+        command + (["--plot", str(figure)] if plotting else []), capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr
     assert "lesion Dice: final" in result.stdout
     assert result.stdout.count("lesion Dice") == 6
+    if plotting:
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"saved {figure}" in result.stdout
+
+
+def test_small_lesions_plot_without_matplotlib_fails_before_training(tmp_path):
+    """--plot without matplotlib: a clear message at once, not after minutes of training."""
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "matplotlib.py").write_text("raise ImportError('matplotlib is blocked for this test')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    command = [sys.executable, str(ROOT / "examples" / "small_lesions.py"), "--plot", str(tmp_path / "x.png")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    assert "--plot needs matplotlib: pip install 'segloss[plot]'" in result.stderr
+    assert "lesion Dice" not in result.stdout
