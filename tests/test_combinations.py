@@ -1,4 +1,4 @@
-"""Parameters in any combination: torch (native) against the float64 reference, drawn by hypothesis."""
+"""Parameters in any combination: torch (fused and native) against the float64 reference, drawn by hypothesis."""
 
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ region_params = st.fixed_dictionaries(
     channels=st.integers(2, 4),
     spatial=st.lists(st.integers(1, 4), min_size=1, max_size=3),
     seed=st.integers(0, 2**16),
+    impl=st.sampled_from(["fused", "native"]),
 )
-def test_region_losses_any_combination(params, name, target_kind, use_mask, weighted, channels, spatial, seed):
+def test_region_losses_any_combination(params, name, target_kind, use_mask, weighted, channels, spatial, seed, impl):
     rng = np.random.default_rng(seed)
     if name == "tversky":
         params.pop("squared", None)
@@ -59,7 +60,7 @@ def test_region_losses_any_combination(params, name, target_kind, use_mask, weig
     value = reference(x, target, mask)
     grad_output = np.ones_like(value) if np.ndim(value) else None
     value, grad = reference.value_and_grad(x, target, mask, grad_output=grad_output)
-    loss = get_loss(name, backend="torch", **params)
+    loss = get_loss(name, backend="torch", impl=impl, **params)
     xt = torch.tensor(x, requires_grad=True)
     got = loss(xt, torch.from_numpy(target), None if mask is None else torch.from_numpy(mask))
     got.sum().backward()

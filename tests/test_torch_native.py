@@ -32,11 +32,12 @@ def test_gradcheck_float64(name, impl):
 
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_low_precision_inputs_accumulate_in_float32(name, dtype):
+@pytest.mark.parametrize("impl", ["native", "auto"])
+def test_low_precision_inputs_accumulate_in_float32(name, dtype, impl):
     x, y = _inputs()
     reference = get_loss(name, backend="numpy")
     expected = float(reference(x.to(dtype).double().numpy(), y.numpy()))
-    loss = get_loss(name, backend="torch")
+    loss = get_loss(name, backend="torch", impl=impl)
     xd = x.to(dtype).requires_grad_(True)
     value = loss(xd, y)
     assert value.dtype == torch.float32
