@@ -25,8 +25,9 @@ template <typename T, typename L, bool LABELS>
 cudaError_t forward_typed(const RegionStatsArgs& args, void* out, void* workspace, cudaStream_t stream) {
   using A = typename AccType<T>::type;
   const int64_t chunks = chunk_count(args), groups = group_count(args);
-  if (args.batch > 65535 || groups > 65535 || chunks > 2147483647LL) return cudaErrorInvalidConfiguration;
-  dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(groups), static_cast<unsigned>(args.batch));
+  if (args.batch > 65535 || chunks * groups > 2147483647LL) return cudaErrorInvalidConfiguration;
+  // the class group varies fastest (see region_stats_partials_kernel)
+  dim3 grid(static_cast<unsigned>(chunks * groups), 1u, static_cast<unsigned>(args.batch));
   A* partials = static_cast<A*>(workspace);
   region_stats_partials_kernel<T, L, A, LABELS><<<grid, kBlock, 0, stream>>>(
       static_cast<const T*>(args.logits), static_cast<const L*>(args.labels), static_cast<const T*>(args.target),

@@ -148,14 +148,18 @@ __device__ __forceinline__ KernelArgs<A> make_kernel_args(const A* mask, int64_t
 #define SEGLOSS_REGION_ARGS_PASS \
   make_kernel_args<A>(mask, mask_batch_stride, batch, channels, voxels, activation, ignore_index, has_ignore, want_ce_neg)
 
-// partials: (B, groups, chunks, kGroup, kNumSlots)
+// partials: (B, groups, chunks, kGroup, kNumSlots). Grid: (chunks · groups, 1, B) with the class
+// group varying fastest, so that the ⌈C/8⌉ blocks of one chunk of voxels run next to each other
+// and the later groups find the chunk's labels and logits in L2: DRAM reads them about once for
+// any C (C <= 8: one group, one read).
 template <typename T, typename L, typename A, bool LABELS>
 __global__ void __launch_bounds__(kBlock) region_stats_partials_kernel(const T* logits, const L* labels, const T* target,
                                                                 SEGLOSS_REGION_ARGS, A* partials) {
   const KernelArgs<A> a = SEGLOSS_REGION_ARGS_PASS;
-  const int64_t chunk = blockIdx.x, group = blockIdx.y, b = blockIdx.z;
-  const int64_t chunks = gridDim.x, groups = gridDim.y;
   const int64_t C = a.channels, N = a.voxels;
+  const int64_t groups = (C + kGroup - 1) / kGroup;
+  const int64_t chunk = blockIdx.x / groups, group = blockIdx.x % groups, b = blockIdx.z;
+  const int64_t chunks = gridDim.x / groups;
   const int64_t c0 = group * kGroup;
   A acc[kGroup][kNumSlots];
 #pragma unroll

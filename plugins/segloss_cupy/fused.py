@@ -105,7 +105,8 @@ def forward(prepared: PreparedInputs, want_ce_neg: bool) -> tuple[Any, Prepared]
     chunks = max(1, -(-p.voxels // CHUNK))
     groups = -(-p.channels // GROUP)
     partials = cupy.empty(p.batch * groups * chunks * GROUP * NUM_SLOTS, dtype=p.acc)
-    fns["partials"]((chunks, groups, p.batch), (BLOCK,), (*p.data_args(), *p.common_args(want_ce_neg), partials))
+    # grid (chunks · groups, 1, B), the class group fastest: as csrc/cuda/region_stats.cu
+    fns["partials"]((chunks * groups, 1, p.batch), (BLOCK,), (*p.data_args(), *p.common_args(want_ce_neg), partials))
     out = cupy.empty((p.batch, p.channels, NUM_SLOTS), dtype=p.acc)
     total = out.size
     fns["finish"](
