@@ -259,12 +259,9 @@ def _cupy_loss(loss: str, shape: tuple[int, ...], labels: torch.Tensor) -> Calla
     import cupy
 
     from segloss_core import get_loss
+    from segloss_cupy import use_torch_allocator
 
-    allocator = cupy.cuda.PythonFunctionAllocator(
-        lambda size, device: torch.cuda.caching_allocator_alloc(size, device),
-        lambda pointer, device: torch.cuda.caching_allocator_delete(pointer),
-    )
-    cupy.cuda.set_allocator(allocator.malloc)
+    use_torch_allocator()
     inputs = {}
     if loss == "boundary_precomputed":
         from segloss_cupy import signed_distance_map

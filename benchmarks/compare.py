@@ -119,11 +119,9 @@ def _cupy_loss(workload: str) -> Callable | None:
 
         if not any(b.name == "cupy" and b.available for b in list_backends()):
             return None
-        allocator = cupy.cuda.PythonFunctionAllocator(
-            lambda size, device: torch.cuda.caching_allocator_alloc(size, device),
-            lambda pointer, device: torch.cuda.caching_allocator_delete(pointer),
-        )
-        cupy.cuda.set_allocator(allocator.malloc)
+        from segloss_cupy import use_torch_allocator
+
+        use_torch_allocator()
         loss = get_loss(workload, backend="cupy")
     except Exception as exc:  # noqa: BLE001 - a benchmark row, never a failure of the run
         print(f"segloss cupy row skipped: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -204,14 +204,28 @@ def check_cuda_volumes(count: int, what: str) -> None:
         )
 
 
-def _check_reference(labels: Array, reference: bool) -> None:
+def _kernel_module(labels: Array, reference: bool) -> Any:
+    """The module whose segloss kernels compute maps of ``labels`` (torch tensors: segloss_torch; CuPy
+    arrays: segloss_cupy where its kernels run), or None for the scipy/cupyx reference here."""
     if not isinstance(reference, bool):
         raise TypeError(f"reference must be True or False, got {reference!r}")
-    if reference and type(labels).__module__.startswith("torch"):
+    is_torch = type(labels).__module__.startswith("torch")
+    if reference and is_torch:
         raise TypeError(
             "reference=True takes NumPy or CuPy labels (scipy or cupyx EDT); for a torch tensor pass "
             "labels.cpu().numpy(), or omit reference to use the segloss kernels on the tensor's device"
         )
+    if reference:
+        return None
+    if is_torch:
+        from segloss_torch import distance_maps as torch_maps
+
+        return torch_maps
+    if type(labels).__module__.startswith("cupy") and _cupy_kernels():
+        from segloss_cupy import distance_maps as cupy_maps
+
+        return cupy_maps
+    return None
 
 
 def signed_distance_map(
@@ -232,23 +246,9 @@ def signed_distance_map(
     ``reference=True`` takes the exact float64 EDT of the array's own library instead of the
     kernels: scipy for NumPy, ``cupyx.scipy.ndimage.distance_transform_edt`` for CuPy.
     """
-    _check_reference(labels, reference)
-    if not reference and type(labels).__module__.startswith("torch"):
-        from segloss_torch.distance_maps import signed_distance_map as torch_signed
-
-        return torch_signed(
-            labels,
-            num_classes,
-            spacing,
-            convention=convention,
-            no_boundary_value=no_boundary_value,
-            normalize=normalize,
-            ignore_index=ignore_index,
-        )
-    if not reference and type(labels).__module__.startswith("cupy") and _cupy_kernels():
-        from segloss_cupy.distance_maps import signed_distance_map as cupy_signed
-
-        return cupy_signed(
+    kernels = _kernel_module(labels, reference)
+    if kernels is not None:
+        return kernels.signed_distance_map(
             labels,
             num_classes,
             spacing,
@@ -279,23 +279,9 @@ def distance_map(
 ) -> Array:
     """Unsigned distance map (B, C, *spatial): ``boundary`` (d_in + d_out), ``inside`` or ``outside``
     (dispatch and ``reference`` as :func:`signed_distance_map`)."""
-    _check_reference(labels, reference)
-    if not reference and type(labels).__module__.startswith("torch"):
-        from segloss_torch.distance_maps import distance_map as torch_unsigned
-
-        return torch_unsigned(
-            labels,
-            num_classes,
-            spacing,
-            region=region,
-            no_boundary_value=no_boundary_value,
-            normalize=normalize,
-            ignore_index=ignore_index,
-        )
-    if not reference and type(labels).__module__.startswith("cupy") and _cupy_kernels():
-        from segloss_cupy.distance_maps import distance_map as cupy_unsigned
-
-        return cupy_unsigned(
+    kernels = _kernel_module(labels, reference)
+    if kernels is not None:
+        return kernels.distance_map(
             labels,
             num_classes,
             spacing,

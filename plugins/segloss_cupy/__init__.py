@@ -18,7 +18,14 @@ unavailable, with the reason (``segloss backends``).
 
 from __future__ import annotations
 
-__all__ = ["distance_map", "from_dlpack", "mask_distance_map", "signed_distance_map", "to_dlpack"]
+__all__ = [
+    "distance_map",
+    "from_dlpack",
+    "mask_distance_map",
+    "signed_distance_map",
+    "to_dlpack",
+    "use_torch_allocator",
+]
 
 
 def __getattr__(name: str):  # lazy: importing segloss_cupy must not import cupy
@@ -41,3 +48,20 @@ def to_dlpack(array):
     import torch
 
     return torch.from_dlpack(array)
+
+
+def use_torch_allocator() -> None:
+    """Make CuPy allocate through torch's CUDA caching allocator (one memory pool for both).
+
+    Mixing torch and CuPy otherwise keeps two caching pools on one GPU, each holding memory the
+    other cannot use; through one pool ``torch.cuda.max_memory_allocated`` also counts CuPy's
+    allocations (how the benchmarks measure the CuPy backend's memory).
+    """
+    import cupy
+    import torch
+
+    allocator = cupy.cuda.PythonFunctionAllocator(
+        lambda size, device: torch.cuda.caching_allocator_alloc(size, device),
+        lambda pointer, device: torch.cuda.caching_allocator_delete(pointer),
+    )
+    cupy.cuda.set_allocator(allocator.malloc)
