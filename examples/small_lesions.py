@@ -6,7 +6,7 @@ Each volume (24³) holds a bright "organ" blob (class 1) and, in about half of t
 rare, small structures that decide whether a convention works. Background is class 0.
 
     python examples/small_lesions.py                 # table of lesion Dice per preset (≈1.5 min on 2 CPU cores)
-    python examples/small_lesions.py --plot out.png  # also save the curves (pip install 'segloss[plot]')
+    python examples/small_lesions.py --plot out.png  # also save the curves (pip install 'segloss-registry[plot]')
 
 The README's figure (docs/figures/small_lesions.png) is this script's output with the defaults.
 """
@@ -108,7 +108,7 @@ def main() -> None:
         try:
             import matplotlib
         except ImportError:
-            parser.error("--plot needs matplotlib: pip install 'segloss[plot]'")
+            parser.error("--plot needs matplotlib: pip install 'segloss-registry[plot]'")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     train_set, val_set = make_set(48, args.seed), make_set(16, args.seed + 1)
     lesions = int((val_set[1] == 2).sum())

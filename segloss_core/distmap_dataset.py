@@ -69,7 +69,7 @@ __all__ = [
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".npz", ".npy")
 """File types :func:`precompute_distance_maps` reads (longest first: ``.nii.gz`` before ``.nii``)."""
 
-NIFTI_INSTALL_HINT = "pip install 'segloss[nifti]'"
+NIFTI_INSTALL_HINT = "pip install 'segloss-registry[nifti]'"
 _MAX_LISTED_VALUES = 10
 
 
@@ -261,7 +261,7 @@ def read_label_volume(
     ``[0, num_classes)`` other than ``ignore_index`` are rejected. Every problem raises
     :class:`LabelFileError` (a ``ValueError``) whose message names the file.
 
-    NIfTI needs the optional dependency nibabel (``pip install 'segloss[nifti]'``). The array is
+    NIfTI needs the optional dependency nibabel (``pip install 'segloss-registry[nifti]'``). The array is
     in the file's voxel order (not reoriented); trailing length-1 axes beyond the third, as in
     (X, Y, Z, 1), are dropped.
     """
@@ -516,7 +516,7 @@ def precompute_distance_maps(
     ``dtype``: shape (C, *spatial), spatial axes in the input array's order.
 
     - Inputs: ``.npy``; ``.npz`` (key ``labels``, else the only array); ``.nii``/``.nii.gz``
-      (nibabel, optional: ``pip install 'segloss[nifti]'``). One sample per file, 1–3 spatial
+      (nibabel, optional: ``pip install 'segloss-registry[nifti]'``). One sample per file, 1–3 spatial
       dims, integer labels in ``[0, num_classes)`` or ``ignore_index``; float labels are
       accepted when every value is integral.
     - ``spacing``: a number (every axis) or one value per axis. Given, it is used for every file,

@@ -16,6 +16,7 @@ Loading is lazy (first use of the registry) and happens once. Each entry point o
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -28,7 +29,9 @@ import pluggy
 from . import hookspecs
 
 GROUP = "segloss"
-DISTRIBUTION = "segloss"
+# The name on the package index. "segloss" there is an unrelated project (0.0.1, 2022): every install
+# hint says this name; the import names (segloss_core, segloss_torch, ...) and the group stay "segloss".
+DISTRIBUTION = "segloss-registry"
 BUILTIN_LOSSES_PLUGIN = "segloss.losses"
 
 
@@ -85,6 +88,11 @@ def _distribution_name(ep: metadata.EntryPoint) -> str:
     return (dist.metadata["Name"] if dist is not None else "") or ""
 
 
+def _normalized(name: str) -> str:
+    """A distribution name as the package index compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def load_entry_points(pm: SeglossPluginManager, problems: list[PluginProblem]) -> dict[str, PluginProblem]:
     """Import and register every entry point; returns {entry-point name: problem} for broken ones."""
     broken: dict[str, PluginProblem] = {}
@@ -93,7 +101,7 @@ def load_entry_points(pm: SeglossPluginManager, problems: list[PluginProblem]) -
     for ep in _entry_points():
         if only and ep.name not in only:
             continue
-        if builtin_only and _distribution_name(ep).lower() != DISTRIBUTION:
+        if builtin_only and _normalized(_distribution_name(ep)) != DISTRIBUTION:
             continue
         if pm.has_plugin(ep.name):
             dist = _distribution_name(ep)

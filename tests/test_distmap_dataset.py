@@ -133,7 +133,7 @@ def test_nifti_trailing_singleton_axis_is_dropped(tmp_path, rng):
 def test_nifti_without_nibabel_names_the_extra(tmp_path, monkeypatch):
     (tmp_path / "x.nii.gz").write_bytes(b"not really")
     monkeypatch.setitem(sys.modules, "nibabel", None)
-    with pytest.raises(LabelFileError, match=r"pip install 'segloss\[nifti\]'"):
+    with pytest.raises(LabelFileError, match=r"pip install 'segloss-registry\[nifti\]'"):
         read_label_volume(tmp_path / "x.nii.gz")
 
 

@@ -34,5 +34,5 @@ def test_small_lesions_plot_without_matplotlib_fails_before_training(tmp_path):
     command = [sys.executable, str(ROOT / "examples" / "small_lesions.py"), "--plot", str(tmp_path / "x.png")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2
-    assert "--plot needs matplotlib: pip install 'segloss[plot]'" in result.stderr
+    assert "--plot needs matplotlib: pip install 'segloss-registry[plot]'" in result.stderr
     assert "lesion Dice" not in result.stdout

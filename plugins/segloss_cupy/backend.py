@@ -119,7 +119,7 @@ class CupyBackend(Backend):
         try:
             import cupy
         except Exception as exc:  # noqa: BLE001
-            return f"cupy cannot be imported ({type(exc).__name__}: {exc}); pip install 'segloss[cupy]'"
+            return f"cupy cannot be imported ({type(exc).__name__}: {exc}); pip install 'segloss-registry[cupy]'"
         try:
             count = cupy.cuda.runtime.getDeviceCount()
         except Exception as exc:  # noqa: BLE001

@@ -53,7 +53,7 @@ class TorchBackend(Backend):
         try:
             import torch  # noqa: F401
         except Exception as exc:  # noqa: BLE001 - any import failure means "not here"
-            return f"torch cannot be imported ({type(exc).__name__}: {exc}); pip install 'segloss[torch]'"
+            return f"torch cannot be imported ({type(exc).__name__}: {exc}); pip install 'segloss-registry[torch]'"
         return None
 
     def status(self) -> Mapping[str, str]:
