@@ -16,7 +16,6 @@ Loading is lazy (first use of the registry) and happens once. Each entry point o
 from __future__ import annotations
 
 import os
-import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -33,6 +32,7 @@ GROUP = "segloss"
 # hint says this name; the import names (segloss_core, segloss_torch, ...) and the group stay "segloss".
 DISTRIBUTION = "segloss-registry"
 BUILTIN_LOSSES_PLUGIN = "segloss.losses"
+BUILTIN_PACKAGES = frozenset({"segloss_core", "segloss_torch", "segloss_cupy"})
 
 
 class SeglossPluginWarning(UserWarning):
@@ -88,9 +88,9 @@ def _distribution_name(ep: metadata.EntryPoint) -> str:
     return (dist.metadata["Name"] if dist is not None else "") or ""
 
 
-def _normalized(name: str) -> str:
-    """A distribution name as the package index compares them (PEP 503)."""
-    return re.sub(r"[-_.]+", "-", name).lower()
+def _is_builtin(ep: metadata.EntryPoint) -> bool:
+    """An entry point of segloss's own packages (whatever the distribution that installed them is called)."""
+    return ep.value.split(":", 1)[0].split(".", 1)[0] in BUILTIN_PACKAGES
 
 
 def load_entry_points(pm: SeglossPluginManager, problems: list[PluginProblem]) -> dict[str, PluginProblem]:
@@ -101,7 +101,7 @@ def load_entry_points(pm: SeglossPluginManager, problems: list[PluginProblem]) -
     for ep in _entry_points():
         if only and ep.name not in only:
             continue
-        if builtin_only and _normalized(_distribution_name(ep)) != DISTRIBUTION:
+        if builtin_only and not _is_builtin(ep):
             continue
         if pm.has_plugin(ep.name):
             dist = _distribution_name(ep)

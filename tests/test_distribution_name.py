@@ -11,12 +11,17 @@ from pathlib import Path
 
 import tomllib
 
-from segloss_core.plugins import DISTRIBUTION, _normalized
+from segloss_core.plugins import DISTRIBUTION
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = (".py", ".md", ".toml", ".sh", ".txt", ".cfg", ".json")
 # `segloss[extra]`, `segloss>=1`, `segloss==1` and `pip install segloss` name the wrong project
 WRONG_HINT = re.compile(r"(?<![\w.-])segloss(\[|[<>=~!]=?\d)|pip install\s+['\"]?segloss(?![\w-])")
+
+
+def _normalized(name: str) -> str:
+    """A distribution name as the package index compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _tracked_text_files() -> list[Path]:
