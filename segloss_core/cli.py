@@ -112,7 +112,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_distmap(args: argparse.Namespace) -> int:
-    from .distmap_dataset import precompute_distance_maps
+    from .datasets.distmap import precompute_distance_maps
 
     spacing = None if args.spacing is None else args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
     try:

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from segloss_core.cli import main
-from segloss_core.distance_maps import signed_distance_map
-from segloss_core.distmap_dataset import (
+from segloss_core.datasets.distmap import (
     LabelFileError,
     distance_map_path,
     find_label_files,
@@ -20,6 +19,7 @@ from segloss_core.distmap_dataset import (
     random_patch,
     read_label_volume,
 )
+from segloss_core.distance_maps import signed_distance_map
 
 
 def _labels(rng: np.random.Generator, shape: tuple[int, ...], num_classes: int = 3) -> np.ndarray:

@@ -49,7 +49,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .distance_maps import CONVENTIONS, check_spacing, signed_distance_map
+from ..distance_maps import CONVENTIONS, check_spacing, signed_distance_map
 
 ENGINES = ("auto", "segloss", "scipy")
 
