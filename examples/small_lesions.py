@@ -14,6 +14,7 @@ The README's figure (docs/figures/small_lesions.png) is this script's output wit
 from __future__ import annotations
 
 import argparse
+import textwrap
 import time
 
 import numpy as np
@@ -97,12 +98,17 @@ def train(config: dict, steps: int, batch: int, seed: int, train_set, val_set, e
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--every", type=int, default=25, help="evaluate every N steps")
-    parser.add_argument("--plot", metavar="PNG", help="save the lesion-Dice curves to this file")
+    summary, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        description=textwrap.fill(" ".join(summary.split()), 96),  # the whole first paragraph
+        epilog=details.strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--steps", type=int, default=400, help="training steps per convention (default 400)")
+    parser.add_argument("--batch", type=int, default=4, help="volumes per training step (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the initialisation (default 0)")
+    parser.add_argument("--every", type=int, default=25, help="evaluate the lesion Dice every N steps (default 25)")
+    parser.add_argument("--plot", metavar="PNG", help="also save the lesion-Dice curves to this PNG (needs matplotlib)")
     args = parser.parse_args()
     if args.plot:
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from . import __version__
@@ -152,10 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(func=_cmd_describe)
 
-    p = sub.add_parser("explain", help="the exact formula of a configuration and its edge-case table")
-    p.add_argument("name")
-    p.add_argument("--preset")
-    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="override a parameter (repeatable)")
+    p = sub.add_parser(
+        "explain",
+        help="the exact formula of a configuration and its edge-case table",
+        description=textwrap.fill(
+            "Print what one loss configuration computes: every parameter after defaults, preset and "
+            "overrides are resolved, the formula written out with those values, and the value and gradient on "
+            "the edge cases that decide small-structure training (empty target, false positives only, a "
+            "one-voxel lesion predicted at p = 0.01, 0.5 and 0.99, every voxel ignored).",
+            80,
+        ),
+        epilog="examples:\n"
+        "  segloss explain dice --preset nnunet\n"
+        "  segloss explain dice --preset monai --param include_background=False --param smooth_nr=1\n"
+        "  segloss explain tversky --param alpha=0.3 --param beta=0.7\n"
+        + textwrap.fill(
+            "NAME=VALUE is read as a Python literal (1e-5, False, (0.2, 0.8)); a bare word is a string "
+            "(activation=sigmoid). `segloss describe NAME` lists the parameters and presets.",
+            80,
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("name", help="a registered loss (`segloss list`)")
+    p.add_argument("--preset", help="one of the loss's presets (`segloss describe NAME` lists them)")
+    p.add_argument(
+        "--param", action="append", metavar="NAME=VALUE", help="override one parameter, after the preset (repeatable)"
+    )
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser(
@@ -175,7 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="voxel size: one value for every axis, or one per axis (default: NIfTI header, else 1)",
     )
     p.add_argument("--convention", choices=CONVENTIONS, default="boundary_loss", help="sign convention")
-    p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: CPU count; 1: in-process)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes (default: 1 with the segloss engine, which uses every CPU thread itself; CPU count "
+        "with scipy; 1: in-process)",
+    )
     p.add_argument("--overwrite", action="store_true", help="recompute maps whose output already exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
@@ -198,8 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions per call (median shown)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("build", help="compile the backends' kernels now (they are otherwise built on first use)")
-    p.add_argument("backend", nargs="*", help="only these backends")
+    p = sub.add_parser(
+        "build",
+        help="compile the backends' kernels now (they are otherwise built on first use)",
+        description="Compile the fused kernels of every available backend (or of the named ones) now, instead "
+        "of on the first loss call, and report where they were built and how long it took (the torch CPU "
+        "kernels: about a minute on 2 cores; with CUDA, longer). Exit status 1 when a build fails; the "
+        "reason is printed, and the losses then run on the native implementation.",
+        epilog="environment: SEGLOSS_BUILD_DIR (cache directory; default $TORCH_EXTENSIONS_DIR or "
+        "~/.cache/segloss), SEGLOSS_CUDA_ARCH_LIST (CUDA architectures), SEGLOSS_VERBOSE_BUILD=1 (compiler "
+        "output), SEGLOSS_NO_BUILD=1 (never compile: native implementation only). `segloss backends` shows "
+        "the state without building.",
+    )
+    p.add_argument("backend", nargs="*", help="only these backends (default: every available one)")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("check", help="run the conformance suite against a backend")

@@ -38,6 +38,9 @@ def test_demo_small(capsys):
     assert main(["demo", "--size", "16", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert "dice_ce" in out and "torch" in out and "numpy" in out and "|Δ ref|" in out
+    rows = {tuple(line.split()[:2]): line.split()[2] for line in out.splitlines() if line.startswith("dice ")}
+    assert rows[("dice", "numpy")] == "reference"
+    assert rows[("dice", "torch")] in {"fused", "native"}  # which implementation ran is shown
 
 
 def test_demo_runs_every_available_backend(capsys, monkeypatch):
@@ -62,8 +65,9 @@ def test_demo_runs_every_available_backend(capsys, monkeypatch):
         plugin_manager().unregister(plugin)
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     third = {row[0]: row for row in rows if len(row) > 1 and row[1] == "thirdparty"}
-    assert "dice" in third and third["dice"][4] == "-"  # value and gradient in one call: no forward column
-    assert float(third["dice"][3]) == 0.0  # the reference math again (float32 logits are exact in float64)
+    assert "dice" in third and third["dice"][5] == "-"  # value and gradient in one call: no forward column
+    assert third["dice"][2] == "hook"  # run through its conformance hook
+    assert float(third["dice"][4]) == 0.0  # the reference math again (float32 logits are exact in float64)
 
 
 def test_check_numpy_quick(capsys):
@@ -132,3 +136,23 @@ def test_failed_build_warns_once_with_the_reason_and_uses_native(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING: segloss: the fused C++/CUDA kernels could not be built" in result.stdout
     assert "fused kernels NOT built" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (
+            "explain",
+            ("Print what one loss configuration computes", "segloss explain dice --preset nnunet", "NAME=VALUE"),
+        ),
+        ("build", ("instead of on the first loss call", "Exit status 1", "SEGLOSS_BUILD_DIR", "SEGLOSS_NO_BUILD")),
+        ("distmap", ("default: 1 with the segloss engine", "CPU count with scipy")),
+    ],
+)
+def test_subcommand_help_says_what_it_does(capsys, command, expected):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for text in expected:
+        assert text in out, f"`segloss {command} --help` lacks {text!r}"

@@ -438,3 +438,11 @@ def test_engine_choice(tmp_path, rng, monkeypatch):
     report = precompute_distance_maps([tmp_path / "v.npy"], tmp_path / "r", 3, workers=1, progress=False)  # auto
     assert report.ok
     np.testing.assert_array_equal(np.load(tmp_path / "r" / "v.npy"), _reference(vol, 3).astype(np.float32))
+
+
+def test_segloss_engine_refuses_float64(tmp_path):
+    """The kernels compute float32: asking them for float64 maps is an error, not a silent downgrade."""
+    np.save(tmp_path / "v.npy", np.zeros((4, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"engine='segloss' computes float32 maps.*engine='scipy'"):
+        precompute_distance_maps([tmp_path / "v.npy"], tmp_path / "out", 2, engine="segloss", dtype="float64")
+    assert not (tmp_path / "out" / "v.npy").exists()

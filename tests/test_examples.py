@@ -36,3 +36,16 @@ def test_small_lesions_plot_without_matplotlib_fails_before_training(tmp_path):
     assert result.returncode == 2
     assert "--plot needs matplotlib: pip install 'segloss-registry[plot]'" in result.stderr
     assert "lesion Dice" not in result.stdout
+
+
+def test_small_lesions_help_is_whole():
+    """--help gives the whole description (it used to stop mid-sentence) and every option's meaning."""
+    command = [sys.executable, str(ROOT / "examples" / "small_lesions.py"), "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "trained from the same initialisation on the same synthetic volumes, under several presets" in text
+    assert "lesion Dice over training." in text
+    for option in ("--steps", "--batch", "--seed", "--every", "--plot"):
+        line = next(ln for ln in result.stdout.splitlines() if ln.strip().startswith(option))
+        assert len(line.split()) > 2, f"{option} has no help text: {line!r}"

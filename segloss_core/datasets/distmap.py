@@ -450,6 +450,11 @@ def _resolve_engine(engine: str, out_dtype: np.dtype[Any]) -> str:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "scipy" or (engine == "auto" and out_dtype == np.float64):
         return "scipy"
+    if engine == "segloss" and out_dtype == np.float64:
+        raise ValueError(
+            "engine='segloss' computes float32 maps, so dtype float64 would only store float32 values: use "
+            "engine='scipy' (the float64 reference; engine='auto' picks it for float64) or dtype float32"
+        )
     try:
         from segloss_torch import fused
 
@@ -532,7 +537,8 @@ def precompute_distance_maps(
     - ``engine``: ``"segloss"`` computes every class from one multi-label pass of the segloss CPU
       kernels (torch; float32, exact to float32 rounding, 20–40× faster than scipy on 3D
       volumes, see docs/distance_maps.md); ``"scipy"`` is the float64 reference, class by class;
-      ``"auto"`` (default) takes segloss when its kernels are built and ``dtype`` is not float64.
+      ``"auto"`` (default) takes segloss when its kernels are built and ``dtype`` is not float64
+      (``engine="segloss"`` with float64 is a ``ValueError``: the kernels compute float32).
     - Parallel: the scipy engine over files with a process pool of ``workers`` processes (default
       ``os.cpu_count()``, never more than the files to compute); the segloss engine is already
       parallel inside a volume, so it runs in this process unless ``workers`` > 1 asks for a
