@@ -118,6 +118,37 @@ def label_range_error(labels: Array, xp: Any, valid_max: int, ignore_index: int 
     return ", ".join(str(v) for v in values[:5]) + (" ..." if len(values) > 5 else "")
 
 
+def _raise_layout_error(shape: tuple[int, ...], tshape: tuple[int, ...]) -> None:
+    """Only on the error path: a target that fits a ``pred`` without its batch dimension, or one whose
+    channels are last, means ``pred`` is what is wrong (it is read as (B, C, *spatial))."""
+    if tshape in (shape[1:], (1, *shape[1:])) and len(shape) >= 3:
+        raise ValueError(
+            f"pred of shape {shape} looks like it has no batch dimension (it is read as (B, C, *spatial) = "
+            f"B {shape[0]}, C {shape[1]}, spatial {shape[2:]}) while target has shape {tshape}: add one, e.g. "
+            "pred[None] (and target[None] if the target lacks it too)"
+        )
+    batch, spatial_last = shape[0], shape[1:-1]
+    if len(shape) >= 3 and tshape in ((batch, *spatial_last), (batch, 1, *spatial_last)):
+        channels_first = (batch, shape[-1], *spatial_last)
+        raise ValueError(
+            f"pred of shape {shape} looks channels-last (B, *spatial, C) while target has shape {tshape}: segloss "
+            f"reads pred as (B, C, *spatial); move the channels with pred.movedim(-1, 1) (shape {channels_first})"
+        )
+
+
+def _integer_one_hot_hint(shape: tuple[int, ...], tshape: tuple[int, ...]) -> str:
+    """An integer target of pred's shape (or channels-last) is an integer one-hot, as F.one_hot returns."""
+    channels_last = (shape[0], *shape[2:], shape[1])
+    if tshape == shape:
+        return "; it looks like an integer one-hot target: pass target.float() (or the labels, target.argmax(1))"
+    if tshape == channels_last:
+        return (
+            "; it looks like an integer one-hot target in the channels-last layout F.one_hot returns: pass "
+            "target.movedim(-1, 1).float() (or the labels themselves)"
+        )
+    return ""
+
+
 def validate_inputs(
     pred: Array,
     target: Array,
@@ -164,9 +195,10 @@ def validate_inputs(
         elif tshape == (batch, 1, *spatial):
             labels = xp.reshape(target, (batch, *spatial))
         else:
+            _raise_layout_error(shape, tshape)
             raise ValueError(
                 f"integer target must have shape (B, *spatial) = {(batch, *spatial)} or (B, 1, *spatial) = "
-                f"{(batch, 1, *spatial)} for pred of shape {shape}; got {tshape}"
+                f"{(batch, 1, *spatial)} for pred of shape {shape}; got {tshape}" + _integer_one_hot_hint(shape, tshape)
             )
         if xp.isdtype(labels.dtype, "bool"):
             labels = xp.astype(labels, xp.int64)
@@ -190,6 +222,7 @@ def validate_inputs(
                 "labels (e.g. target.long()) or a one-hot/soft target of shape " + f"{shape}"
             )
         else:
+            _raise_layout_error(shape, tshape)
             raise ValueError(f"floating (one-hot/soft) target must have the shape of pred {shape}; got {tshape}")
         if ignore_index is not None:
             raise ValueError(

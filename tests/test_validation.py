@@ -188,3 +188,33 @@ def test_unexpected_call_argument():
     loss = get_loss("dice", backend="torch")
     with pytest.raises(TypeError, match=r"unexpected call argument\(s\) \['weights'\]"):
         loss(torch.zeros(1, 2, 3), torch.zeros(1, 3, dtype=torch.long), weights=None)
+
+
+def _one_hot(labels, channels):
+    return np.eye(channels, dtype=np.int64)[labels]  # channels last, as torch.nn.functional.one_hot returns
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("integer one-hot, channels last", r"integer one-hot target in the channels-last layout.*movedim\(-1, 1\)"),
+        ("integer one-hot, channels first", r"integer one-hot target: pass target\.float\(\)"),
+        ("pred without batch", r"pred of shape \(3, 4, 5, 6\) looks like it has no batch dimension.*pred\[None\]"),
+        ("pred without batch, target with", r"pred of shape \(3, 4, 5, 6\) looks like it has no batch dimension"),
+        ("pred channels last", r"pred of shape \(2, 4, 5, 6, 3\) looks channels-last.*pred\.movedim\(-1, 1\)"),
+    ],
+)
+def test_layout_mistakes_name_the_fix(backend, rng, case, message):
+    """The common layout mistakes get an error about the argument that is wrong, with the fix."""
+    pred = rng.normal(size=(2, 3, 4, 5, 6))
+    labels = rng.integers(0, 3, size=(2, 4, 5, 6))
+    pred, target = {
+        "integer one-hot, channels last": (pred, _one_hot(labels, 3)),
+        "integer one-hot, channels first": (pred, np.moveaxis(_one_hot(labels, 3), -1, 1)),
+        "pred without batch": (pred[0], labels[0]),
+        "pred without batch, target with": (pred[0], labels[:1]),
+        "pred channels last": (np.moveaxis(pred, 1, -1), labels),
+    }[case]
+    with pytest.raises(ValueError, match=message):
+        _call(backend, pred, target)
