@@ -26,8 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import array_api_compat
-
+from .arrays import device, get_namespace, library_name
 from .spec import LossPlan
 
 Array = Any
@@ -63,44 +62,26 @@ def _dtype_name(x: Array) -> str:
     return str(x.dtype).replace("torch.", "")
 
 
-_NAMESPACES: dict[type, Any] = {}
-
-
-def namespace_of(x: Array) -> Any:
-    """The array-API namespace of ``x``, memoised per type (cheap, and traceable by torch.compile)."""
-    namespace = _NAMESPACES.get(type(x))
-    if namespace is None:
-        namespace = array_api_compat.array_namespace(x)
-        _NAMESPACES[type(x)] = namespace
-    return namespace
-
-
-def device_of(x: Array) -> Any:
-    if type(x).__module__.startswith("torch"):
-        return x.device
-    return array_api_compat.device(x)
-
-
 def _namespace(name: str, x: Array) -> Any:
     try:
-        return namespace_of(x)
+        return get_namespace(x)
     except TypeError:
         raise TypeError(
             f"{name} must be an array or tensor (numpy, cupy, torch, ...), got {type(x).__name__}"
         ) from None
 
 
-def _device_or_none(x: Array) -> Any:
+def _same_library_and_device(name: str, x: Array, pred: Array) -> None:
+    got, want = library_name(x), library_name(pred)
+    if got != want:
+        raise TypeError(
+            f"{name} is a {got} array but pred is a {want} array; pass {name} from the same library as pred "
+            f"(and on its device)"
+        )
     try:
-        return device_of(x)
-    except Exception:  # noqa: BLE001 - e.g. a JAX tracer inside jit has no device
-        return None
-
-
-def _same_device(name: str, x: Array, pred: Array) -> None:
-    got, want = _device_or_none(x), _device_or_none(pred)
-    if got is not None and want is not None and got != want:
-        raise ValueError(f"{name} is on device {got} but pred is on {want}")
+        device(x, pred)
+    except ValueError:
+        raise ValueError(f"{name} is on device {device(x)} but pred is on {device(pred)}") from None
 
 
 def label_range_error(labels: Array, xp: Any, valid_max: int, ignore_index: int | None) -> str | None:
@@ -186,7 +167,7 @@ def validate_inputs(
 
     # target ------------------------------------------------------------------------------
     _namespace("target", target)
-    _same_device("target", target, pred)
+    _same_library_and_device("target", target, pred)
     tshape = _shape(target)
     labels = probabilities = None
     if xp.isdtype(target.dtype, "integral") or xp.isdtype(target.dtype, "bool"):
@@ -238,7 +219,7 @@ def validate_inputs(
     canonical_mask = None
     if mask is not None:
         _namespace("mask", mask)
-        _same_device("mask", mask, pred)
+        _same_library_and_device("mask", mask, pred)
         mshape = _shape(mask)
         if len(mshape) == len(shape) - 1:
             mshape = (mshape[0], 1, *mshape[1:])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from segloss_core import get_loss
+from segloss_core import get_loss, validate_inputs
 
 BACKENDS = ["numpy", "torch"]
 
@@ -141,6 +141,27 @@ def test_non_array_inputs(backend, good):
     loss = get_loss("dice", backend=backend)
     with pytest.raises(TypeError, match="pred must be a"):
         loss([[[1.0]]], _arrays(backend, labels, labels)[1])
+
+
+def test_target_or_mask_from_another_library_is_named(good):
+    """A NumPy target with a torch pred says so (not "target is on device cpu but pred is on cpu")."""
+    pred, labels = good
+    plan = get_loss("dice", backend="numpy").plan
+
+    with pytest.raises(TypeError, match=r"target is a numpy array but pred is a torch array"):
+        validate_inputs(torch.from_numpy(pred), labels, None, plan)
+    with pytest.raises(TypeError, match=r"target is a numpy array but pred is a torch array"):
+        get_loss("dice", backend="torch")(torch.from_numpy(pred), labels)
+    with pytest.raises(TypeError, match=r"mask is a torch array but pred is a numpy array"):
+        validate_inputs(pred, labels, torch.ones(2, 4, 5), plan)
+
+
+@pytest.mark.skipif(not torch.backends.mps.is_available() and not torch.cuda.is_available(), reason="one device")
+def test_target_on_another_device_is_named(good):
+    pred, labels = good
+    other = "cuda" if torch.cuda.is_available() else "mps"
+    with pytest.raises(ValueError, match=r"target is on device .* but pred is on cpu"):
+        get_loss("dice", backend="torch")(torch.from_numpy(pred), torch.from_numpy(labels).to(other))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

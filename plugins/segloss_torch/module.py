@@ -13,13 +13,14 @@ import array_api_compat.torch as xp_torch
 import torch
 from torch import nn
 
+from segloss_core.arrays import get_namespace
 from segloss_core.reference.evaluate import required_statistics, with_fields
 from segloss_core.spec import LossPlan
-from segloss_core.validation import PreparedInputs, namespace_of, validate_inputs
+from segloss_core.validation import PreparedInputs, validate_inputs
 
 from . import distributed, fused, native, voxelwise
 
-namespace_of(torch.empty(0))  # memoise the namespace: torch.compile then traces a dict lookup only
+get_namespace(torch.empty(0))  # memoise the namespace: torch.compile then traces a dict lookup only
 
 
 class SeglossLoss(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import array_api_compat
+from ..arrays import device
 
 Array = Any
 
@@ -21,15 +21,9 @@ def full(xp: Any, like: Array, value: float) -> Array:
     return xp.full_like(like, value)
 
 
-def device_of(x: Array) -> Any:
-    if type(x).__module__.startswith("torch"):
-        return x.device
-    return array_api_compat.device(x)
-
-
 def constant_vector(xp: Any, like: Array, values: Sequence[float]) -> Array:
     """A 1-D constant with ``like``'s dtype and device."""
-    return xp.asarray([float(v) for v in values], dtype=like.dtype, device=device_of(like))
+    return xp.asarray([float(v) for v in values], dtype=like.dtype, device=device(like))
 
 
 def safe_ratio(xp: Any, num: Array, den: Array, zero_value: float) -> Array:
@@ -43,7 +37,7 @@ def select_columns(xp: Any, x: Array, columns: Sequence[int] | None) -> Array:
     """x[:, columns] (all columns when None)."""
     if columns is None:
         return x
-    index = xp.asarray(list(columns), device=device_of(x))
+    index = xp.asarray(list(columns), device=device(x))
     return xp.take(x, index, axis=1)
 
 

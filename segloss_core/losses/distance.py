@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from .. import distance_maps
+from ..arrays import get_namespace
 from ..spec import LossSpec, Param, Params, Preset
 from ..statistics import field_statistic
 from . import _params as common
@@ -78,9 +79,7 @@ def _detached(x: Array) -> Array:
 
 def _target_masks(prepared: Any) -> Array | None:
     """Binary target masks (B, C, *S) when the target is not a plain label map of C classes."""
-    from ..validation import namespace_of
-
-    xp = namespace_of(prepared.pred)
+    xp = get_namespace(prepared.pred)
     if prepared.labels is not None:
         if prepared.num_classes == 1 and prepared.activation != "softmax":
             return xp.expand_dims(prepared.labels == 1, axis=1)
@@ -90,9 +89,7 @@ def _target_masks(prepared: Any) -> Array | None:
 
 def _probabilities(prepared: Any) -> Array:
     """The activation of pred, without gradient (for thresholding)."""
-    from ..validation import namespace_of
-
-    xp = namespace_of(prepared.pred)
+    xp = get_namespace(prepared.pred)
     z = _detached(prepared.pred)
     if prepared.activation == "softmax":
         e = xp.exp(z - xp.max(z, axis=1, keepdims=True))
@@ -129,9 +126,7 @@ def _boundary_fields(prepared: Any, params: Params, inputs: Mapping[str, Array])
 
 
 def _namespace(prepared: Any) -> Any:
-    from ..validation import namespace_of
-
-    return namespace_of(prepared.pred)
+    return get_namespace(prepared.pred)
 
 
 def _hausdorff_fields(prepared: Any, params: Params, inputs: Mapping[str, Array]) -> dict[str, Array]:

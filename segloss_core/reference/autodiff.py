@@ -49,7 +49,7 @@ class Var:
 
     @property
     def device(self) -> Any:
-        from array_api_compat import device
+        from ..arrays import device
 
         return device(self.value)
 

@@ -11,8 +11,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-import array_api_compat
-
+from ..arrays import get_namespace
 from ..spec import LossPlan
 from ..validation import PreparedInputs, validate_inputs
 from . import statistics as reference_statistics
@@ -65,7 +64,7 @@ def evaluate_prepared(
 ) -> tuple[Array, Array | None]:
     """(value, d⟨grad_output, value⟩/d pred); ``grad_output`` None needs a scalar value."""
     first = next(iter(prepared.values()))
-    xp = array_api_compat.array_namespace(first.pred)
+    xp = get_namespace(first.pred)
     total: Any = None
     grad = None
     for activation, group_inputs in prepared.items():
@@ -117,7 +116,7 @@ def array_forward_reference(
     then the activation's VJP gives d/d(pred)."""
     from ..operators import TapeOperators
 
-    xp = array_api_compat.array_namespace(prepared.pred)
+    xp = get_namespace(prepared.pred)
     terms = reference_statistics.voxel_terms(prepared)
     full_shape = tuple(int(s) for s in prepared.pred.shape)
     spatial = full_shape[2:]

@@ -21,9 +21,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import array_api_compat
-
 from .. import statistics as stat_names
+from ..arrays import get_namespace
 from ..validation import PreparedInputs
 
 Array = Any
@@ -49,7 +48,7 @@ def _logsigmoid(xp: Any, z: Array) -> Array:
 
 def voxel_terms(inputs: PreparedInputs) -> VoxelTerms:
     """Activation, target and weights of the reference, from validated inputs."""
-    xp = array_api_compat.array_namespace(inputs.pred)
+    xp = get_namespace(inputs.pred)
     f64 = xp.float64
     batch, channels = inputs.batch_size, inputs.num_classes
     z = xp.reshape(xp.astype(inputs.pred, f64), (batch, channels, -1))
@@ -119,7 +118,7 @@ def activation_backward(
     t: VoxelTerms, d_p: Array, d_logp: Array | None, d_log1mp: Array | None, shape: tuple[int, ...]
 ) -> Array:
     """d/d(pred) from d/dp, d/dlog p and d/dlog(1 − p) (each (B, C, N) or None), reshaped to ``shape``."""
-    xp = array_api_compat.array_namespace(t.p)
+    xp = get_namespace(t.p)
     p = t.p
     zeros = xp.zeros_like(p)
     d_logp = zeros if d_logp is None else d_logp
@@ -150,7 +149,7 @@ def compute(
     inputs: PreparedInputs, names: Iterable[str]
 ) -> tuple[dict[str, Array], Callable[[Mapping[str, Array]], Array]]:
     """Statistics ``names`` (each (B, C), float64) and their VJP to d/d(pred)."""
-    xp = array_api_compat.array_namespace(inputs.pred)
+    xp = get_namespace(inputs.pred)
     t = voxel_terms(inputs)
     names = sorted(set(names))
     p, g, w = t.p, t.g, t.w
