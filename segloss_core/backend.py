@@ -73,6 +73,18 @@ class Backend:
         with a line containing "NOT" ("kernels NOT built: <reason>"); ``segloss build`` then exits 1."""
         return None
 
+    def distance_maps_for(self, array: Any) -> Any | None:
+        """This backend's distance-map kernels for ``array``, or None (the default).
+
+        Return an object (a module is fine) with ``signed_distance_map``, ``distance_map`` and
+        ``mask_distance_map``, the signatures of :mod:`segloss_core.distance_maps` without
+        ``reference`` (:class:`~segloss_core.distance_maps.DistanceMapKernels`), when ``array``
+        belongs to this backend's library and the kernels can run here. The core asks every
+        registered backend (through the registry) before it falls back to the scipy/cupyx
+        reference. Must be cheap and must not raise for arrays of other libraries.
+        """
+        return None
+
     def status(self) -> Mapping[str, str]:
         """Extra facts shown by ``segloss backends``/``describe`` (e.g. active implementation)."""
         return {}

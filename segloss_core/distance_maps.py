@@ -39,10 +39,12 @@ array([ 2.,  1., -0., -1., -0.,  1.])
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
+
+from .arrays import from_numpy, get_namespace, is_cupy, is_numpy, library_name, to_numpy
 
 Array = Any
 CONVENTIONS = ("boundary_loss", "signed", "signed_inside_positive")
@@ -50,6 +52,25 @@ REGIONS = ("boundary", "inside", "outside")
 NORMALIZATIONS = (None, "max", "extent")
 # codes of the kernels' DistanceKind (csrc/kernels/edt.cuh): conventions, then regions
 KIND_CODES: dict[str, int] = {name: code for code, name in enumerate(CONVENTIONS + REGIONS)}
+
+
+class DistanceMapKernels(Protocol):
+    """What a backend's :meth:`~segloss_core.Backend.distance_maps_for` returns (a module is fine):
+    the three functions below with their signatures minus ``reference``, for the arrays it claims."""
+
+    def signed_distance_map(
+        self, labels: Array, num_classes: int, spacing: Any = None, **options: Any
+    ) -> Array: ...  # pragma: no cover - a protocol
+
+    def distance_map(
+        self, labels: Array, num_classes: int, spacing: Any = None, **options: Any
+    ) -> Array: ...  # pragma: no cover - a protocol
+
+    def mask_distance_map(self, masks: Array, spacing: Any = None, **options: Any) -> Array: ...  # pragma: no cover
+
+    def unavailable(self) -> str | None:
+        """None where the compiled kernels run, else why not (the maps then come from a fallback)."""
+        ...  # pragma: no cover - a protocol
 
 
 def check_spacing(spacing: float | Sequence[float] | None, ndim: int) -> tuple[float, ...]:
@@ -134,21 +155,13 @@ def normalise(
     raise ValueError(f"normalize must be None, 'max' or 'extent', got {normalize!r}")
 
 
-def _cupy_kernels() -> bool:
-    """Whether CuPy arrays go to the shared segloss kernels (else: the cupyx reference)."""
-    try:
-        import segloss_cupy.distance_maps  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # ---------------------------------------------------------------------------------------
-# reference implementation: scipy (NumPy) and cupyx (CuPy), one class at a time
+# reference implementation: scipy (NumPy, and any other library through a host copy) and
+# cupyx (CuPy), one class at a time
 # ---------------------------------------------------------------------------------------
 def _edt_module(labels: Array) -> tuple[Any, Any]:
-    module = type(labels).__module__
-    if module.startswith("cupy"):
+    """(namespace, exact EDT) of the reference for ``labels``: cupyx for CuPy, else scipy on NumPy."""
+    if is_cupy(get_namespace(labels)):
         import cupy
         from cupyx.scipy.ndimage import distance_transform_edt
 
@@ -156,6 +169,12 @@ def _edt_module(labels: Array) -> tuple[Any, Any]:
     from scipy.ndimage import distance_transform_edt
 
     return np, distance_transform_edt
+
+
+def _on_host(x: Array) -> bool:
+    """Whether ``x`` goes through a NumPy copy for the reference (neither NumPy nor CuPy)."""
+    xp = get_namespace(x)
+    return not (is_numpy(xp) or is_cupy(xp))
 
 
 def class_distances(
@@ -204,28 +223,31 @@ def check_cuda_volumes(count: int, what: str) -> None:
         )
 
 
-def _kernel_module(labels: Array, reference: bool) -> Any:
-    """The module whose segloss kernels compute maps of ``labels`` (torch tensors: segloss_torch; CuPy
-    arrays: segloss_cupy where its kernels run), or None for the scipy/cupyx reference here."""
+def _kernels(labels: Array, reference: bool) -> DistanceMapKernels | None:
+    """The distance-map kernels a registered backend offers for ``labels`` (see
+    :meth:`segloss_core.Backend.distance_maps_for`), or None for the reference here."""
     if not isinstance(reference, bool):
         raise TypeError(f"reference must be True or False, got {reference!r}")
-    is_torch = type(labels).__module__.startswith("torch")
-    if reference and is_torch:
-        raise TypeError(
-            "reference=True takes NumPy or CuPy labels (scipy or cupyx EDT); for a torch tensor pass "
-            "labels.cpu().numpy(), or omit reference to use the segloss kernels on the tensor's device"
-        )
+    xp = get_namespace(labels)
     if reference:
+        if not (is_numpy(xp) or is_cupy(xp)):
+            raise TypeError(
+                f"reference=True takes NumPy or CuPy labels (scipy or cupyx EDT), got a {library_name(labels)} "
+                "array; convert it to NumPy (for a torch tensor: labels.cpu().numpy()), or omit reference to "
+                "use the kernels of its backend"
+            )
         return None
-    if is_torch:
-        from segloss_torch import distance_maps as torch_maps
+    from .registry import registry  # the registry loads the loss catalog, which imports this module
 
-        return torch_maps
-    if type(labels).__module__.startswith("cupy") and _cupy_kernels():
-        from segloss_cupy import distance_maps as cupy_maps
+    return registry().distance_map_kernels(labels)
 
-        return cupy_maps
-    return None
+
+def _reference_fallback(function: Callable[..., Array], labels: Array, *args: Any, **kwargs: Any) -> Array:
+    """``function`` (a reference below) on ``labels``; arrays that are neither NumPy nor CuPy and have
+    no backend kernels (e.g. JAX) go through a NumPy copy and come back on their library and device."""
+    if not _on_host(labels):
+        return function(labels, *args, **kwargs)
+    return from_numpy(function(to_numpy(labels), *args, **kwargs), like=labels)
 
 
 def signed_distance_map(
@@ -241,12 +263,14 @@ def signed_distance_map(
 ) -> Array:
     """Signed distance map (B, C, *spatial) of a label map (B, *spatial); see the module docstring.
 
-    Dispatches on the array type: NumPy → scipy (float64, the reference), CuPy → the shared
-    segloss kernels (float32), torch → the segloss torch ops on the tensor's device (float32).
-    ``reference=True`` takes the exact float64 EDT of the array's own library instead of the
-    kernels: scipy for NumPy, ``cupyx.scipy.ndimage.distance_transform_edt`` for CuPy.
+    Dispatches through the registry: a backend whose :meth:`~segloss_core.Backend.distance_maps_for`
+    claims the array computes the maps (torch tensors: the segloss torch ops on the tensor's
+    device; CuPy arrays: the shared segloss kernels; float32). Otherwise the reference runs:
+    scipy for NumPy (float64), ``cupyx.scipy.ndimage.distance_transform_edt`` for CuPy, and scipy
+    on a host copy for any other library (e.g. JAX), returned on the array's library and device.
+    ``reference=True`` asks for the reference on NumPy or CuPy labels even where kernels exist.
     """
-    kernels = _kernel_module(labels, reference)
+    kernels = _kernels(labels, reference)
     if kernels is not None:
         return kernels.signed_distance_map(
             labels,
@@ -259,6 +283,20 @@ def signed_distance_map(
         )
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+    return _reference_fallback(
+        _reference_signed, labels, num_classes, spacing, convention, no_boundary_value, normalize, ignore_index
+    )
+
+
+def _reference_signed(
+    labels: Array,
+    num_classes: int,
+    spacing: float | Sequence[float] | None,
+    convention: str,
+    no_boundary_value: float,
+    normalize: str | None,
+    ignore_index: int | None,
+) -> Array:
     d_in, d_out, inside, has_boundary = class_distances(labels, num_classes, spacing, ignore_index)
     xp = _edt_module(labels)[0]
     phi = compose_signed(xp, d_in, d_out, inside, has_boundary, convention, no_boundary_value)
@@ -279,7 +317,7 @@ def distance_map(
 ) -> Array:
     """Unsigned distance map (B, C, *spatial): ``boundary`` (d_in + d_out), ``inside`` or ``outside``
     (dispatch and ``reference`` as :func:`signed_distance_map`)."""
-    kernels = _kernel_module(labels, reference)
+    kernels = _kernels(labels, reference)
     if kernels is not None:
         return kernels.distance_map(
             labels,
@@ -292,6 +330,20 @@ def distance_map(
         )
     if region not in REGIONS:
         raise ValueError(f"region must be one of {', '.join(REGIONS)}, got {region!r}")
+    return _reference_fallback(
+        _reference_unsigned, labels, num_classes, spacing, region, no_boundary_value, normalize, ignore_index
+    )
+
+
+def _reference_unsigned(
+    labels: Array,
+    num_classes: int,
+    spacing: float | Sequence[float] | None,
+    region: str,
+    no_boundary_value: float,
+    normalize: str | None,
+    ignore_index: int | None,
+) -> Array:
     d_in, d_out, _, has_boundary = class_distances(labels, num_classes, spacing, ignore_index)
     xp = _edt_module(labels)[0]
     field = compose_unsigned(xp, d_in, d_out, has_boundary, region, no_boundary_value)
@@ -308,16 +360,17 @@ def mask_distance_map(
 ) -> Array:
     """Distance map (B, C, *spatial) of binary masks (B, C, *spatial) — a thresholded prediction, or
     multi-label (sigmoid) targets. ``kind`` is a signed convention or an unsigned region."""
-    if type(masks).__module__.startswith("torch"):
-        from segloss_torch.distance_maps import mask_distance_map as torch_masks
-
-        return torch_masks(masks, spacing, kind=kind, no_boundary_value=no_boundary_value)
-    if type(masks).__module__.startswith("cupy") and _cupy_kernels():
-        from segloss_cupy.distance_maps import mask_distance_map as cupy_masks
-
-        return cupy_masks(masks, spacing, kind=kind, no_boundary_value=no_boundary_value)
+    kernels = _kernels(masks, False)
+    if kernels is not None:
+        return kernels.mask_distance_map(masks, spacing, kind=kind, no_boundary_value=no_boundary_value)
     if kind not in CONVENTIONS + REGIONS:
         raise ValueError(f"kind must be one of {', '.join(CONVENTIONS + REGIONS)}, got {kind!r}")
+    return _reference_fallback(_reference_masks, masks, spacing, kind, no_boundary_value)
+
+
+def _reference_masks(
+    masks: Array, spacing: float | Sequence[float] | None, kind: str, no_boundary_value: float
+) -> Array:
     xp = _edt_module(masks)[0]
     d_in, d_out, has_boundary = mask_distances(masks, spacing)
     if kind in CONVENTIONS:

@@ -81,12 +81,14 @@ class Registry:
         self._entry_point_problems: list[PluginProblem] = []
         self._problems: list[PluginProblem] = []
         self._availability: dict[str, str | None] = {}
+        self._distance_kernels: dict[type, Any] = {}
 
     # -- loading -------------------------------------------------------------------
     def _invalidate(self) -> None:
         if not self._loading:
             self._collected = False
             self._availability.clear()
+            self._distance_kernels.clear()
 
     def _ensure(self) -> None:
         if self._collected:
@@ -281,6 +283,27 @@ class Registry:
                 problem = self._broken[name]
                 rows.append(BackendInfo(name, problem.plugin, False, problem.message, broken=True))
         return rows
+
+    def distance_map_kernels(self, array: Any) -> Any | None:
+        """The first backend's (by name) distance-map kernels for ``array``
+        (:meth:`Backend.distance_maps_for`), or None; memoised per array type."""
+        self._ensure()
+        key = type(array)
+        if key not in self._distance_kernels:
+            found = None
+            for name in sorted(self._backends):
+                try:
+                    found = self._backends[name].distance_maps_for(array)
+                except Exception as exc:  # noqa: BLE001 - a crashing probe: no kernels from that backend
+                    self._problem(
+                        PluginProblem(
+                            self._backend_origin[name], "hook", f"distance_maps_for raised {type(exc).__name__}: {exc}"
+                        )
+                    )
+                if found is not None:
+                    break
+            self._distance_kernels[key] = found
+        return self._distance_kernels[key]
 
     def supporting_backends(self, spec: LossSpec) -> list[str]:
         return [name for name in sorted(self._backends) if self._supports(self._backends[name], spec)]

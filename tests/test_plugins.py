@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 import segloss_core
 from segloss_core import Backend, LossSpec, get_loss, hookimpl, list_backends, plugin_manager
 from segloss_core import plugins as plugin_loading
+from segloss_core.arrays import get_namespace, is_numpy
 from segloss_core.numpy_backend import NumpyLoss
 from segloss_core.registry import BackendUnavailableError, Registry, UnsupportedLossError
 
@@ -270,3 +272,93 @@ def test_load_plugins_selects_by_name(monkeypatch):
     loss = reg.build(reg.loss("dice").plan(reg.loss("dice").resolve(), reg), "numpy")
     x = np.zeros((1, 2, 3, 3))
     assert np.isfinite(loss(x, np.zeros((1, 3, 3), dtype=np.int64)))
+
+
+class DistanceKernels:
+    """Stand-in kernels: maps of a constant, so a test sees which implementation ran."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def signed_distance_map(self, labels, num_classes, spacing=None, **options):
+        return np.full((labels.shape[0], num_classes, *labels.shape[1:]), self.value)
+
+    distance_map = signed_distance_map
+
+    def mask_distance_map(self, masks, spacing=None, **options):
+        return np.full(masks.shape, self.value)
+
+    def unavailable(self):
+        return None
+
+
+class DistanceBackend(Backend):
+    """Claims NumPy arrays for its distance maps (a backend with kernels for the library it runs on)."""
+
+    name = "aaa-distance"  # first by name: asked before the built-in backends
+
+    def distance_maps_for(self, array):
+        return DistanceKernels(7.0) if is_numpy(get_namespace(array)) else None
+
+
+class DistancePlugin:
+    @hookimpl
+    def segloss_register_backends(self, register):
+        register(DistanceBackend())
+
+
+def test_distance_maps_dispatch_through_a_registered_backend():
+    from segloss_core import distance_map, mask_distance_map, signed_distance_map
+
+    labels = np.zeros((1, 4, 5), dtype=np.int64)
+    labels[0, 1:3, 1:4] = 1
+    reference = signed_distance_map(labels, 2)
+    assert reference.dtype == np.float64 and reference.max() > 0  # scipy: no backend claims NumPy arrays
+    pm = plugin_manager()
+    pm.register(DistancePlugin(), name="distance-plugin")
+    try:
+        assert np.all(signed_distance_map(labels, 2) == 7.0)
+        assert np.all(distance_map(labels, 2) == 7.0)
+        assert np.all(mask_distance_map(labels[:, None] == 1) == 7.0)
+        np.testing.assert_array_equal(signed_distance_map(labels, 2, reference=True), reference)  # asked for scipy
+        loss = get_loss("boundary", backend="numpy")
+        assert float(loss(np.zeros((1, 2, 4, 5)), labels)) == pytest.approx(0.5 * 7.0)  # its field: the plugin's
+    finally:
+        pm.unregister(name="distance-plugin")
+    np.testing.assert_array_equal(signed_distance_map(labels, 2), reference)  # the memo follows the registry
+
+
+class CrashingDistanceBackend(Backend):
+    name = "aaa-crashing"
+
+    def distance_maps_for(self, array):
+        raise RuntimeError("probe failed")
+
+
+def test_a_crashing_distance_probe_is_a_warning_and_the_reference_runs(registered):
+    from segloss_core import signed_distance_map
+
+    class Plugin:
+        @hookimpl
+        def segloss_register_backends(self, register):
+            register(CrashingDistanceBackend())
+
+    registered(Plugin(), "crashing-distance")
+    labels = np.array([[0, 1, 1, 0]])
+    with pytest.warns(segloss_core.SeglossPluginWarning, match=r"distance_maps_for raised RuntimeError: probe failed"):
+        phi = signed_distance_map(labels, 2)
+    np.testing.assert_array_equal(phi, signed_distance_map(labels, 2, reference=True))
+
+
+def test_the_core_imports_no_plugin_and_sniffs_no_module_names():
+    """Backends own their arrays (Backend.distance_maps_for, segloss_core.arrays): no plugin names in the core."""
+    root = Path(segloss_core.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        for needle in ("import segloss_torch", "from segloss_torch", "import segloss_cupy", "from segloss_cupy"):
+            if needle in text:
+                offenders.append(f"{path.relative_to(root)}: {needle}")
+        if "__module__" in text and path.name != "arrays.py":
+            offenders.append(f"{path.relative_to(root)}: __module__")
+    assert not offenders, offenders

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from segloss_core import Backend, ConformanceDtype, LossPlan
+from segloss_core.arrays import get_namespace, is_cupy
 from segloss_core.reference.evaluate import evaluate_prepared, prepare_all, required_statistics
 
 
@@ -125,6 +126,16 @@ class CupyBackend(Backend):
         except Exception as exc:  # noqa: BLE001
             return f"no usable CUDA device ({type(exc).__name__}: {exc})"
         return None if count > 0 else "no CUDA device"
+
+    def distance_maps_for(self, array: Any) -> Any | None:
+        """CuPy arrays get :mod:`segloss_cupy.distance_maps` (the shared EDT kernels) where it imports."""
+        if not is_cupy(get_namespace(array)):
+            return None
+        try:
+            from . import distance_maps
+        except ImportError:  # no kernels here: the core's cupyx reference runs
+            return None
+        return distance_maps
 
     def supports(self, spec: Any) -> bool:
         return spec.kind != "voxelwise" or spec.reference is not None or spec.array_forward is not None

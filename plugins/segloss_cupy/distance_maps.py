@@ -140,6 +140,11 @@ def _label_maps(
     return out.reshape(batch, num_classes, *sizes)
 
 
+def unavailable() -> str | None:
+    """None: the kernels are compiled by NVRTC on first use (CuPy raises if that fails)."""
+    return None
+
+
 def _xp() -> Any:
     import array_api_compat.cupy as xp
 

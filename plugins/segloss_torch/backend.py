@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from segloss_core import Backend, ConformanceDtype, LossPlan, Param
+from segloss_core.arrays import get_namespace, is_torch
 
 IMPL = Param(
     "impl",
@@ -64,6 +65,14 @@ class TorchBackend(Backend):
         info = {"torch": torch.__version__, "fused": fused.status_line()}
         info["cuda"] = "available" if torch.cuda.is_available() else "not available"
         return info
+
+    def distance_maps_for(self, array: Any) -> Any | None:
+        """Torch tensors get :mod:`segloss_torch.distance_maps` (the EDT ops on the tensor's device)."""
+        if not is_torch(get_namespace(array)):
+            return None
+        from . import distance_maps
+
+        return distance_maps
 
     def prebuild(self) -> str | None:
         from . import build, fused

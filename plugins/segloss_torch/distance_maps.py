@@ -23,9 +23,14 @@ from segloss_core.distance_maps import check_spacing, normalise
 
 from . import fused
 
-__all__ = ["distance_map", "mask_distance_map", "signed_distance_map"]
+__all__ = ["distance_map", "mask_distance_map", "signed_distance_map", "unavailable"]
 
 KINDS = reference.KIND_CODES
+
+
+def unavailable() -> str | None:
+    """None where the compiled EDT ops run, else why not (the float64 reference then runs on the CPU)."""
+    return None if fused.is_built() else fused.status_line()
 
 
 def _xp():

@@ -49,7 +49,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..arrays import to_numpy
 from ..distance_maps import CONVENTIONS, check_spacing, signed_distance_map
+from ..registry import registry
 
 ENGINES = ("auto", "segloss", "scipy")
 
@@ -331,16 +333,14 @@ def _distance_map_of_volume(
     if engine == "segloss":
         import torch
 
-        from segloss_torch import signed_distance_map as torch_signed_distance_map
-
-        phi = torch_signed_distance_map(
+        phi = signed_distance_map(  # dispatched to the torch backend's kernels
             torch.from_numpy(np.ascontiguousarray(labels))[None],
             num_classes,
             spacing,
             convention=convention,
             ignore_index=ignore_index,
         )[0]
-        return phi.numpy().astype(dtype, copy=False)
+        return to_numpy(phi).astype(dtype, copy=False)
     out = np.empty((num_classes, *labels.shape), dtype=dtype)
     for c in range(num_classes):
         in_class = labels == c if ignore_index != c else np.zeros(labels.shape, dtype=bool)
@@ -456,12 +456,13 @@ def _resolve_engine(engine: str, out_dtype: np.dtype[Any]) -> str:
             "engine='scipy' (the float64 reference; engine='auto' picks it for float64) or dtype float32"
         )
     try:
-        from segloss_torch import fused
+        import torch
 
-        built = fused.is_built()
-        reason = "" if built else f": {fused.status_line()}"
+        kernels = registry().distance_map_kernels(torch.zeros(1, dtype=torch.uint8))
+        why_not = "no backend has distance-map kernels for torch tensors" if kernels is None else kernels.unavailable()
     except Exception as exc:  # noqa: BLE001 - torch missing or broken: no kernels
-        built, reason = False, f": {type(exc).__name__}: {exc}"
+        why_not = f"{type(exc).__name__}: {exc}"
+    built, reason = why_not is None, "" if why_not is None else f": {why_not}"
     if built:
         return "segloss"
     if engine == "segloss":

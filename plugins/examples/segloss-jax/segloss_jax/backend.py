@@ -59,8 +59,9 @@ class JaxBackend(Backend):
             return all(self.supports(reg.loss(term.loss)) for term in spec.terms)
         if spec.kind == "voxelwise":
             return spec.array_forward is not None  # topk_ce, lovasz_softmax: no JAX implementation here
-        # statistics of a per-voxel field (distance maps of the boundary/Hausdorff losses) are not implemented
-        return spec.fields is None
+        # statistics losses, those of a per-voxel field included: the core computes their distance maps (no
+        # JAX kernels: the scipy reference on a host copy, see segloss_core.distance_maps)
+        return True
 
     def build(self, plan: LossPlan, **options: Any) -> Any:
         from .loss import JaxLoss
@@ -92,5 +93,6 @@ class JaxBackend(Backend):
             x = jnp.asarray(pred, dtype=jnp.dtype(dtype))
             t = jnp.asarray(target) if target.dtype.kind in "iub" else jnp.asarray(target, dtype=jnp.dtype(dtype))
             m = None if mask is None else jnp.asarray(mask, dtype=jnp.dtype(dtype))
-            value, grad = loss.value_and_grad(x, t, m, grad_output="ones")
+            extra = {name: jnp.asarray(a) for name, a in (inputs or {}).items()}
+            value, grad = loss.value_and_grad(x, t, m, grad_output="ones", **extra)
             return np.asarray(value, dtype=np.float64), np.asarray(grad, dtype=np.float64)

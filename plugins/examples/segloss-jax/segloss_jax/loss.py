@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segloss_core import statistics as stat_names
-from segloss_core.reference.evaluate import required_statistics
+from segloss_core.reference.evaluate import required_statistics, with_fields
 from segloss_core.spec import LossPlan
 from segloss_core.validation import PreparedInputs, validate_inputs
 
@@ -70,6 +70,7 @@ class VoxelTerms:
     log_1mp: Array | None
     g: Array
     w: Array
+    fields: dict[str, Array] | None = None  # per-voxel constants (B, C, N) of the field statistics
 
 
 def compute_dtype(dtype: Any) -> Any:
@@ -84,7 +85,13 @@ def _safe_log(x: Array) -> Array:
 
 
 def voxel_terms(
-    pred: Array, labels: Array | None, target: Array | None, mask: Array | None, activation: str, ignore_index: Any
+    pred: Array,
+    labels: Array | None,
+    target: Array | None,
+    mask: Array | None,
+    activation: str,
+    ignore_index: Any,
+    fields: dict[str, Array] | None = None,
 ) -> VoxelTerms:
     """Activation, target and voxel weights, as ``segloss_core.reference.statistics.voxel_terms``."""
     batch, channels = int(pred.shape[0]), int(pred.shape[1])
@@ -119,7 +126,9 @@ def voxel_terms(
         g = jnp.reshape(target, (batch, channels, n)).astype(dtype)
     if mask is not None:
         weight = weight * jnp.reshape(mask.astype(dtype), (mask.shape[0], mask.shape[1], n))
-    return VoxelTerms(p=p, log_p=log_p, log_1mp=log_1mp, g=g, w=weight)
+    if fields:
+        fields = {name: jnp.reshape(f.astype(dtype), (batch, channels, n)) for name, f in fields.items()}
+    return VoxelTerms(p=p, log_p=log_p, log_1mp=log_1mp, g=g, w=weight, fields=fields)
 
 
 def _xlogy(x: Array, log_y: Array) -> Array:
@@ -170,7 +179,12 @@ def voxel_statistic(name: str, t: VoxelTerms) -> Array:
         return -_xlogy(g * _power(1.0 - p, gamma), t.log_p)
     if base == "focal_neg":
         return -_xlogy((1.0 - g) * _power(p, gamma), t.log_1mp)
-    raise ValueError(f"the jax backend does not compute statistic {name!r}")  # field statistics: see supports()
+    if base in stat_names.FIELD:
+        if not t.fields or gamma not in t.fields:
+            raise ValueError(f"statistic {name!r} needs the field {gamma!r}, which the loss did not provide")
+        field = jax.lax.stop_gradient(t.fields[gamma])
+        return p * field if base == "field_pred_sum" else (p - g) ** 2 * field
+    raise ValueError(f"the jax backend does not compute statistic {name!r}")
 
 
 def compute_statistics(t: VoxelTerms, names: frozenset[str]) -> dict[str, Array]:
@@ -260,13 +274,35 @@ class JaxLoss:
         assert prepared is not None
         return prepared
 
+    def _fields(self, prepared: PreparedInputs, inputs: dict[str, Array]) -> dict[str, dict[str, Array]]:
+        """Per activation, the fields (distance maps) the plan's terms need: computed by the core, outside jit."""
+        if not any(term.spec.fields is not None for term in self.plan.terms):
+            return {}
+        if any(_is_tracer(a) for a in (prepared.pred, prepared.labels, prepared.target) if a is not None):
+            raise ValueError(
+                f"loss {self.plan.name!r} needs distance maps of concrete arrays: call it outside jax.jit/jax.grad "
+                "(the loss is jit-compiled itself)"
+            )
+        return {
+            act: with_fields(self.plan, replace(prepared, activation=act), act, inputs).fields or {}
+            for act in self.plan.activations
+        }
+
     # -- the traced computation -----------------------------------------------------------
-    def _forward(self, pred: Array, labels: Array | None, target: Array | None, mask: Array | None) -> Array:
+    def _forward(
+        self,
+        pred: Array,
+        labels: Array | None,
+        target: Array | None,
+        mask: Array | None,
+        fields: dict[str, dict[str, Array]] | None = None,
+    ) -> Array:
         plan = self.plan
         total = None
         spatial = tuple(pred.shape[2:])
         for activation in plan.activations:
-            t = voxel_terms(pred, labels, target, mask, activation, plan.ignore_index)
+            group_fields = (fields or {}).get(activation)
+            t = voxel_terms(pred, labels, target, mask, activation, plan.ignore_index, group_fields)
             names = required_statistics(plan, activation)
             stats = compute_statistics(t, names) if names else {}
             for term in plan.terms:
@@ -289,10 +325,11 @@ class JaxLoss:
         labels: Array | None,
         target: Array | None,
         mask: Array | None,
+        fields: dict[str, dict[str, Array]],
         seed: Array | None,
         ones: bool,
     ) -> tuple[Array, Array]:
-        value, pullback = jax.vjp(lambda x: self._forward(x, labels, target, mask), pred)
+        value, pullback = jax.vjp(lambda x: self._forward(x, labels, target, mask, fields), pred)
         if ones:
             seed = jnp.ones_like(value)
         elif seed is None:
@@ -306,18 +343,26 @@ class JaxLoss:
         return value, grad
 
     # -- public -------------------------------------------------------------------------
-    def __call__(self, pred: Array, target: Array, mask: Array | None = None) -> Array:
+    def __call__(self, pred: Array, target: Array, mask: Array | None = None, **inputs: Array) -> Array:
+        """The loss value; ``inputs`` are the extra inputs of some losses (``distance_map=`` of ``boundary``)."""
         prepared = self._prepare(pred, target, mask)
-        return self._call(prepared.pred, prepared.labels, prepared.target, prepared.mask)
+        fields = self._fields(prepared, inputs)
+        return self._call(prepared.pred, prepared.labels, prepared.target, prepared.mask, fields)
 
     def value_and_grad(
-        self, pred: Array, target: Array, mask: Array | None = None, grad_output: Array | str | None = None
+        self,
+        pred: Array,
+        target: Array,
+        mask: Array | None = None,
+        grad_output: Array | str | None = None,
+        **inputs: Array,
     ) -> tuple[Array, Array]:
         """(value, d value / d pred); with ``reduction="none"`` pass ``grad_output`` (the value's shape, or
         ``"ones"``): the gradient is then that of Σ grad_output·value."""
         prepared = self._prepare(pred, target, mask)
+        fields = self._fields(prepared, inputs)
         ones = isinstance(grad_output, str)
         if ones and grad_output != "ones":
             raise ValueError(f"grad_output must be an array, None or 'ones', got {grad_output!r}")
         seed = None if ones else grad_output
-        return self._vag(prepared.pred, prepared.labels, prepared.target, prepared.mask, seed, ones=ones)
+        return self._vag(prepared.pred, prepared.labels, prepared.target, prepared.mask, fields, seed, ones=ones)
