@@ -284,24 +284,28 @@ def signed_distance_map(
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
     return _reference_fallback(
-        _reference_signed, labels, num_classes, spacing, convention, no_boundary_value, normalize, ignore_index
+        _reference_labels, labels, num_classes, spacing, convention, no_boundary_value, normalize, ignore_index
     )
 
 
-def _reference_signed(
+def _reference_labels(
     labels: Array,
     num_classes: int,
     spacing: float | Sequence[float] | None,
-    convention: str,
+    kind: str,
     no_boundary_value: float,
     normalize: str | None,
     ignore_index: int | None,
 ) -> Array:
+    """The reference map of a label map: ``kind`` is a signed convention or an unsigned region."""
     d_in, d_out, inside, has_boundary = class_distances(labels, num_classes, spacing, ignore_index)
     xp = _edt_module(labels)[0]
-    phi = compose_signed(xp, d_in, d_out, inside, has_boundary, convention, no_boundary_value)
+    if kind in CONVENTIONS:
+        field = compose_signed(xp, d_in, d_out, inside, has_boundary, kind, no_boundary_value)
+    else:
+        field = compose_unsigned(xp, d_in, d_out, has_boundary, kind, no_boundary_value)
     spatial = tuple(int(s) for s in labels.shape[1:])
-    return normalise(xp, phi, normalize, check_spacing(spacing, len(spatial)), spatial)
+    return normalise(xp, field, normalize, check_spacing(spacing, len(spatial)), spatial)
 
 
 def distance_map(
@@ -331,24 +335,8 @@ def distance_map(
     if region not in REGIONS:
         raise ValueError(f"region must be one of {', '.join(REGIONS)}, got {region!r}")
     return _reference_fallback(
-        _reference_unsigned, labels, num_classes, spacing, region, no_boundary_value, normalize, ignore_index
+        _reference_labels, labels, num_classes, spacing, region, no_boundary_value, normalize, ignore_index
     )
-
-
-def _reference_unsigned(
-    labels: Array,
-    num_classes: int,
-    spacing: float | Sequence[float] | None,
-    region: str,
-    no_boundary_value: float,
-    normalize: str | None,
-    ignore_index: int | None,
-) -> Array:
-    d_in, d_out, _, has_boundary = class_distances(labels, num_classes, spacing, ignore_index)
-    xp = _edt_module(labels)[0]
-    field = compose_unsigned(xp, d_in, d_out, has_boundary, region, no_boundary_value)
-    spatial = tuple(int(s) for s in labels.shape[1:])
-    return normalise(xp, field, normalize, check_spacing(spacing, len(spatial)), spatial)
 
 
 def mask_distance_map(
