@@ -58,20 +58,19 @@ cudaError_t transform(const L* labels, float* out, int64_t volumes, int64_t labe
   const int64_t voxels = voxels_of(a);
   const int last = a.ndim - 1;
   const int n_last = static_cast<int>(a.sizes[last]);
-  edt_first_pass_kernel<L><<<grid_for(volumes * (voxels / n_last), kEdtBlock), kEdtBlock, 0, stream>>>(
-      labels, out, volumes, voxels, n_last, label_div, multilabel, mask_mode, a.spacing[last]);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch(edt_first_pass_kernel<L>, grid_for(volumes * (voxels / n_last), kEdtBlock), kEdtBlock, 0,
+                           stream, labels, out, volumes, voxels, n_last, label_div, multilabel, mask_mode,
+                           a.spacing[last]);
   if (err != cudaSuccess) return err;
   for (int axis = last - 1; axis >= 0; --axis) {
     int64_t stride = 1;
     for (int i = axis + 1; i < a.ndim; ++i) stride *= a.sizes[i];
     const int64_t lines = volumes * (voxels / a.sizes[axis]);
     const int64_t threads = std::min<int64_t>(lines, kMaxThreads);
-    edt_parabola_kernel<L><<<grid_for(threads, kEdtBlock), kEdtBlock, 0, stream>>>(
-        labels, out, volumes, voxels, static_cast<int>(a.sizes[axis]), stride, label_div, multilabel, mask_mode,
-        a.spacing[axis], reinterpret_cast<int*>(ws + l.v), reinterpret_cast<double*>(ws + l.z),
-        reinterpret_cast<double*>(ws + l.fk), reinterpret_cast<float*>(ws + l.g));
-    err = cudaGetLastError();
+    err = launch(edt_parabola_kernel<L>, grid_for(threads, kEdtBlock), kEdtBlock, 0, stream, labels, out, volumes,
+                 voxels, static_cast<int>(a.sizes[axis]), stride, label_div, multilabel, mask_mode, a.spacing[axis],
+                 reinterpret_cast<int*>(ws + l.v), reinterpret_cast<double*>(ws + l.z),
+                 reinterpret_cast<double*>(ws + l.fk), reinterpret_cast<float*>(ws + l.g));
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -86,18 +85,17 @@ cudaError_t label_maps(const DistanceMapArgs& a, float* out, char* ws, cudaStrea
   cudaError_t err = cudaMemsetAsync(counts, 0, sizeof(unsigned long long) * a.batch * a.classes, stream);
   if (err != cudaSuccess) return err;
   dim3 grid(grid_for(voxels, 256), static_cast<unsigned>(a.batch));
-  edt_count_kernel<L><<<grid, 256, sizeof(unsigned long long) * a.classes, stream>>>(
-      labels, a.batch, voxels, a.classes, a.ignore_index, a.has_ignore, counts);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  err = launch(edt_count_kernel<L>, grid, 256, sizeof(unsigned long long) * a.classes, stream, labels, a.batch, voxels,
+               a.classes, a.ignore_index, a.has_ignore, counts);
+  if (err != cudaSuccess) return err;
   float* din = reinterpret_cast<float*>(ws + l.din);
   // every class's inside distance: one multi-label transform per sample
   if ((err = transform<L>(labels, din, a.batch, 1, true, false, a, ws, l, stream)) != cudaSuccess) return err;
   // outside distance of each class: binary transforms over all (sample, class) volumes
   if ((err = transform<L>(labels, out, a.batch * a.classes, a.classes, false, false, a, ws, l, stream)) != cudaSuccess)
     return err;
-  edt_compose_labels_kernel<L><<<grid_for(a.batch * a.classes * voxels, 256), 256, 0, stream>>>(
-      labels, din, out, a.batch, a.classes, voxels, counts, a.kind, a.no_boundary_value);
-  return cudaGetLastError();
+  return launch(edt_compose_labels_kernel<L>, grid_for(a.batch * a.classes * voxels, 256), 256, 0, stream, labels, din,
+                out, a.batch, a.classes, voxels, counts, a.kind, a.no_boundary_value);
 }
 
 cudaError_t mask_maps(const DistanceMapArgs& a, float* out, char* ws, cudaStream_t stream) {
@@ -109,14 +107,13 @@ cudaError_t mask_maps(const DistanceMapArgs& a, float* out, char* ws, cudaStream
   cudaError_t err = cudaMemsetAsync(counts, 0, sizeof(unsigned long long) * volumes, stream);
   if (err != cudaSuccess) return err;
   dim3 grid(grid_for(voxels, 256), static_cast<unsigned>(volumes));
-  edt_count_kernel<unsigned char><<<grid, 256, sizeof(unsigned long long), stream>>>(masks, volumes, voxels, 1, 0,
-                                                                                      false, counts);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  err = launch(edt_count_kernel<unsigned char>, grid, 256, sizeof(unsigned long long), stream, masks, volumes, voxels,
+               1, 0, false, counts);
+  if (err != cudaSuccess) return err;
   // a 0/1 mask is a two-label map: the distance to the other label is d_in inside, d_out outside
   if ((err = transform<unsigned char>(masks, out, volumes, 1, true, true, a, ws, l, stream)) != cudaSuccess) return err;
-  edt_compose_masks_kernel<<<grid_for(volumes * voxels, 256), 256, 0, stream>>>(masks, out, volumes, voxels, counts,
-                                                                                  a.kind, a.no_boundary_value);
-  return cudaGetLastError();
+  return launch(edt_compose_masks_kernel, grid_for(volumes * voxels, 256), 256, 0, stream, masks, out, volumes, voxels,
+                counts, a.kind, a.no_boundary_value);
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // Framework-free launchers of the exact distance maps on the GPU (raw pointers, sizes, stream).
 #pragma once
 
-#include <cuda_runtime.h>
+#include "../kernels/cuda_target.cuh"  // <cuda_runtime.h>, or its names on the emulated target
 
 #include <cstddef>
 #include <cstdint>
@@ -27,7 +27,9 @@ struct DistanceMapArgs {
 
 size_t distance_map_workspace_bytes(const DistanceMapArgs& args);
 
-// out: (B, C, *S) float32 maps.
+// out: (B, C, *S) float32 maps. Returns cudaErrorInvalidConfiguration, before any launch, for more
+// maps than the grid's y dimension holds (B > 65535 label maps, or B·C > 65535 masks):
+// segloss_core.distance_maps.check_cuda_volumes refuses those with a ValueError first.
 cudaError_t distance_maps(const DistanceMapArgs& args, float* out, void* workspace, cudaStream_t stream);
 
 }  // namespace cuda

@@ -29,27 +29,25 @@ cudaError_t forward_typed(const RegionStatsArgs& args, void* out, void* workspac
   // the class group varies fastest (see region_stats_partials_kernel)
   dim3 grid(static_cast<unsigned>(chunks * groups), 1u, static_cast<unsigned>(args.batch));
   A* partials = static_cast<A*>(workspace);
-  region_stats_partials_kernel<T, L, A, LABELS><<<grid, kBlock, 0, stream>>>(
-      static_cast<const T*>(args.logits), static_cast<const L*>(args.labels), static_cast<const T*>(args.target),
-      SEGLOSS_LAUNCH_ARGS(A, args), partials);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch(region_stats_partials_kernel<T, L, A, LABELS>, grid, kBlock, 0, stream,
+                           static_cast<const T*>(args.logits), static_cast<const L*>(args.labels),
+                           static_cast<const T*>(args.target), SEGLOSS_LAUNCH_ARGS(A, args), partials);
   if (err != cudaSuccess) return err;
   const int64_t outputs = args.batch * args.channels * kNumSlots;
   const int threads = 256;
-  region_stats_finish_kernel<A><<<static_cast<unsigned>((outputs + threads - 1) / threads), threads, 0, stream>>>(
-      partials, args.batch, args.channels, groups, chunks, static_cast<A*>(out));
-  return cudaGetLastError();
+  return launch(region_stats_finish_kernel<A>, static_cast<unsigned>((outputs + threads - 1) / threads), threads, 0,
+                stream, partials, args.batch, args.channels, groups, chunks, static_cast<A*>(out));
 }
 
 template <typename T, typename L, bool LABELS>
 cudaError_t backward_typed(const RegionStatsArgs& args, const void* upstream, void* grad, cudaStream_t stream) {
   using A = typename AccType<T>::type;
   const int64_t total = args.batch * args.voxels;
-  const int64_t blocks = std::min<int64_t>((total + kBlock - 1) / kBlock, 1 << 20);
-  region_stats_backward_kernel<T, L, A, LABELS><<<static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kBlock, 0, stream>>>(
-      static_cast<const T*>(args.logits), static_cast<const L*>(args.labels), static_cast<const T*>(args.target),
-      SEGLOSS_LAUNCH_ARGS(A, args), static_cast<const A*>(upstream), static_cast<T*>(grad));
-  return cudaGetLastError();
+  const int64_t blocks = std::min<int64_t>((total + kBlock - 1) / kBlock, args.max_backward_blocks);
+  return launch(region_stats_backward_kernel<T, L, A, LABELS>, static_cast<unsigned>(std::max<int64_t>(blocks, 1)),
+                kBlock, 0, stream, static_cast<const T*>(args.logits), static_cast<const L*>(args.labels),
+                static_cast<const T*>(args.target), SEGLOSS_LAUNCH_ARGS(A, args), static_cast<const A*>(upstream),
+                static_cast<T*>(grad));
 }
 
 // f<T, L, LABELS>() for the run-time dtype and label type.
@@ -73,10 +71,15 @@ cudaError_t dispatch(const RegionStatsArgs& args, F&& f) {
       return with_type(float{});
     case DType::kFloat64:
       return with_type(double{});
+#if SEGLOSS_LOW_PRECISION
     case DType::kFloat16:
       return with_type(__half{});
     case DType::kBFloat16:
       return with_type(__nv_bfloat16{});
+#else
+    default:  // not instantiated on the emulated target (csrc/kernels/cuda_target.cuh says why)
+      return cudaErrorInvalidValue;
+#endif
   }
   return cudaErrorInvalidValue;
 }

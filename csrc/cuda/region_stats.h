@@ -3,7 +3,7 @@
 // and calls these.
 #pragma once
 
-#include <cuda_runtime.h>
+#include "../kernels/cuda_target.cuh"  // <cuda_runtime.h>, or its names on the emulated target
 
 #include <cstddef>
 #include <cstdint>
@@ -27,12 +27,15 @@ struct RegionStatsArgs {
   int64_t ignore_index = 0;
   bool has_ignore = false;
   bool want_ce_neg = false;
+  // the backward grid has at most this many blocks; its grid-stride loop covers the other voxels
+  int64_t max_backward_blocks = 1 << 20;
 };
 
 // Bytes of scratch the forward pass needs (deterministic per-chunk partial sums).
 size_t region_stats_workspace_bytes(const RegionStatsArgs& args);
 
 // out: (B, C, 10) statistics in the accumulation dtype (float, double for float64).
+// Returns cudaErrorInvalidConfiguration, before any launch, if B > 65535 (the grid's z dimension).
 cudaError_t region_stats_forward(const RegionStatsArgs& args, void* out, void* workspace, cudaStream_t stream);
 
 // upstream: (B, C, 10) in the accumulation dtype; grad: (B, C, N) in dtype.

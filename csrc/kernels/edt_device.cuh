@@ -5,9 +5,10 @@
 // (their lines are all +inf or all 0 and are skipped).
 #pragma once
 
+#include "cuda_target.cuh"
 #include "edt.cuh"
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#if SEGLOSS_DEVICE_CODE
 
 namespace segloss {
 
@@ -18,7 +19,7 @@ constexpr int kEdtBlock = 128;
 template <typename L>
 __global__ void edt_count_kernel(const L* labels, int64_t volumes, int64_t voxels, int64_t classes,
                                  int64_t ignore_index, bool has_ignore, unsigned long long* counts) {
-  extern __shared__ unsigned long long histogram[];
+  SEGLOSS_DYNAMIC_SHARED(unsigned long long, histogram);
   const int64_t v = blockIdx.y;  // sample (labels) or mask volume (classes == 1)
   for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) histogram[c] = 0;
   __syncthreads();
@@ -134,4 +135,4 @@ __global__ void edt_compose_masks_kernel(const unsigned char* masks, float* out,
 
 }  // namespace segloss
 
-#endif
+#endif  // SEGLOSS_DEVICE_CODE

@@ -3,7 +3,7 @@
 // cupy.RawModule and name expressions such as
 // "segloss::region_stats_partials_kernel<float, long long, float, true>").
 //
-// Forward: grid (chunks, class groups, B), kBlock threads. A block reduces a chunk of
+// Forward: grid (chunks · class groups, 1, B), kBlock threads. A block reduces a chunk of
 // kChunk voxels of one sample for kGroup classes: each thread accumulates its voxels in
 // registers, then a fixed-order block reduction (warp shuffles, then warps in order) writes
 // one partial per (sample, group, chunk). region_stats_finish_kernel adds the partials of a
@@ -12,23 +12,17 @@
 // writing only the gradient.
 #pragma once
 
+#include "cuda_target.cuh"
 #include "region_stats.cuh"
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-
-#ifndef __CUDACC_RTC__
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#else
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#endif
+#if SEGLOSS_DEVICE_CODE
 
 namespace segloss {
 
 constexpr int kBlock = 256;
 constexpr int kGroup = 8;         // classes per block
 constexpr int kChunkVoxels = 4096;  // voxels per block (16 per thread)
+constexpr int kMinWarp = 32;        // warpSize is 32 (NVIDIA) or 64 (the emulated target): sizes the shared array
 
 struct NoLabel {};
 
@@ -36,6 +30,7 @@ template <typename T>
 __device__ __forceinline__ typename AccType<T>::type to_acc(T x) {
   return static_cast<typename AccType<T>::type>(x);
 }
+#if SEGLOSS_LOW_PRECISION
 template <>
 __device__ __forceinline__ float to_acc<__half>(__half x) {
   return __half2float(x);
@@ -44,11 +39,13 @@ template <>
 __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 x) {
   return __bfloat162float(x);
 }
+#endif
 
 template <typename T>
 __device__ __forceinline__ T from_acc(typename AccType<T>::type x) {
   return static_cast<T>(x);
 }
+#if SEGLOSS_LOW_PRECISION
 template <>
 __device__ __forceinline__ __half from_acc<__half>(float x) {
   return __float2half_rn(x);
@@ -57,6 +54,7 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
+#endif
 
 template <typename A>
 struct KernelArgs {
@@ -118,9 +116,11 @@ __device__ __forceinline__ void element_terms(int activation, A z, A m, A inv, A
   }
 }
 
+// Lane 0 of each warp gets the sum over the warp's warpSize lanes (32 on NVIDIA GPUs, 64 on the
+// emulated target's wavefronts).
 template <typename A>
 __device__ __forceinline__ A warp_sum(A value) {
-  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_down_sync(0xffffffffu, value, offset);
+  for (int offset = warpSize / 2; offset > 0; offset >>= 1) value += __shfl_down_sync(0xffffffffu, value, offset);
   return value;
 }
 
@@ -190,9 +190,9 @@ __global__ void __launch_bounds__(kBlock) region_stats_partials_kernel(const T* 
       }
     }
   }
-  // fixed-order block reduction
-  __shared__ A shared[kBlock / 32][kGroup * kNumSlots];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // fixed-order block reduction: warps of warpSize lanes (at least kMinWarp), then the warps in order
+  __shared__ A shared[kBlock / kMinWarp][kGroup * kNumSlots];
+  const int warp = threadIdx.x / warpSize, lane = threadIdx.x % warpSize, warps = kBlock / warpSize;
 #pragma unroll
   for (int j = 0; j < kGroup; ++j) {
 #pragma unroll
@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kBlock) region_stats_partials_kernel(const T* 
   A* out = partials + ((b * groups + group) * chunks + chunk) * (kGroup * kNumSlots);
   for (int k = threadIdx.x; k < kGroup * kNumSlots; k += kBlock) {
     A total = A(0);
-    for (int w = 0; w < kBlock / 32; ++w) total += shared[w][k];
+    for (int w = 0; w < warps; ++w) total += shared[w][k];
     out[k] = total;
   }
 }
@@ -269,4 +269,4 @@ __global__ void __launch_bounds__(kBlock) region_stats_backward_kernel(const T* 
 
 }  // namespace segloss
 
-#endif  // __CUDACC__ || __CUDACC_RTC__
+#endif  // SEGLOSS_DEVICE_CODE
