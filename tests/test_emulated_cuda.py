@@ -679,3 +679,9 @@ def test_distance_maps_too_many_maps_for_the_grid(emulator):
     assert emulated_distance_maps(emulator, masks, CUDA_MAX_VOLUMES + 1, (1.0,), 0, masks=True)[0] == (
         CUDA_ERROR_INVALID_CONFIGURATION
     )
+
+
+def test_ci_installs_tbb_and_requires_the_emulated_tests():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "apt-get install -y -qq libtbb-dev" in ci
+    assert f"export {REQUIRE_ENV}=1" in ci
