@@ -13,6 +13,7 @@ segloss distmap INPUT... --out DIR --num-classes K   precompute signed distance 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -130,6 +131,8 @@ def _cmd_distmap(args: argparse.Namespace) -> int:
             ignore_index=args.ignore_index,
             engine=args.engine,
         )
+    except BrokenPipeError:  # the reader of the progress output went away: main() ends quietly
+        raise
     except OSError as exc:  # e.g. the output directory cannot be created
         print(f"segloss: error: {exc}", file=sys.stderr)
         return 2
@@ -254,7 +257,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command ended by SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; its exit status.
+
+    A closed stdout (``segloss explain dice | head -1``) ends any subcommand quietly with status
+    141, as a command killed by SIGPIPE: Python ignores SIGPIPE, so the write raises
+    ``BrokenPipeError``; stdout is flushed here, while that can still be caught, and then pointed
+    at ``os.devnull`` so the interpreter's final flush does not fail again (the recipe of the
+    Python documentation, "Note on SIGPIPE").
+    """
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -262,6 +287,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, RuntimeError) as exc:
         print(f"segloss: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _discard_stdout() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor (tests)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -156,3 +157,57 @@ def test_subcommand_help_says_what_it_does(capsys, command, expected):
     out = " ".join(capsys.readouterr().out.split())
     for text in expected:
         assert text in out, f"`segloss {command} --help` lacks {text!r}"
+
+
+# every subcommand, with arguments that make it print at least one line quickly
+_QUICK_ARGS = {
+    "list": ["list"],
+    "describe": ["describe", "dice"],
+    "explain": ["explain", "dice", "--preset", "nnunet"],
+    "backends": ["backends"],
+    "demo": ["demo", "--size", "6", "--repeat", "1"],
+    "build": ["build", "no-such-backend"],
+    "check": ["check", "numpy", "--loss", "dice", "--quick", "--dtype", "float64"],
+    "distmap": ["distmap", "--quiet", "--num-classes", "2", "--workers", "1", "--engine", "scipy"],
+}
+
+
+def _subcommands() -> set[str]:
+    import argparse
+
+    from segloss_core.cli import build_parser
+
+    (action,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return set(action.choices)
+
+
+def test_a_closed_stdout_ends_every_subcommand_quietly(tmp_path, monkeypatch, capfd):
+    """`segloss ... | head -1`: the reader has gone, the write fails with EPIPE; exit 141, no traceback."""
+    import numpy as np
+
+    from segloss_core.cli import EXIT_BROKEN_PIPE
+
+    assert set(_QUICK_ARGS) == _subcommands()  # a new subcommand needs a line here
+    np.save(tmp_path / "a.npy", np.array([[0, 1], [1, 0]]))
+    for name, args in _QUICK_ARGS.items():
+        if name == "distmap":
+            args = [*args, str(tmp_path / "a.npy"), "--out", str(tmp_path / "out")]
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # a real pipe whose reader has already gone
+        stream = open(write_end, "w", buffering=1)  # noqa: SIM115 - closed below
+        monkeypatch.setattr(sys, "stdout", stream)
+        try:
+            code = main(args)
+        finally:
+            monkeypatch.undo()
+            stream.close()  # main() pointed the descriptor at os.devnull: closing flushes nothing into the pipe
+        assert code == EXIT_BROKEN_PIPE, name
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_pipe_to_head_ends_quietly():
+    """The console script through a shell pipe: the first line arrives, no traceback, exit 0 or 141."""
+    command = f"{sys.executable} -m segloss_core.cli explain dice --preset nnunet | head -1; exit ${{PIPESTATUS[0]}}"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    assert result.stdout.count("\n") == 1 and result.stdout.strip()
+    assert result.returncode in (0, 141) and result.stderr == "", result.stderr

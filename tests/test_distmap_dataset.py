@@ -166,7 +166,8 @@ def test_bad_inputs_fail_alone_with_clear_messages(tmp_path, rng):
     assert "cannot read .npy file" in errors["broken.npy"]
     assert "no such file" in errors["missing.npy"]
     assert "unsupported file type" in errors["notes.txt"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.npy"]  # nothing else, no temporaries
+    # nothing else (the map and its parameter record), no temporaries
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.npy", "good.npy.json"]
     assert not report.ok and "7 failed" in report.summary() and "range.npy: labels outside" in report.summary()
     with pytest.raises(LabelFileError, match=r"range\.npy: labels outside"):
         read_label_volume(tmp_path / "range.npy", 3)
@@ -231,7 +232,7 @@ def test_resume_skips_finished_outputs_but_not_temporaries(tmp_path, rng):
 
     # an existing output computed with other settings is not silently reused
     fourth = precompute_distance_maps([tmp_path / "a.npy"], out, 4, workers=1, progress=False)
-    assert not fourth.skipped and "pass overwrite" in fourth.failed[0].error
+    assert not fourth.skipped and "pass --overwrite" in fourth.failed[0].error
 
 
 def test_failure_while_writing_leaves_no_output_and_no_temporary(tmp_path, rng, monkeypatch):
@@ -248,8 +249,9 @@ def test_failure_while_writing_leaves_no_output_and_no_temporary(tmp_path, rng, 
     monkeypatch.setattr(np, "save", failing_save)
     report = precompute_distance_maps([tmp_path], tmp_path / "out", 3, workers=1, progress=False)
     assert [p.name for p in report.done] == ["a.npy", "c.npy"]
-    assert [(f.path.name, f.error) for f in report.failed] == [("b.npy", "OSError: disk full")]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.npy", "c.npy"]
+    out_b = tmp_path / "out" / "b.npy"
+    assert [(f.path.name, f.error) for f in report.failed] == [("b.npy", f"cannot write {out_b}: disk full")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.npy", "a.npy.json", "c.npy", "c.npy.json"]
 
     monkeypatch.setattr(np, "save", real_save)
     again = precompute_distance_maps([tmp_path], tmp_path / "out", 3, workers=1, progress=False)
@@ -277,8 +279,9 @@ def test_two_workers_write_the_same_files_as_one(tmp_path, rng):
     two = precompute_distance_maps([tmp_path], tmp_path / "w2", 3, workers=2, progress=False)
     assert (one.done, one.skipped, one.failed) == (two.done, two.skipped, two.failed)
     assert [f.path.name for f in two.failed] == ["bad.npy"]
-    names = sorted(p.name for p in (tmp_path / "w1").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "w2").iterdir()) == [f"v{i}.npy" for i in range(4)]
+    names = sorted(p.name for p in (tmp_path / "w1").glob("*.npy"))
+    assert names == sorted(p.name for p in (tmp_path / "w2").glob("*.npy")) == [f"v{i}.npy" for i in range(4)]
+    assert sorted(p.name for p in (tmp_path / "w2").iterdir()) == sorted([*names, *(f"{n}.json" for n in names)])
     for name in names:
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
 
@@ -311,6 +314,12 @@ def test_cli_end_to_end(tmp_path, rng, capsys):
     np.testing.assert_array_equal(
         load_distance_map(out / "a.npy"), _reference(labels, 3, (2, 1, 0.5), convention="signed").astype("f4")
     )
+    assert main(args) == 1  # other spacing and convention: the stored maps are not reused
+    out_text = capsys.readouterr().out
+    assert "0 done, 0 skipped (output exists), 2 failed" in out_text and out_text.count("pass --overwrite") == 2
+    assert "convention='signed', spacing=[2.0, 1.0, 0.5]" in out_text
+    assert main([*args, "--overwrite"]) == 0
+    assert "2 done" in capsys.readouterr().out
     assert main(args) == 0  # resumed: nothing to do
     assert "0 done, 2 skipped" in capsys.readouterr().out
 
@@ -446,3 +455,229 @@ def test_segloss_engine_refuses_float64(tmp_path):
     with pytest.raises(ValueError, match=r"engine='segloss' computes float32 maps.*engine='scipy'"):
         precompute_distance_maps([tmp_path / "v.npy"], tmp_path / "out", 2, engine="segloss", dtype="float64")
     assert not (tmp_path / "out" / "v.npy").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# failures: parameter records, write errors, dead workers, a killed command
+# ---------------------------------------------------------------------------------------
+def test_each_map_records_its_parameters_and_a_rerun_with_others_refuses_to_skip(tmp_path, rng):
+    import json
+
+    from segloss_core import __version__
+    from segloss_core.datasets.distmap import parameters_path
+
+    np.save(tmp_path / "a.npy", _labels(rng, (6, 5, 4)))
+    out = tmp_path / "out"
+    base = {"workers": 1, "progress": False, "engine": "scipy"}
+    assert precompute_distance_maps([tmp_path / "a.npy"], out, 3, **base).ok
+    record = json.loads(parameters_path(out / "a.npy").read_text())
+    assert record == {
+        "num_classes": 3,
+        "convention": "boundary_loss",
+        "spacing": "file",
+        "ignore_index": None,
+        "normalize": None,
+        "dtype": "float32",
+        "engine": "scipy",
+        "segloss_version": __version__,
+        "voxel_size": [1.0, 1.0, 1.0],
+        "input": "a.npy",
+    }
+    for changed, shown in [
+        ({"convention": "signed"}, "convention='boundary_loss'; this run asks convention='signed'"),
+        ({"spacing": 1.0}, "spacing='file'; this run asks spacing=1.0"),
+        ({"spacing": (1.0, 2.0, 1.0)}, "spacing=[1.0, 2.0, 1.0]"),
+        ({"ignore_index": 9}, "ignore_index=9"),
+    ]:
+        report = precompute_distance_maps([tmp_path / "a.npy"], out, 3, **base, **changed)
+        assert not report.skipped and len(report.failed) == 1, changed
+        assert shown in report.failed[0].error and "pass --overwrite" in report.failed[0].error
+    assert precompute_distance_maps([tmp_path / "a.npy"], out, 3, **base).skipped  # the same parameters: reused
+    redone = precompute_distance_maps([tmp_path / "a.npy"], out, 3, overwrite=True, convention="signed", **base)
+    assert redone.ok and json.loads(parameters_path(out / "a.npy").read_text())["convention"] == "signed"
+
+    parameters_path(out / "a.npy").unlink()  # a map from an older segloss: no record, not reused
+    report = precompute_distance_maps([tmp_path / "a.npy"], out, 3, convention="signed", **base)
+    assert "no parameter record" in report.failed[0].error and "pass --overwrite" in report.failed[0].error
+
+
+def test_disk_full_is_said_in_words(tmp_path, rng, monkeypatch):
+    import errno
+
+    np.save(tmp_path / "a.npy", _labels(rng, (6, 6, 6)))
+    real_save = np.save
+
+    def enospc(file, arr, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", enospc)
+    report = precompute_distance_maps([tmp_path], tmp_path / "o1", 3, workers=1, progress=False, engine="scipy")
+    error = report.failed[0].error
+    assert error.startswith(f"cannot write {tmp_path / 'o1' / 'a.npy'}: the disk is full (the map needs ")
+    assert "iB free in" in error
+
+    # NumPy's short write has no errno ("N requested and M written"): the free space explains it
+    def short_write(file, arr, *args, **kwargs):
+        raise OSError(f"{arr.nbytes} requested and 4096 written")
+
+    class Full:
+        f_bavail, f_frsize = 0, 4096
+
+    monkeypatch.setattr(np, "save", short_write)
+    monkeypatch.setattr(os, "statvfs", lambda path: Full())
+    report = precompute_distance_maps([tmp_path], tmp_path / "o2", 3, workers=1, progress=False, engine="scipy")
+    assert "a.npy: the disk is full (the map needs 2.7 KiB, 0.0 KiB free in" in report.failed[0].error
+    monkeypatch.setattr(np, "save", real_save)
+    assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == []  # no temporaries either
+
+
+_CLI = [sys.executable, "-m", "segloss_core.cli", "distmap", "--num-classes", "3", "--engine", "scipy", "--quiet"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_file_size_limit_is_said_in_words(tmp_path, rng):
+    import resource
+    import subprocess
+
+    np.save(tmp_path / "a.npy", _labels(rng, (20, 20, 20)))  # a map of 3 * 8000 float32: 96 kB
+    limit = 16384
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [*_CLI, "--workers", "1", str(tmp_path / "a.npy"), "--out", str(out)],
+        preexec_fn=limited,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"cannot write {out / 'a.npy'}: the map (96128 bytes) exceeds this process's file-size limit" in (
+        result.stdout
+    )
+    assert f"of {limit} bytes (ulimit -f)" in result.stdout and "Traceback" not in result.stderr
+    assert list(out.iterdir()) == []
+
+
+def _without_root_overrides() -> None:
+    """In the child (preexec_fn): root ignores permission bits through CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH; dropping them from the bounding set makes the exec'd command obey them."""
+    if os.geteuid() == 0:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="POSIX permissions, Linux capabilities")
+def test_a_read_only_output_directory_is_said_in_words(tmp_path, rng):
+    import subprocess
+
+    np.save(tmp_path / "a.npy", _labels(rng, (5, 5, 5)))
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", f"open({str(out / 'probe')!r}, 'w')"],
+            preexec_fn=_without_root_overrides,
+            capture_output=True,
+        )
+        if probe.returncode == 0:
+            pytest.skip("this user can write into a read-only directory")
+        result = subprocess.run(
+            [*_CLI, "--workers", "1", str(tmp_path / "a.npy"), "--out", str(out)],
+            preexec_fn=_without_root_overrides,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        out.chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    assert f"cannot write {out / 'a.npy'}: permission denied (the directory {out} is not writable" in (result.stdout), (
+        result.stdout + result.stderr
+    )
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the planted kill relies on fork() inheriting the patch")
+def test_a_dead_worker_costs_only_its_own_file(tmp_path, rng, monkeypatch):
+    """One worker is SIGKILLed in the middle of a file: that file fails with the reason, a new
+    worker takes over, and every other file is written (the docs: one bad file never stops the others)."""
+    import signal
+
+    from segloss_core.datasets import distmap as distmap_dataset
+
+    for i in range(8):
+        np.save(tmp_path / f"v{i}.npy", _labels(rng, (6, 6, 5)))
+    real = distmap_dataset._distance_map_of_volume
+
+    def dies_on_v3(labels, *args, **kwargs):
+        if np.array_equal(labels, np.load(tmp_path / "v3.npy")):
+            os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
+        return real(labels, *args, **kwargs)
+
+    monkeypatch.setattr(distmap_dataset, "_distance_map_of_volume", dies_on_v3)
+    report = precompute_distance_maps([tmp_path], tmp_path / "out", 3, workers=2, progress=False, engine="scipy")
+    assert [p.name for p in report.done] == [f"v{i}.npy" for i in range(8) if i != 3]
+    assert [f.path.name for f in report.failed] == ["v3.npy"]
+    assert "worker process died while computing this map (killed by SIGKILL" in report.failed[0].error
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.npy")) == [f"v{i}.npy" for i in range(8) if i != 3]
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_workers_die_with_a_killed_command(tmp_path, rng):
+    """SIGKILL of `segloss distmap --workers 2`: its workers end within seconds and write nothing more."""
+    import signal
+    import subprocess
+    import time
+
+    for i in range(12):
+        labels = np.zeros((48, 48, 48), dtype=np.uint8)
+        labels[i : i + 20, 5:30, 10:40] = 1
+        labels[30:, :, : 10 + i] = 2
+        np.save(tmp_path / f"v{i:02}.npy", labels)
+    out = tmp_path / "out"
+    command = subprocess.Popen([*_CLI, "--workers", "2", str(tmp_path), "--out", str(out)])
+    try:
+        deadline = time.monotonic() + 120
+        while not (len(_children(command.pid)) == 2 and list(out.glob("*.npy"))):
+            assert command.poll() is None and time.monotonic() < deadline, "the command ended before the test"
+            time.sleep(0.05)
+        workers = _children(command.pid)
+    finally:
+        command.send_signal(signal.SIGKILL)
+        command.wait()
+    deadline = time.monotonic() + 20
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_running(pid) for pid in workers), "workers outlived the command"
+    written = sorted(p.name for p in out.iterdir())
+    time.sleep(1.0)
+    assert sorted(p.name for p in out.iterdir()) == written  # nothing written after they ended
+    assert len([n for n in written if n.endswith(".npy")]) < 12  # they were stopped, not finished
+    assert not [n for n in written if n.endswith(".tmp")]  # and removed their temporary files

@@ -36,13 +36,19 @@ Spacing: an explicit ``spacing`` wins; otherwise a NIfTI file's voxel size comes
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -57,12 +63,15 @@ ENGINES = ("auto", "segloss", "scipy")
 
 __all__ = [
     "LABEL_SUFFIXES",
+    "RECORDED_PARAMETERS",
     "FailedInput",
     "LabelFileError",
+    "OutputWriteError",
     "PrecomputeReport",
     "distance_map_path",
     "find_label_files",
     "load_distance_map",
+    "parameters_path",
     "precompute_distance_maps",
     "random_patch",
     "read_label_volume",
@@ -308,6 +317,28 @@ class _Task:
     engine: str = "scipy"
     threads: int | None = None
 
+    def parameters(self) -> dict[str, Any]:
+        """What the map depends on (compared on resume: ``RECORDED_PARAMETERS``), plus provenance."""
+        from .. import __version__
+
+        spacing = self.spacing
+        return {
+            "num_classes": self.num_classes,
+            "convention": self.convention,
+            "spacing": "file" if spacing is None else list(spacing) if isinstance(spacing, tuple) else spacing,
+            "ignore_index": self.ignore_index,
+            "normalize": None,
+            "dtype": np.dtype(self.dtype).name,
+            "engine": self.engine,
+            "segloss_version": __version__,
+        }
+
+
+RECORDED_PARAMETERS = ("num_classes", "convention", "spacing", "ignore_index", "normalize", "dtype")
+"""The parameters a stored map must share with a run for that run to skip it (the record also
+holds ``engine``, ``segloss_version``, ``voxel_size`` and ``input``, which are not compared: the
+engines agree to float32 rounding)."""
+
 
 def _distance_map_of_volume(
     labels: np.ndarray,
@@ -349,23 +380,128 @@ def _distance_map_of_volume(
     return out
 
 
-def _write_atomically(array: np.ndarray, output_path: Path) -> None:
-    """Write ``array`` to ``output_path`` (.npy) through a temporary file renamed into place.
+def parameters_path(map_path: str | os.PathLike[str]) -> Path:
+    """The parameter record stored beside a map: ``<stem>.npy.json``.
 
-    The temporary file (``.<name>.<pid>-<random>.tmp``, in the same directory so the rename
-    stays on one file system) is removed on any error or interrupt; the final name appears only
-    once the data is complete and flushed to disk.
+    >>> parameters_path("maps/case_007.npy").as_posix()
+    'maps/case_007.npy.json'
     """
-    tmp_path = output_path.with_name(f".{output_path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    path = Path(map_path)
+    return path.with_name(path.name + ".json")
+
+
+def _write_atomically(array: np.ndarray, output_path: Path, record: dict[str, Any]) -> None:
+    """Write ``array`` to ``output_path`` (.npy) and ``record`` to its parameter record, both
+    through temporary files renamed into place.
+
+    The temporary files (``.<name>.<pid>-<random>.tmp``, in the same directory so the renames
+    stay on one file system) are removed on any error or interrupt. Order: both temporaries
+    complete and flushed; an older map of that name removed; the record renamed; the map renamed
+    last. So a map name exists only once its content is complete and its record beside it
+    describes it: an interruption at any point leaves at worst no map (computed again next run),
+    never an old map next to a new record.
+    """
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    record_path = parameters_path(output_path)
+    tmp_map = output_path.with_name(f".{output_path.name}.{token}.tmp")
+    tmp_record = record_path.with_name(f".{record_path.name}.{token}.tmp")
+    nbytes = array.nbytes + 128  # the .npy header is one 64-byte-aligned line
     try:
-        with open(tmp_path, "xb") as handle:
+        with open(tmp_map, "xb") as handle:
             np.save(handle, array, allow_pickle=False)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_path, output_path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+        with open(tmp_record, "x", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=1, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        output_path.unlink(missing_ok=True)
+        os.replace(tmp_record, record_path)
+        os.replace(tmp_map, output_path)
+    except OSError as exc:
+        raise OutputWriteError(output_path, _write_error_reason(exc, output_path, nbytes)) from exc
+    finally:
+        tmp_map.unlink(missing_ok=True)
+        tmp_record.unlink(missing_ok=True)
+
+
+class OutputWriteError(OSError):
+    """A map that could not be written; the message names the output file and the cause in words."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(reason)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across worker processes
+        return (type(self), (self.path, self.reason))
+
+
+_MIB = 1 << 20
+
+
+def _write_error_reason(exc: OSError, path: Path, nbytes: int) -> str:
+    """``exc`` (raised while writing ``path``, about ``nbytes`` long) in words.
+
+    The errno says it when there is one; NumPy's short-write error (``N requested and M written``)
+    has none, so then the free space of the file system and this process's file-size limit
+    (``ulimit -f``, RLIMIT_FSIZE) are looked at.
+    """
+    where = path.parent
+    code = exc.errno
+    if code is None:
+        code = _probe_write_limits(where, nbytes)
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        kind = "the disk is full" if code == errno.ENOSPC else "the disk quota is exceeded"
+        free = _size(_free_bytes(where))
+        return f"cannot write {path}: {kind} (the map needs {_size(nbytes)}, {free} free in {where})"
+    if code == errno.EFBIG:
+        limit = _file_size_limit()
+        shown = f"{limit} bytes" if limit is not None else "a limit"
+        return (
+            f"cannot write {path}: the map ({nbytes} bytes) exceeds this process's file-size limit of {shown} "
+            "(ulimit -f); raise the limit"
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        return f"cannot write {path}: permission denied (the directory {where} is not writable for this user)"
+    if code == errno.EROFS:
+        return f"cannot write {path}: the file system of {where} is read-only"
+    return f"cannot write {path}: {exc.strerror or exc}"
+
+
+def _size(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "an unknown amount"
+    return f"{nbytes / _MIB:.1f} MiB" if nbytes >= _MIB else f"{nbytes / 1024:.1f} KiB"
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        stats = os.statvfs(directory)
+    except (AttributeError, OSError):  # no statvfs (Windows) or the directory is gone
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def _file_size_limit() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def _probe_write_limits(directory: Path, nbytes: int) -> int | None:
+    """The errno a short write most likely stands for (``None`` when nothing explains it)."""
+    limit = _file_size_limit()
+    if limit is not None and nbytes > limit:
+        return errno.EFBIG
+    free = _free_bytes(directory)
+    if free is not None and free < nbytes:
+        return errno.ENOSPC
+    return None
 
 
 def _process(task: _Task) -> str | None:
@@ -381,27 +517,46 @@ def _process(task: _Task) -> str | None:
         phi = _distance_map_of_volume(
             labels, task.num_classes, sampling, task.convention, task.ignore_index, np.dtype(task.dtype), task.engine
         )
-        _write_atomically(phi, task.output_path)
-    except LabelFileError as exc:
+        record = {**task.parameters(), "voxel_size": list(sampling), "input": task.input_path.name}
+        _write_atomically(phi, task.output_path, record)
+    except (LabelFileError, OutputWriteError) as exc:
         return exc.reason
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
         return f"{type(exc).__name__}: {exc}"
     return None
 
 
-def _existing_output_problem(output_path: Path, num_classes: int, dtype: np.dtype[Any]) -> str | None:
-    """Why an existing output cannot count as done (``None`` when it can)."""
+def _existing_output_problem(output_path: Path, wanted: dict[str, Any]) -> str | None:
+    """Why an existing output cannot count as done for a run with parameters ``wanted`` (``None``
+    when it can): unreadable, another shape or dtype, no parameter record, or a record whose
+    ``RECORDED_PARAMETERS`` differ."""
+    rerun = "pass --overwrite (overwrite=True) to recompute it"
     try:
         stored = np.load(output_path, mmap_mode="r", allow_pickle=False)
         shape, stored_dtype = stored.shape, stored.dtype
         del stored
     except Exception as exc:  # noqa: BLE001 - any reader error means "not a finished map"
-        return f"existing output {output_path} is unreadable ({type(exc).__name__}: {exc}); pass overwrite"
-    if len(shape) < 2 or shape[0] != num_classes or stored_dtype != dtype:
+        return f"existing output {output_path} is unreadable ({type(exc).__name__}: {exc}); {rerun}"
+    if len(shape) < 2 or shape[0] != wanted["num_classes"] or stored_dtype.name != wanted["dtype"]:
         return (
             f"existing output {output_path} has shape {shape} and dtype {stored_dtype}, expected "
-            f"{num_classes} classes and {dtype} (computed with other settings?); pass overwrite to recompute"
+            f"{wanted['num_classes']} classes and {wanted['dtype']} (computed with other settings?); {rerun}"
         )
+    record_path = parameters_path(output_path)
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return (
+            f"existing output {output_path} has no parameter record {record_path.name} (written by an older "
+            f"segloss?), so it cannot be told apart from a map made with other settings; {rerun}"
+        )
+    except (OSError, ValueError) as exc:
+        return f"the parameter record {record_path} is unreadable ({type(exc).__name__}: {exc}); {rerun}"
+    differ = [name for name in RECORDED_PARAMETERS if record.get(name) != wanted[name]]
+    if differ:
+        stored_values = ", ".join(f"{name}={record.get(name)!r}" for name in differ)
+        wanted_values = ", ".join(f"{name}={wanted[name]!r}" for name in differ)
+        return f"existing output {output_path} was made with {stored_values}; this run asks {wanted_values}; {rerun}"
     return None
 
 
@@ -528,13 +683,17 @@ def precompute_distance_maps(
     - ``spacing``: a number (every axis) or one value per axis. Given, it is used for every file,
       NIfTI included (explicit wins over the header); omitted, NIfTI files use the header's voxel
       size and ``.npy``/``.npz`` files 1.
-    - Resumable: an input whose output exists is skipped (``overwrite=True`` recomputes). Only
-      the name counts, plus a header check that the stored map has ``num_classes`` classes and
-      ``dtype``; after changing ``spacing``, ``convention`` or ``ignore_index``, pass
-      ``overwrite=True``.
-    - Atomic: each map is written to a temporary file in ``out_dir`` and renamed into place, so
-      an interrupted run leaves no partial ``<stem>.npy`` (at worst a stray ``.*.tmp`` file after
-      a hard kill, which is never taken as done and can be deleted).
+    - Each map has a parameter record beside it, ``<stem>.npy.json`` (:func:`parameters_path`):
+      num_classes, convention, spacing (``"file"``: the header or 1), ignore_index, normalize,
+      dtype, plus the engine, the segloss version, the voxel size used and the input's name.
+    - Resumable: an input whose output exists is skipped (``overwrite=True`` recomputes) when
+      the stored map has ``num_classes`` classes and ``dtype`` and its record has the same
+      ``RECORDED_PARAMETERS`` as this run; otherwise (other settings, or no record) that input
+      is reported as failed with a message naming ``--overwrite``, and the old map is kept.
+    - Atomic: each map and its record are written to temporary files in ``out_dir`` and renamed
+      into place, the record first, so an interrupted run leaves no partial ``<stem>.npy`` and
+      no map beside a record of other settings (at worst a stray ``.*.tmp`` file after a hard
+      kill, which is never taken as done and can be deleted).
     - ``engine``: ``"segloss"`` computes every class from one multi-label pass of the segloss CPU
       kernels (torch; float32, exact to float32 rounding, 20–40× faster than scipy on 3D
       volumes, see docs/distance_maps.md); ``"scipy"`` is the float64 reference, class by class;
@@ -546,9 +705,12 @@ def precompute_distance_maps(
       (spawned) pool, the CPU threads then shared between the workers. ``workers=1`` runs in this
       process. Each worker holds one volume's maps in memory: lower ``workers`` when memory is
       short.
-    - A file that fails (unreadable, wrong shape or dtype, labels out of range, …) is listed in
-      ``report.failed`` with the reason; the others are still processed and nothing is written
-      for it.
+    - A file that fails (unreadable, wrong shape or dtype, labels out of range, a full disk, a
+      file-size limit, a read-only directory, …) is listed in ``report.failed`` with the reason
+      in words; the others are still processed and nothing is written for it. A worker process
+      that dies (killed, out of memory) fails only the file it was computing, and a new worker
+      takes its place. Workers end when the command ends, however it ends (SIGKILL included):
+      no worker writes a map after its command has died.
 
     Raises ``ValueError`` before any work for invalid arguments, no input files, two inputs that
     would write the same output name, or an output that would overwrite its own input.
@@ -587,19 +749,6 @@ def precompute_distance_maps(
             raise ValueError(f"the output of {path} would overwrite the input itself; choose another output directory")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    errors: dict[int, str | None] = {}  # index -> None (written now) or why it failed
-    skipped: set[int] = set()
-    pending: list[int] = []
-    for index, output in enumerate(outputs):
-        if overwrite or not output.exists():
-            pending.append(index)
-            continue
-        problem = _existing_output_problem(output, int(num_classes), out_dtype)
-        if problem is None:
-            skipped.add(index)
-        else:
-            errors[index] = problem
-
     tasks = {
         index: _Task(
             input_path=files[index],
@@ -611,8 +760,21 @@ def precompute_distance_maps(
             ignore_index=None if ignore_index is None else int(ignore_index),
             engine=engine,
         )
-        for index in pending
+        for index in range(len(files))
     }
+    errors: dict[int, str | None] = {}  # index -> None (written now) or why it failed
+    skipped: set[int] = set()
+    pending: list[int] = []
+    for index, output in enumerate(outputs):
+        if overwrite or not output.exists():
+            pending.append(index)
+            continue
+        problem = _existing_output_problem(output, tasks[index].parameters())
+        if problem is None:
+            skipped.add(index)
+        else:
+            errors[index] = problem
+    tasks = {index: tasks[index] for index in pending}
     bar = _Progress(total=len(files), initial=len(files) - len(pending), enabled=progress)
     try:
         default_workers = 1 if engine == "segloss" else os.cpu_count() or 1
@@ -640,56 +802,187 @@ def precompute_distance_maps(
     return report
 
 
-def _worker_init() -> None:
-    """In each worker: SIGTERM raises, so the temporary file being written is removed."""
-    signal.signal(signal.SIGTERM, _raise_on_signal)
+# ---------------------------------------------------------------------------------------
+# the worker pool: workers die with the command, a dead worker costs only its own file
+# ---------------------------------------------------------------------------------------
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_PARENT_POLL_SECONDS = 0.5
+
+
+def _die_with_parent(command_pid: int) -> None:
+    """Make this worker end when the command that started it ends, however it ends (SIGKILL too).
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGTERM)``, the kernel's own notice. Everywhere (and as a
+    second line on Linux): a daemon thread that polls the parent pid and sends this process
+    SIGTERM when the worker has been re-parented. SIGTERM raises ``SystemExit`` in the main
+    thread (between two Python operations, so at worst after the running EDT call), which
+    removes the temporary files: a worker whose command died writes no map.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):  # no libc symbol: the watchdog below still runs
+            pass
+    parent = os.getppid()
+    try:
+        os.kill(command_pid, 0)  # the command died before this worker got here
+    except ProcessLookupError:
+        os._exit(1)
+    except PermissionError:  # pragma: no cover - a pid reused by another user: the command is gone
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_SECONDS)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="segloss-parent-watchdog", daemon=True).start()
 
 
 def _raise_on_signal(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _process_in_worker(task: _Task) -> str | None:
-    if task.threads is not None:
-        import torch
+def _worker_main(conn: multiprocessing.connection.Connection, command_pid: int) -> None:
+    """A worker: receive a task, send back ``_process(task)``; ``None`` ends it.
 
-        torch.set_num_threads(task.threads)
-    try:
-        return _process(task)
-    except (KeyboardInterrupt, SystemExit):  # the temporary file is already removed
-        os._exit(1)  # stop this worker now instead of going on with queued files
+    SIGTERM raises (the temporary files are removed); SIGINT is ignored, the command stops the
+    workers itself on Ctrl-C.
+    """
+    signal.signal(signal.SIGTERM, _raise_on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(command_pid)
+    threads: int | None = None
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:  # the command closed the pipe
+            return
+        if task is None:
+            return
+        if task.threads is not None and task.threads != threads:
+            import torch
+
+            torch.set_num_threads(task.threads)
+            threads = task.threads
+        conn.send(_process(task))
 
 
-def _stop_workers(executor: ProcessPoolExecutor) -> None:
-    terminate = getattr(executor, "terminate_workers", None)  # Python >= 3.14
-    if terminate is not None:
-        terminate()
-        return
-    for process in list((getattr(executor, "_processes", None) or {}).values()):
-        if process.is_alive():
-            process.terminate()
-    executor.shutdown(wait=False, cancel_futures=True)
+def _death_reason(exitcode: int | None) -> str:
+    """``"worker process died while computing this map (killed by SIGKILL ...)"``."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        how = f"killed by {name}"
+        if -exitcode == getattr(signal, "SIGKILL", 9):
+            how += "; out of memory? lower --workers"
+    else:
+        how = f"exit status {exitcode}"
+    return f"worker process died while computing this map ({how}); the other files were not affected"
+
+
+@dataclass
+class _Worker:
+    process: Any  # multiprocessing.Process of the chosen context
+    conn: multiprocessing.connection.Connection
+    index: int | None = None  # the task it is computing
 
 
 def _run_pool(
     tasks: dict[int, _Task], pool_size: int, errors: dict[int, str | None], bar: _Progress, spawn: bool = False
 ) -> None:
-    # torch's thread pools do not survive fork(): the segloss engine's workers are spawned
-    context = multiprocessing.get_context("spawn") if spawn else None
-    executor = ProcessPoolExecutor(max_workers=pool_size, initializer=_worker_init, mp_context=context)
-    try:
-        futures = {executor.submit(_process_in_worker, task): index for index, task in tasks.items()}
-        for future in as_completed(futures):
-            index = futures[future]
+    """Compute ``tasks`` in ``pool_size`` worker processes, one task per worker at a time.
+
+    The command knows which file each worker holds, so a worker that dies (killed, out of
+    memory, a crash in a library) fails exactly that file, with the reason; a new worker takes
+    its place and the other files go on. An exception here (Ctrl-C) terminates the workers
+    (SIGTERM: they remove their temporary files) before it propagates.
+    """
+    # torch's thread pools do not survive fork(): the segloss engine's workers are spawned. fork is
+    # chosen explicitly elsewhere so a worker's parent is the command (not a forkserver)
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("spawn" if spawn or "fork" not in methods else "fork")
+    queue = list(tasks.items())
+    queue.reverse()  # pop() from the end: input order
+    workers: list[_Worker] = []
+
+    def start() -> _Worker:
+        ours, theirs = context.Pipe()
+        process = context.Process(
+            target=_worker_main, args=(theirs, os.getpid()), name="segloss-distmap-worker", daemon=True
+        )
+        process.start()
+        theirs.close()
+        worker = _Worker(process, ours)
+        workers.append(worker)
+        return worker
+
+    def hand_out(worker: _Worker) -> None:
+        """Give ``worker`` the next file, or retire it when there is none."""
+        while queue:
+            index, task = queue.pop()
             try:
-                errors[index] = future.result()
-            except Exception as exc:  # noqa: BLE001 - e.g. a worker killed for memory (BrokenProcessPool)
-                errors[index] = f"worker process failed ({type(exc).__name__}: {exc})"
-            bar.update()
+                worker.conn.send(task)
+            except OSError:  # it died after its last answer: the file goes back, a new worker takes it
+                queue.append((index, task))
+                _bury(worker, workers)
+                worker = start()
+                continue
+            worker.index = index
+            return
+        worker.index = None
+        _retire(worker)
+
+    try:
+        for _ in range(min(pool_size, len(queue))):
+            hand_out(start())
+        while busy := [w for w in workers if w.index is not None]:
+            ready = set(multiprocessing.connection.wait([w.conn for w in busy] + [w.process.sentinel for w in busy]))
+            for worker in busy:
+                if worker.conn not in ready and worker.process.sentinel not in ready:
+                    continue
+                index = worker.index
+                assert index is not None
+                bar.update()
+                try:
+                    if worker.conn not in ready:
+                        raise EOFError
+                    errors[index] = worker.conn.recv()
+                except (EOFError, OSError):  # it died: this file, and only this one, failed
+                    errors[index] = _death_reason(_bury(worker, workers))
+                    if queue:
+                        hand_out(start())
+                    continue
+                hand_out(worker)
     except BaseException:  # interrupted: stop the workers (they remove their temporary files)
-        _stop_workers(executor)
+        for worker in workers:
+            if worker.process.is_alive():
+                worker.process.terminate()
+        for worker in workers:
+            worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.kill()
         raise
-    executor.shutdown(wait=True)
+    for worker in workers:
+        worker.process.join()
+
+
+def _retire(worker: _Worker) -> None:
+    """Tell a worker to end (it exits after reading ``None``) and close our end of its pipe."""
+    with contextlib.suppress(OSError):  # already gone
+        worker.conn.send(None)
+    worker.conn.close()
+
+
+def _bury(worker: _Worker, workers: list[_Worker]) -> int | None:
+    """Collect a dead worker; its exit code."""
+    worker.process.join()
+    worker.conn.close()
+    workers.remove(worker)
+    return worker.process.exitcode
 
 
 # ---------------------------------------------------------------------------------------
