@@ -141,4 +141,100 @@ def test_voxelwise_losses_are_refused():
 def test_bytes_per_step():
     from segloss_torch.distributed import bytes_per_step
 
-    assert bytes_per_step(batch=2, classes=14, statistics=4, world_size=8) == 8 * (8 + 2 * 14 * 4 * 4)
+    assert bytes_per_step(batch=2, classes=14, statistics=4, world_size=8) == 8 + 8 * (8 + 2 * 14 * 4 * 4)
+
+
+# ---------------------------------------------------------------------------------------
+# bad input on one rank: every rank raises the same error, no rank hangs
+# ---------------------------------------------------------------------------------------
+def _attempt(rank: int, loss, bad: bool, out: str, step: str) -> str:
+    """One forward + backward; the outcome as 'ok' or 'ExceptionType|message', also written to a file."""
+    x = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    y = torch.randint(0, 4, (2, 5, 6), generator=torch.Generator().manual_seed(10 + rank))
+    if bad:
+        y[0, 0, 0] = 4  # not a class of 4
+    try:
+        loss(x, y).backward()
+        outcome = "ok"
+    except Exception as exc:  # noqa: BLE001 - the test compares what each rank saw
+        outcome = f"{type(exc).__name__}|{exc}"
+    with open(os.path.join(out, f"{step}-rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+    return outcome
+
+
+def _bad_input_worker(rank: int, world: int, port: int, plan: list, out: str) -> None:
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    group = dist.new_group(timeout=timedelta(seconds=20))  # a hang becomes an error (not naming the rank) in 20 s
+    loss = get_loss("dice", backend="torch", impl="native", distributed=True, process_group=group)
+    for step, bad_ranks, exits in plan:
+        outcome = _attempt(rank, loss, rank in bad_ranks, out, step)
+        if exits and rank in bad_ranks and outcome != "ok":
+            os._exit(3)  # the failing rank dies at once, as an uncaught exception would end it
+        if exits:
+            # the peer is gone: the next collective fails, saying so (not a 30-minute wait)
+            _attempt(rank, loss, False, out, f"{step}-after")
+            os._exit(0)
+
+
+def _run_ranks(target, world: int, args: tuple, limit: float = 150.0) -> None:
+    import multiprocessing
+    import time
+
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=target, args=(rank, world, *args)) for rank in range(world)]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + limit
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    assert not hung, f"ranks {hung} still running after {limit:.0f} s"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_bad_input_on_one_rank_raises_the_same_error_on_every_rank(world, tmp_path):
+    """Rank(s) with labels outside [0, C): every rank raises InputRejectedOnRank naming them, the
+    failing ones staying alive (the next good step works) or exiting (the others already know)."""
+    first_bad = [1] if world == 2 else [0, 2]
+    plan = [("stays", first_bad, False), ("good", [], False), ("exits", [1], True)]
+    _run_ranks(_bad_input_worker, world, (_free_port(), plan, str(tmp_path)))
+
+    def seen(step: str) -> list[str]:
+        return [(tmp_path / f"{step}-rank{rank}.txt").read_text() for rank in range(world)]
+
+    stays = seen("stays")
+    assert len(set(stays)) == 1, stays  # the very same error everywhere
+    kind, message = stays[0].split("|", 1)
+    assert kind == "InputRejectedOnRank"
+    for rank in first_bad:
+        assert f"rank {rank}: target has labels outside [0, 4): found 4" in message
+    assert "(ValueError)" in message and all(f"rank {r}:" not in message for r in range(world) if r not in first_bad)
+
+    assert seen("good") == ["ok"] * world  # the failing ranks stayed in step: the group still works
+
+    exits = seen("exits")
+    assert len(set(exits)) == 1 and exits[0].startswith("InputRejectedOnRank|")
+    assert "rank 1: target has labels outside [0, 4): found 4" in exits[0]
+    for rank in range(world):  # after rank 1 died, a collective with it fails and says what happened
+        if rank != 1:
+            after = (tmp_path / f"exits-after-rank{rank}.txt").read_text()
+            assert after.startswith("StatisticsExchangeError|segloss distributed loss: the input-check all-reduce")
+            assert f"failed on rank {rank} of {world}" in after and "another rank has probably died" in after
+
+
+def test_one_rank_validation_outside_a_process_group_is_the_plain_error():
+    """Without torch.distributed the local error is raised as in single-process training."""
+    from segloss_torch import distributed
+
+    distributed._WARNED = True  # the once-warning is tested above
+    loss = get_loss("dice", backend="torch", distributed=True)
+    with pytest.raises(ValueError, match=r"target has labels outside \[0, 4\): found 4") as caught:
+        loss(torch.randn(1, 4, 3, 3), torch.full((1, 3, 3), 4))
+    assert type(caught.value) is ValueError

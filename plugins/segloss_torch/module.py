@@ -105,7 +105,9 @@ class SeglossLoss(nn.Module):
             stats.update(native.compute_statistics(group, rest))
         return stats
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, **inputs: Any):
+    def _validate(
+        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, inputs: dict[str, Any]
+    ) -> dict[str, PreparedInputs]:
         unknown = sorted(set(inputs) - set(self.plan.call_inputs))
         if unknown:
             raise TypeError(
@@ -115,17 +117,26 @@ class SeglossLoss(nn.Module):
         if not isinstance(pred, torch.Tensor):
             raise TypeError(f"pred must be a torch.Tensor for backend 'torch', got {type(pred).__name__}")
         check = not _compiling()
-        prepared = {
+        return {
             act: validate_inputs(pred, target, mask, self.plan, check_label_values=check, activation=act)
             for act in self.plan.activations
         }
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, **inputs: Any):
+        shared = self.distributed and distributed.available(self.process_group)
+        if shared:  # every rank learns whether every rank's input passed, before any statistics move
+            prepared = distributed.validate_on_every_rank(
+                lambda: self._validate(pred, target, mask, inputs), self.process_group
+            )
+        else:
+            prepared = self._validate(pred, target, mask, inputs)
         total: torch.Tensor | None = None
         for activation, names in self._groups.items():
             if not names:
                 continue
             group = with_fields(self.plan, prepared[activation], activation, inputs)
             stats = self._compute_statistics(group, names)
-            if self.distributed and distributed.available(self.process_group):
+            if shared:
                 stats = distributed.gather_statistics(stats, self.process_group)
             for index, term in enumerate(self.plan.terms):
                 if term.spec.kind != "statistics" or term.params.get("activation", "none") != activation:
