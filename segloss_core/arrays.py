@@ -22,7 +22,6 @@ The one place segloss asks "what is this array" (in the manner of scikit-learn's
 from __future__ import annotations
 
 from collections.abc import Callable
-from operator import attrgetter
 from typing import Any
 
 import array_api_compat
@@ -86,11 +85,16 @@ def is_torch(xp: Any) -> bool:
     return array_api_compat.is_torch_namespace(xp)
 
 
+def _attribute_device(x: Array) -> Any:
+    """``x.device``: a plain function, which torch.compile traces (it cannot trace operator.attrgetter)."""
+    return x.device
+
+
 def _device_getter(x: Array) -> Callable[[Array], Any]:
     getter = _DEVICE_GETTERS.get(type(x))
     if getter is None:
         # torch: the attribute itself (traceable by torch.compile); others: array_api_compat's rule
-        getter = attrgetter("device") if is_torch(_namespace_of(x)) else array_api_compat.device
+        getter = _attribute_device if is_torch(_namespace_of(x)) else array_api_compat.device
         _DEVICE_GETTERS[type(x)] = getter
     return getter
 

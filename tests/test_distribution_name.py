@@ -7,6 +7,7 @@ Loss, ..."), so a hint such as ``pip install 'segloss[torch]'`` would install so
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import tomllib
@@ -25,12 +26,22 @@ def _normalized(name: str) -> str:
 
 
 def _tracked_text_files() -> list[Path]:
-    skip = {".git", ".venv", "node_modules", ".asv", "build", "dist", ".build", ".hypothesis"}
-    return [
-        p
-        for p in ROOT.rglob("*")
-        if p.is_file() and p.suffix in SCANNED and not (skip & set(p.relative_to(ROOT).parts))
-    ]
+    """The repository's own text files: git's tracked and untracked-but-not-ignored files (build and
+    install leftovers such as *.egg-info are ignored), or every file outside such folders elsewhere."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+        paths = [ROOT / name for name in listed]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (e.g. an sdist)
+        skip = {".git", ".venv", "build", "dist", ".build", ".hypothesis"}
+        paths = [p for p in ROOT.rglob("*") if not (skip & set(p.relative_to(ROOT).parts))]
+        paths = [p for p in paths if not any(part.endswith(".egg-info") for part in p.parts)]
+    return [p for p in paths if p.is_file() and p.suffix in SCANNED]
 
 
 def test_distribution_name_is_the_constant():
