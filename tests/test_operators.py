@@ -48,7 +48,7 @@ def _soft_erode_dice(xp, ops, p, g, w, params):
 class ToyLossPlugin:
     @hookimpl
     def segloss_register_losses(self, register):
-        from segloss_core.losses import _params as common
+        from segloss_core.losses import common
 
         register(
             LossSpec(

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from segloss_core.losses._formula import included_classes
+from segloss_core.losses.formula import included_classes
 from segloss_core.losses.voxelwise import topk_count, voxel_mask_required
 from segloss_core.spec import Params
 from segloss_core.validation import PreparedInputs

@@ -1,8 +1,19 @@
-"""Parameters shared by several losses: one name, one meaning, everywhere."""
+"""Parameters shared by several losses: one name, one meaning, everywhere (public: loss plugins use them).
+
+A loss that has one of these parameters takes the object itself (or a ``dataclasses.replace``
+of it with another default, as ``boundary`` does for ``include_background``), so the name, the
+kind, the range and the one-line meaning stay the same in every loss and every backend:
+
+>>> from segloss_core.losses import common
+>>> common.IGNORE_INDEX.name, common.IGNORE_INDEX.default
+('ignore_index', None)
+"""
 
 from __future__ import annotations
 
 from ..spec import Param
+
+__all__ = ["ACTIVATION", "BATCH", "CLASSES", "CLASS_WEIGHTS", "IGNORE_INDEX", "INCLUDE_BACKGROUND", "REDUCTION"]
 
 ACTIVATION = Param(
     "activation",

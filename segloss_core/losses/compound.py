@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..spec import LossSpec, Param, Params, Preset, Term, compound_params
-from . import _params as common
+from . import common
 from .cross_entropy import CROSS_ENTROPY, FOCAL
 from .distance import BOUNDARY
 from .region import DICE, GENERALIZED_DICE

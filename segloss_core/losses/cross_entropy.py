@@ -23,8 +23,8 @@ from typing import Any
 
 from ..spec import LossSpec, Param, Params, Preset
 from ..statistics import focal_statistic
-from . import _params as common
-from ._formula import constant_vector, included_classes, reduce_voxel_mean, select_columns
+from . import common
+from .formula import constant_vector, included_classes, reduce_voxel_mean, select_columns
 
 Array = Any
 

@@ -24,8 +24,8 @@ from .. import distance_maps
 from ..arrays import get_namespace
 from ..spec import LossSpec, Param, Params, Preset
 from ..statistics import field_statistic
-from . import _params as common
-from ._formula import full, included_classes, reduce_voxel_mean, safe_ratio, select_columns
+from . import common
+from .formula import full, included_classes, reduce_voxel_mean, safe_ratio, select_columns
 
 Array = Any
 

@@ -1,9 +1,13 @@
-"""Array-API helpers for formulas over (rows, classes) statistics.
+"""Array-API helpers for formulas over (rows, classes) statistics (public: loss plugins use them).
 
 Rules for formula code (so the same text runs on NumPy, CuPy, PyTorch, JAX and the
 differentiating tape): take the namespace ``xp`` as an argument, pass no Python scalars to
 ``xp`` functions (use :func:`full`), and keep to the functions the tape implements
 (``segloss_core.reference.autodiff.TapeNamespace``).
+
+>>> import array_api_compat.numpy as xp
+>>> safe_ratio(xp, xp.asarray([1.0, 2.0]), xp.asarray([2.0, 0.0]), zero_value=1.0).tolist()
+[0.5, 1.0]
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Any
 from ..arrays import device
 
 Array = Any
+
+__all__ = ["constant_vector", "full", "included_classes", "reduce_voxel_mean", "safe_ratio", "select_columns"]
 
 
 def full(xp: Any, like: Array, value: float) -> Array:

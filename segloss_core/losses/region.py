@@ -30,8 +30,8 @@ from dataclasses import replace
 from typing import Any
 
 from ..spec import LossSpec, Param, Params, Preset
-from . import _params as common
-from ._formula import constant_vector, full, included_classes, safe_ratio, select_columns
+from . import common
+from .formula import constant_vector, full, included_classes, safe_ratio, select_columns
 
 Array = Any
 LOG_SCORE_FLOOR = 1e-7  # −log(max(score, 1e-7)), as segmentation_models_pytorch's log_loss

@@ -17,8 +17,8 @@ import numpy as np
 from ..reference.statistics import voxel_terms
 from ..spec import LossSpec, Param, Params, Preset
 from ..validation import PreparedInputs
-from . import _params as common
-from ._formula import included_classes
+from . import common
+from .formula import included_classes
 
 SOFTMAX_OR_PROBABILITIES = replace(common.ACTIVATION, choices=("softmax", "none"))
 MEAN_ONLY = replace(common.REDUCTION, choices=("mean",), doc="mean over (present) classes and images")

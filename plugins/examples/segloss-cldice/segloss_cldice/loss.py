@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from segloss_core.losses import _params as common
-from segloss_core.losses._formula import safe_ratio
+from segloss_core.losses import common
 from segloss_core.losses.compound import build_compound
+from segloss_core.losses.formula import safe_ratio
 from segloss_core.losses.region import AVERAGE, DICE, SMOOTH_DR, SMOOTH_NR
 from segloss_core.spec import LossSpec, Param, Params, Preset
 
