@@ -13,6 +13,7 @@ from .describe import LossDescription, describe
 from .distance_maps import distance_map, mask_distance_map, signed_distance_map
 from .explain import Explanation, explain
 from .hookspecs import hookimpl, hookspec
+from .lookup import compound, get_loss, list_backends, list_losses, problems
 from .plugins import PluginProblem, SeglossPluginWarning
 from .registry import (
     BackendInfo,
@@ -20,12 +21,7 @@ from .registry import (
     UnknownBackendError,
     UnknownLossError,
     UnsupportedLossError,
-    compound,
-    get_loss,
-    list_backends,
-    list_losses,
     plugin_manager,
-    problems,
     registry,
 )
 from .spec import LossPlan, LossSpec, Param, Params, PlanTerm, Preset, Term

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from . import __version__
 from .describe import describe
 from .distance_maps import CONVENTIONS
-from .registry import list_backends, problems, registry
+from .lookup import list_backends, problems
+from .registry import registry
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .registry import get_loss, list_backends, list_losses, registry
+from .lookup import get_loss, list_backends, list_losses
+from .registry import registry
 
 
 def synthetic_volume(

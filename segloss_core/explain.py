@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .registry import get_loss, registry
+from .lookup import get_loss
+from .registry import registry
 from .spec import Params
 
 SHAPE = (8, 8, 8)

@@ -1,4 +1,4 @@
-"""Plugin discovery: the pluggy manager, entry-point loading, and what went wrong.
+"""Plugin loading: the pluggy manager, entry-point loading, calling the hooks, and what went wrong.
 
 Loading is lazy (first use of the registry) and happens once. Each entry point of the group
 ``segloss`` is imported in its own ``try``: one broken plugin becomes a warning and a
@@ -131,3 +131,43 @@ def load_entry_points(pm: SeglossPluginManager, problems: list[PluginProblem]) -
             broken[name] = problem
             warnings.warn(f"segloss: {problem}", SeglossPluginWarning, stacklevel=3)
     return broken
+
+
+def call_register_hook(
+    pm: SeglossPluginManager, hook_name: str, add: Callable[[Any, str, bool], None], *, first: str = ""
+) -> list[PluginProblem]:
+    """Call the register-callback hook ``hook_name`` of every plugin, each through pluggy's hook caller.
+
+    Each plugin gets its own ``register(obj, override=False)`` (so ``add`` learns which plugin
+    registered ``obj``) and its own call of a subset hook caller: pluggy's tracing
+    (``SEGLOSS_TRACE_PLUGINS=1``) sees every call, and a plugin that raises breaks only itself.
+    Plugin ``first`` is called first, then the others in registration order (so overrides
+    are decided predictably). Returns the problems: a hook that raised (with the error) or
+    returned a value.
+    """
+    problems: list[PluginProblem] = []
+    impls = getattr(pm.hook, hook_name).get_hookimpls()
+    impls = sorted(impls, key=lambda impl: impl.plugin_name != first)
+    for impl in impls:
+        plugin = impl.plugin_name
+
+        def register(obj: Any, override: bool = False, _plugin: str = plugin) -> None:
+            add(obj, _plugin, override)
+
+        caller = pm.subset_hook_caller(hook_name, remove_plugins=[i.plugin for i in impls if i is not impl])
+        try:
+            returned = caller(register=register)
+        except Exception as exc:  # noqa: BLE001 - isolate plugins from each other
+            problems.append(PluginProblem(plugin, "hook", f"{hook_name} raised {type(exc).__name__}: {exc}", exc))
+            continue
+        if returned:
+            value = returned[0]
+            problems.append(
+                PluginProblem(
+                    plugin,
+                    "hook",
+                    f"{hook_name} returned {type(value).__name__} {value!r:.60}; hooks must call register(...) and "
+                    "return None",
+                )
+            )
+    return problems

@@ -1,16 +1,22 @@
-"""The registry: which losses and backends exist, and ``get_loss`` to build one.
+"""The registry object: which losses and backends exist, where they came from, and building a plan.
 
->>> from segloss_core import get_loss
->>> loss = get_loss("dice", backend="numpy", include_background=False)
->>> sorted(loss.plan.terms[0].params)[:3]
-['absent_classes', 'activation', 'average']
+One :class:`Registry` per process (:func:`registry`). It loads the plugins lazily, once
+(:mod:`segloss_core.plugins` imports the entry points and calls the hooks), keeps what they
+registered with its origin, refuses invalid or clashing registrations with a warning, answers
+queries (losses, backends, availability, distance-map kernels) and builds a
+:class:`~segloss_core.spec.LossPlan` on a backend. The public functions built on it
+(``get_loss``, ``compound``, ``list_losses``, …) live in :mod:`segloss_core.lookup`.
+
+>>> reg = registry()
+>>> reg.loss("dice").name, "numpy" in reg.backend_names()
+('dice', True)
 """
 
 from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +27,10 @@ from .plugins import (
     PluginProblem,
     SeglossPluginManager,
     SeglossPluginWarning,
+    call_register_hook,
     load_entry_points,
 )
-from .spec import LossPlan, LossSpec, PlanTerm, close_matches
-
-DEFAULT_BACKEND = "torch"
+from .spec import LossPlan, LossSpec, close_matches
 
 
 class UnknownLossError(ValueError):
@@ -118,31 +123,10 @@ class Registry:
         self._run_hook("segloss_register_backends", self._add_backend)
 
     def _run_hook(self, hook_name: str, add: Callable[..., None]) -> None:
-        impls = getattr(self.pm.hook, hook_name).get_hookimpls()
-        # built-ins first, then plugins in registration order: overrides are decided predictably
-        impls = sorted(impls, key=lambda impl: impl.plugin_name != BUILTIN_LOSSES_PLUGIN)
-        for impl in impls:
-            plugin = impl.plugin_name
-
-            def register(obj: Any, override: bool = False, _plugin: str = plugin) -> None:
-                add(obj, _plugin, override)
-
-            try:
-                returned = impl.function(register=register)
-            except Exception as exc:  # noqa: BLE001 - isolate plugins from each other
-                self._problem(PluginProblem(plugin, "hook", f"{hook_name} raised {type(exc).__name__}: {exc}", exc))
-                if hook_name == "segloss_register_backends":
-                    self._broken.setdefault(plugin, self._problems[-1])
-                continue
-            if returned is not None:
-                self._problem(
-                    PluginProblem(
-                        plugin,
-                        "hook",
-                        f"{hook_name} returned {type(returned).__name__} {returned!r:.60}; hooks must call "
-                        "register(...) and return None",
-                    )
-                )
+        for problem in call_register_hook(self.pm, hook_name, add, first=BUILTIN_LOSSES_PLUGIN):
+            self._problem(problem)
+            if hook_name == "segloss_register_backends" and problem.error is not None:
+                self._broken.setdefault(problem.plugin, problem)
 
     def _problem(self, problem: PluginProblem) -> None:
         self._problems.append(problem)
@@ -356,93 +340,6 @@ def plugin_manager() -> SeglossPluginManager:
     return reg.pm
 
 
-# ---------------------------------------------------------------------------------------
-# the public functions
-# ---------------------------------------------------------------------------------------
-def get_loss(name: str, backend: str = DEFAULT_BACKEND, preset: str | None = None, **params: Any) -> Any:
-    """Build loss ``name`` for ``backend`` with ``preset`` and parameter overrides.
-
-    Parameters are checked here (unknown names, types, ranges, combinations), before any
-    data is seen. The result is the backend's loss object: a ``torch.nn.Module`` for
-    ``"torch"``, a callable with ``value_and_grad`` for ``"numpy"``.
-    """
-    reg = registry()
-    spec = reg.loss(name)
-    if preset is not None and not isinstance(preset, str):
-        raise TypeError(f"preset must be a str or None, got {type(preset).__name__}")
-    own = {p.name for p in spec.params}
-    options = {k: params.pop(k) for k in list(params) if k not in own and k in _backend_option_names(reg, backend)}
-    resolved = spec.resolve(preset, **params)
-    plan = spec.plan(resolved, reg)
-    return reg.build(plan, backend, options)
-
-
-def _backend_option_names(reg: Registry, backend: str) -> set[str]:
-    try:
-        return {p.name for p in reg.backend(backend, require_available=False).options}
-    except (UnknownBackendError, BackendUnavailableError):
-        return set()
-
-
-def compound(
-    terms: Sequence[tuple[str, float] | tuple[str, float, Mapping[str, Any]]],
-    backend: str = DEFAULT_BACKEND,
-    **options: Any,
-) -> Any:
-    """A weighted sum of registered losses, each with its own parameters.
-
-    ``terms`` holds ``(name, weight)`` or ``(name, weight, {"preset": ..., **params})``;
-    ``options`` are backend options (e.g. ``impl`` for torch).
-    Terms must agree on ``ignore_index``; terms with the same ``activation`` share one pass
-    of statistics over the voxels (different activations are allowed, e.g. MONAI's
-    DiceFocalLoss: softmax Dice + sigmoid focal).
-
-    >>> loss = compound([("dice", 1.0, {"preset": "nnunet"}), ("cross_entropy", 0.5)], backend="numpy")
-    >>> [t.spec.name for t in loss.plan.terms]
-    ['dice', 'cross_entropy']
-    """
-    reg = registry()
-    if not terms:
-        raise ValueError("compound needs at least one term")
-    plan_terms: list[PlanTerm] = []
-    for entry in terms:
-        if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
-            raise TypeError(f"each compound term must be (name, weight) or (name, weight, params); got {entry!r}")
-        name, weight = entry[0], entry[1]
-        term_params = dict(entry[2]) if len(entry) == 3 else {}
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ValueError(f"compound term {name!r}: weight must be a non-negative number, got {weight!r}")
-        spec = reg.loss(name)
-        preset = term_params.pop("preset", None)
-        sub = spec.plan(spec.resolve(preset, **term_params), reg)
-        plan_terms.extend(PlanTerm(float(weight) * t.weight, t.spec, t.params) for t in sub.terms)
-    first = plan_terms[0].params
-    for term in plan_terms[1:]:
-        for key in ("ignore_index",):
-            if term.params.get(key) != first.get(key):
-                raise ValueError(
-                    f"compound terms must share {key}: {plan_terms[0].spec.name!r} has {first.get(key)!r}, "
-                    f"{term.spec.name!r} has {term.params.get(key)!r}"
-                )
-    plan = LossPlan("+".join(t.spec.name for t in plan_terms), tuple(plan_terms))
-    return reg.build(plan, backend, options)
-
-
-def list_losses() -> list[str]:
-    """Names of every registered loss."""
-    return registry().loss_names()
-
-
-def list_backends() -> list[BackendInfo]:
-    """Every backend: available, unavailable (with the reason) or broken (with the error)."""
-    return registry().backend_infos()
-
-
-def problems() -> list[PluginProblem]:
-    """What plugins did wrong while loading (also shown by ``segloss backends``)."""
-    return registry().problems
-
-
 __all__ = [
     "BackendInfo",
     "BackendUnavailableError",
@@ -451,11 +348,6 @@ __all__ = [
     "UnknownBackendError",
     "UnknownLossError",
     "UnsupportedLossError",
-    "compound",
-    "get_loss",
-    "list_backends",
-    "list_losses",
     "plugin_manager",
-    "problems",
     "registry",
 ]

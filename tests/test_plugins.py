@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -362,3 +365,34 @@ def test_the_core_imports_no_plugin_and_sniffs_no_module_names():
         if "__module__" in text and path.name != "arrays.py":
             offenders.append(f"{path.relative_to(root)}: __module__")
     assert not offenders, offenders
+
+
+def test_trace_plugins_traces_every_hook_call():
+    """SEGLOSS_TRACE_PLUGINS=1: the hooks are called through pluggy's hook caller, so its tracing sees them."""
+    code = "from segloss_core import list_losses; list_losses()"
+    env = {**os.environ, "SEGLOSS_TRACE_PLUGINS": "1"}
+    err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stderr
+    plugins = {ep.name for ep in metadata.entry_points(group="segloss")}
+    calls = err.count("segloss_register_backends [hook]")
+    assert calls >= len(plugins & {"numpy", "torch", "cupy"}) and "finish segloss_register_backends --> []" in err
+    assert "segloss_register_losses [hook]" in err and "register: <function" in err
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "[hook]" not in quiet
+
+
+def test_public_plugin_surface_is_what_the_examples_use():
+    """Third-party plugins (the examples) import no private segloss name; the helpers they need are public."""
+    from segloss_core.losses import common, formula
+
+    assert {"ACTIVATION", "IGNORE_INDEX", "INCLUDE_BACKGROUND", "CLASSES"} <= set(common.__all__)
+    assert {"safe_ratio", "full", "included_classes", "select_columns"} <= set(formula.__all__)
+    examples = Path(segloss_core.__file__).parent.parent / "plugins" / "examples"
+    private = []
+    for path in sorted(examples.rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            words = line.split()
+            if words[:1] in (["from"], ["import"]) and "segloss_core" in line:
+                names = line.replace(",", " ").replace("(", " ").split()
+                if any(part.startswith("_") for name in names for part in name.split(".") if name != "__future__"):
+                    private.append(f"{path.name}:{number}: {line.strip()}")
+    assert not private, private
