@@ -62,7 +62,7 @@ class TorchBackend(Backend):
 
         from . import fused
 
-        info = {"torch": torch.__version__, "fused": fused.status_line()}
+        info = {"torch": torch.__version__, "fused": fused.status_line(), **fused.status_lines()}
         info["cuda"] = "available" if torch.cuda.is_available() else "not available"
         return info
 
@@ -75,16 +75,21 @@ class TorchBackend(Backend):
         return distance_maps
 
     def prebuild(self) -> str | None:
-        from . import build, fused
+        from . import build
 
         state = build.load(verbose=True)
+        parts = []
         if state.loaded:
-            fused.is_built()
-            devices = "CPU and CUDA" if state.with_cuda else "CPU only"
-            why = "" if state.with_cuda else " (torch has no CUDA here)" if not torch_cuda() else ""
-            arch = f"; CUDA arch list {state.arch_list}" if state.arch_list else ""
-            return f"fused kernels built for {devices}{why}{arch} in {state.seconds:.1f} s: {state.library}"
-        return f"fused kernels NOT built: {state.error}; the native implementation will be used"
+            parts.append(f"fused kernels built for CPU in {state.seconds:.1f} s: {state.library}")
+        else:
+            parts.append(f"fused kernels NOT built for CPU: {state.error}; the native implementation will be used")
+        if state.with_cuda:
+            arch = f", arch list {state.arch_list}" if state.arch_list and state.cuda_path == "nvcc" else ""
+            where = state.cuda_library if state.cuda_path == "nvcc" else "kernels compiled with NVRTC at run time"
+            parts.append(f"CUDA through {state.cuda_path}{arch}: {where}")
+        else:
+            parts.append(f"CUDA: {state.cuda_error}")
+        return "; ".join(parts)
 
     def build(self, plan: LossPlan, **options: Any) -> Any:
         from .module import SeglossLoss
@@ -119,12 +124,6 @@ class TorchBackend(Backend):
         value.sum().backward()  # reduction="none": the gradient of the sum, as the reference
         assert x.grad is not None
         return value.detach().double().cpu().numpy(), x.grad.double().cpu().numpy()
-
-
-def torch_cuda() -> bool:
-    import torch
-
-    return bool(torch.version.cuda) and torch.cuda.is_available()
 
 
 def _conformance_on_cuda() -> bool:

@@ -53,7 +53,7 @@ def _label_maps(
     sampling = check_spacing(spacing, len(spatial))
     if labels.is_cuda:
         reference.check_cuda_volumes(int(labels.shape[0]), "labels")
-    if fused.is_built():
+    if fused.available_on(labels.device.type):
         maps = torch.ops.segloss.label_distance_maps(
             labels,
             num_classes,
@@ -136,7 +136,7 @@ def mask_distance_map(
     sampling = check_spacing(spacing, masks.dim() - 2)
     if masks.is_cuda:
         reference.check_cuda_volumes(int(masks.shape[0] * masks.shape[1]), "masks")
-    if fused.is_built():
+    if fused.available_on(masks.device.type):
         return torch.ops.segloss.mask_distance_maps(masks, list(sampling), KINDS[kind], float(no_boundary_value))
     field = reference.mask_distance_map(masks.cpu().numpy(), sampling, kind=kind, no_boundary_value=no_boundary_value)
     return torch.from_numpy(field).to(device=masks.device, dtype=torch.float32)

@@ -3,8 +3,8 @@
 One read of the logits (and labels) computes every region statistic and the cross-entropy
 sums for all classes — activation, one-hot, ignore mask and voxel weights on the fly, nothing
 of size B·C·N stored. The backward op recomputes what it needs from the inputs and writes
-only the gradient. Fake (meta) kernels and autograd are registered here, so the op works
-under ``torch.compile(fullgraph=True)`` without graph breaks.
+only the gradient. The op's schema, fake (meta) kernel and autograd are in :mod:`.ops`, so it
+works under ``torch.compile(fullgraph=True)`` without graph breaks, on either CUDA path.
 """
 
 from __future__ import annotations
@@ -17,65 +17,68 @@ import torch
 from segloss_core.statistics import ACTIVATION_CODES, FUSED_NUM_SLOTS, FUSED_SLOTS
 from segloss_core.validation import PreparedInputs
 
-from . import build
+from . import build, ops
 
 # slot of each statistic in the op's (B, C, 10) output (csrc/kernels/region_stats.cuh)
 SLOTS = FUSED_SLOTS
 NUM_SLOTS = FUSED_NUM_SLOTS
 ACTIVATIONS = ACTIVATION_CODES
-_REGISTERED = False
+ops.define()  # schemas, fake kernels and autograd: present before (and without) any compiled library
 
 
-def _register_python_parts() -> None:
-    """Fake kernels and autograd for the C++ ops (once, after the library is loaded)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-
-    @torch.library.register_fake("segloss::region_stats")
-    def _fake_forward(logits, labels, target, mask, activation, ignore_index, has_ignore, want_ce_neg, check_labels):
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        return logits.new_empty((logits.shape[0], logits.shape[1], NUM_SLOTS), dtype=dtype)
-
-    @torch.library.register_fake("segloss::region_stats_backward")
-    def _fake_backward(grad, logits, labels, target, mask, activation, ignore_index, has_ignore):
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    def setup_context(ctx, inputs, output):
-        logits, labels, target, mask, activation, ignore_index, has_ignore, _want_ce_neg, _check = inputs
-        ctx.save_for_backward(logits, labels, target, mask)
-        ctx.scalars = (activation, ignore_index, has_ignore)
-
-    def backward(ctx, grad):
-        logits, labels, target, mask = ctx.saved_tensors
-        activation, ignore_index, has_ignore = ctx.scalars
-        grad_logits = torch.ops.segloss.region_stats_backward(
-            grad, logits, labels, target, mask, activation, ignore_index, has_ignore
-        )
-        return grad_logits, None, None, None, None, None, None, None, None
-
-    torch.library.register_autograd("segloss::region_stats", backward, setup_context=setup_context)
-    _REGISTERED = True
+def prepare() -> build.BuildState:
+    """Settle the build and load of the kernels now (losses call this when constructed, so that
+    ``forward`` — and a ``torch.compile`` trace of it — never builds or takes a lock)."""
+    return build.load()
 
 
 def is_built() -> bool:
+    """The CPU kernels are loaded (after settling the build if that has not happened yet)."""
+    return build.load().loaded
+
+
+def available_on(device_type: str) -> bool:
+    """The fused kernels can run on tensors of this device type (``cpu`` or ``cuda``)."""
     state = build.load()
-    if state.loaded:
-        _register_python_parts()
-    return state.loaded
+    if device_type == "cpu":
+        return state.loaded
+    if device_type == "cuda":
+        return state.with_cuda
+    return False
 
 
-def status_line() -> str:
+def status_lines() -> dict[str, str]:
+    """State and reason of each part, for ``segloss backends`` (``fused CPU``, ``fused CUDA``)."""
     state = build.status()
     if not state.attempted:
         cached = build.cached_library()
-        if cached is not None:
-            return f"built (cached at {cached.parent}); loaded on first use"
-        return "not built yet (compiled on first use, about a minute; `segloss build` prebuilds)"
-    if state.loaded:
-        devices = "CPU + CUDA" if state.with_cuda else "CPU"
-        arch = f", CUDA arch {state.arch_list}" if state.arch_list else ""
-        return f"active ({devices}{arch})"
+        cpu = (
+            f"built (cached at {cached.parent}); loaded on first use"
+            if cached is not None
+            else "not built yet (compiled when a loss is first constructed, about a minute; `segloss build` prebuilds)"
+        )
+        return {"fused CPU": cpu, "fused CUDA": "settled when a loss is first constructed"}
+    cpu = f"active ({state.library})" if state.loaded else f"unavailable: {state.error} (native path in use)"
+    if state.with_cuda:
+        arch = f", arch {state.arch_list}" if state.arch_list and state.cuda_path == "nvcc" else ""
+        how = "nvcc-built library" if state.cuda_path == "nvcc" else "NVRTC, compiled at run time"
+        note = f" (nvcc not used: {state.cuda_error})" if state.cuda_error else ""
+        cuda = f"active ({how}{arch}){note}"
+    else:
+        cuda = f"unavailable: {state.cuda_error}"
+    return {"fused CPU": cpu, "fused CUDA": cuda}
+
+
+def status_line() -> str:
+    """One line: what is active (``describe`` shows it)."""
+    state = build.status()
+    if not state.attempted:
+        return status_lines()["fused CPU"]
+    if state.loaded or state.with_cuda:
+        devices = " + ".join(d for d, on in (("CPU", state.loaded), ("CUDA", state.with_cuda)) if on)
+        path = f" via {state.cuda_path}" if state.with_cuda else ""
+        arch = f", CUDA arch {state.arch_list}" if state.arch_list and state.cuda_path == "nvcc" else ""
+        return f"active ({devices}{path}{arch})"
     return f"unavailable: {state.error} (native path in use)"
 
 
@@ -92,14 +95,18 @@ def _unsupported_reason(names: Iterable[str], prepared: PreparedInputs | None) -
             return "per-class masks (B, C, ...) are not fused (native only)"
         if prepared.pred.device.type not in ("cpu", "cuda"):
             return f"device {prepared.pred.device.type} has no fused kernel"
+        if prepared.pred.device.type == "cpu" and build.status().attempted and not build.status().loaded:
+            return f"no fused CPU kernels: {build.status().error}"
         if prepared.pred.device.type == "cuda" and not build.status().with_cuda:
-            return "the extension was built without CUDA"
+            return f"no fused CUDA kernels: {build.status().cuda_error}"
     return None
 
 
 def applicable(names: Iterable[str], plan: Any, prepared: PreparedInputs | None) -> bool:
     """impl='auto': use the fused kernels when they are built and cover the request."""
-    return _unsupported_reason(names, prepared) is None and is_built()
+    if prepared is None:
+        return _unsupported_reason(names, None) is None and (is_built() or build.status().with_cuda)
+    return _unsupported_reason(names, prepared) is None and available_on(prepared.pred.device.type)
 
 
 def require(names: Iterable[str], plan: Any) -> None:
@@ -107,8 +114,9 @@ def require(names: Iterable[str], plan: Any) -> None:
     reason = _unsupported_reason(names, None)
     if reason is not None:
         raise ValueError(f"impl='fused' cannot compute loss {plan.name!r}: {reason}; use impl='auto' or 'native'")
-    if not is_built():
-        raise RuntimeError(f"impl='fused' requested but the extension is not available: {build.status().error}")
+    state = prepare()
+    if not (state.loaded or state.with_cuda):
+        raise RuntimeError(f"impl='fused' requested but the extension is not available: {state.error}")
 
 
 def compute_statistics(prepared: PreparedInputs, names: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -49,6 +49,8 @@ class SeglossLoss(nn.Module):
         self._groups = {act: required_statistics(plan, act) for act in plan.activations}
         self._voxelwise = [t for t in plan.terms if t.spec.kind == "voxelwise"]
         self.term_weights: list[float] = [t.weight for t in plan.terms]
+        if impl != "native" or any(n.startswith("field_") for n in self._statistics):
+            fused.prepare()  # build and load the kernels now, never inside forward (torch.compile traces it)
         if impl == "fused":  # field statistics (distance maps) are always computed apart
             fused.require(frozenset(n for n in self._statistics if not n.startswith("field_")), plan)
 

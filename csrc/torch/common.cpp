@@ -1,8 +1,11 @@
-// Schemas of the segloss ops and the device-independent glue.
-#include <torch/library.h>
+// Device-independent glue of the segloss ops (input canonicalisation, label check), compiled into
+// both the CPU and the CUDA library. The op schemas are defined from Python
+// (plugins/segloss_torch/ops.py), so the NVRTC path needs no compiled code at all.
+#include <ATen/ATen.h>
+
+#include <string>
 
 #include "../kernels/region_stats.cuh"
-#include "edt.h"
 #include "region_stats.h"
 
 namespace segloss {
@@ -84,24 +87,3 @@ void check_invalid_labels(const at::Tensor& stats, const at::Tensor& labels, int
 }
 
 }  // namespace segloss
-
-TORCH_LIBRARY(segloss, m) {
-  m.def(
-      "region_stats(Tensor logits, Tensor? labels, Tensor? target, Tensor? mask, int activation, int ignore_index, "
-      "bool has_ignore, bool want_ce_neg, bool check_labels) -> Tensor");
-  m.def(
-      "region_stats_backward(Tensor grad, Tensor logits, Tensor? labels, Tensor? target, Tensor? mask, "
-      "int activation, int ignore_index, bool has_ignore) -> Tensor");
-  // exact distance maps (B, C, *spatial) float32; kind: csrc/kernels/edt.cuh DistanceKind
-  m.def(
-      "label_distance_maps(Tensor labels, int num_classes, float[] spacing, int kind, float no_boundary_value, "
-      "int ignore_index, bool has_ignore) -> Tensor");
-  m.def("mask_distance_maps(Tensor masks, float[] spacing, int kind, float no_boundary_value) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(segloss, CPU, m) {
-  m.impl("region_stats", &segloss::region_stats_cpu);
-  m.impl("region_stats_backward", &segloss::region_stats_backward_cpu);
-  m.impl("label_distance_maps", &segloss::label_distance_maps_cpu);
-  m.impl("mask_distance_maps", &segloss::mask_distance_maps_cpu);
-}

@@ -1,0 +1,103 @@
+"""The ``torch.ops.segloss`` operators: schemas, fake (meta) kernels and autograd, in one place.
+
+Defined from Python, without any compiled code, so that every path shares them: the C++ CPU
+library and the nvcc-built CUDA library add only device kernels (``TORCH_LIBRARY_IMPL``), and
+the NVRTC path registers Python CUDA kernels for the same ops. ``torch.compile`` traces the fake
+kernels (no graph break), autograd uses the hand-written backward op, and
+``torch.library.opcheck`` passes on every op.
+
+- ``region_stats(logits, labels?, target?, mask?, activation, ignore_index, has_ignore,
+  want_ce_neg, check_labels) -> (B, C, 10)`` statistics in the accumulation dtype
+  (``csrc/kernels/region_stats.cuh`` slots), float64 for float64 logits, else float32;
+- ``region_stats_backward(grad, logits, labels?, target?, mask?, activation, ignore_index,
+  has_ignore) -> d loss / d logits`` (logits' shape and dtype, contiguous);
+- ``label_distance_maps(labels, num_classes, spacing, kind, no_boundary_value, ignore_index,
+  has_ignore) -> (B, C, *spatial) float32`` exact distance maps (``csrc/kernels/edt.cuh``);
+- ``mask_distance_maps(masks, spacing, kind, no_boundary_value) -> masks' shape, float32``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from segloss_core.statistics import FUSED_NUM_SLOTS
+
+SCHEMAS = {
+    "region_stats": (
+        "region_stats(Tensor logits, Tensor? labels, Tensor? target, Tensor? mask, int activation, "
+        "int ignore_index, bool has_ignore, bool want_ce_neg, bool check_labels) -> Tensor"
+    ),
+    "region_stats_backward": (
+        "region_stats_backward(Tensor grad, Tensor logits, Tensor? labels, Tensor? target, Tensor? mask, "
+        "int activation, int ignore_index, bool has_ignore) -> Tensor"
+    ),
+    "label_distance_maps": (
+        "label_distance_maps(Tensor labels, int num_classes, float[] spacing, int kind, float no_boundary_value, "
+        "int ignore_index, bool has_ignore) -> Tensor"
+    ),
+    "mask_distance_maps": (
+        "mask_distance_maps(Tensor masks, float[] spacing, int kind, float no_boundary_value) -> Tensor"
+    ),
+}
+
+_LIBRARY: torch.library.Library | None = None
+_LOCK = threading.Lock()
+
+
+def define() -> None:
+    """Define the ops, their fake kernels and autograd (once per process; cheap, compiles nothing)."""
+    global _LIBRARY
+    if _LIBRARY is not None:
+        return
+    with _LOCK:
+        if _LIBRARY is not None:
+            return
+        library = torch.library.Library("segloss", "DEF")
+        for schema in SCHEMAS.values():
+            library.define(schema)
+        _register_fakes()
+        _register_autograd()
+        _LIBRARY = library
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("segloss::region_stats")
+    def _region_stats(logits, labels, target, mask, activation, ignore_index, has_ignore, want_ce_neg, check):
+        return logits.new_empty(
+            (logits.shape[0], logits.shape[1], FUSED_NUM_SLOTS), dtype=accumulation_dtype(logits.dtype)
+        )
+
+    @torch.library.register_fake("segloss::region_stats_backward")
+    def _region_stats_backward(grad, logits, labels, target, mask, activation, ignore_index, has_ignore):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("segloss::label_distance_maps")
+    def _label_distance_maps(labels, num_classes, spacing, kind, no_boundary_value, ignore_index, has_ignore):
+        return labels.new_empty((labels.shape[0], num_classes, *labels.shape[1:]), dtype=torch.float32)
+
+    @torch.library.register_fake("segloss::mask_distance_maps")
+    def _mask_distance_maps(masks, spacing, kind, no_boundary_value):
+        return masks.new_empty(masks.shape, dtype=torch.float32)
+
+
+def _register_autograd() -> None:
+    def setup_context(ctx, inputs, output):
+        logits, labels, target, mask, activation, ignore_index, has_ignore, _want_ce_neg, _check = inputs
+        ctx.save_for_backward(logits, labels, target, mask)
+        ctx.scalars = (activation, ignore_index, has_ignore)
+
+    def backward(ctx, grad):
+        logits, labels, target, mask = ctx.saved_tensors
+        activation, ignore_index, has_ignore = ctx.scalars
+        grad_logits = torch.ops.segloss.region_stats_backward(
+            grad, logits, labels, target, mask, activation, ignore_index, has_ignore
+        )
+        return grad_logits, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("segloss::region_stats", backward, setup_context=setup_context)
