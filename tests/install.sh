@@ -26,3 +26,6 @@ python -c "import torch" 2>/dev/null || "${pip[@]}" torch==2.13.0  # keeps any t
 "${pip[@]}" --no-deps nnunetv2==2.8.1 || echo "tests/install.sh: nnunetv2 not installable: tests/test_nnunet.py will skip"
 # NVRTC (90 MB, no GPU needed): the tests compile the shared kernels exactly as CuPy will at run time
 "${pip[@]}" "nvidia-cuda-nvrtc==13.0.*" || echo "tests/install.sh: NVRTC not installable: the NVRTC checks will skip"
+# NVIDIA's Python bindings of NVRTC and the driver (cuda-bindings 13 loads that libnvrtc.so.13; ~15 MB):
+# the shared NVRTC loader (segloss_csrc.nvrtc) and the torch backend's NVRTC launchers use them
+"${pip[@]}" "cuda-bindings==13.*" "cuda-core>=1.0" || echo "tests/install.sh: cuda-core not installable: the NVRTC checks will skip"

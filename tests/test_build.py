@@ -185,10 +185,13 @@ def test_a_killed_build_leaves_no_lock_and_no_library(tmp_path):
 
 
 def test_cuda_paths():
+    """nvcc where it exists, NVRTC without it (or on request); reasons where neither applies."""
     assert build.cuda_plan("auto", torch_cuda=False, gpu=False, nvcc=True) == ([], "torch was built without CUDA")
     assert build.cuda_plan("auto", torch_cuda=True, gpu=False, nvcc=True) == ([], "no CUDA device is visible")
-    assert build.cuda_plan("auto", torch_cuda=True, gpu=True, nvcc=True) == (["nvcc"], None)
-    paths, reason = build.cuda_plan("auto", torch_cuda=True, gpu=True, nvcc=False)
+    assert build.cuda_plan("auto", torch_cuda=True, gpu=True, nvcc=True) == (["nvcc", "nvrtc"], None)
+    assert build.cuda_plan("auto", torch_cuda=True, gpu=True, nvcc=False) == (["nvrtc"], None)
+    assert build.cuda_plan("nvrtc", torch_cuda=True, gpu=True, nvcc=True) == (["nvrtc"], None)
+    paths, reason = build.cuda_plan("nvcc", torch_cuda=True, gpu=True, nvcc=False)
     assert paths == [] and "nvcc is not installed" in reason
 
 
@@ -299,3 +302,64 @@ def test_construction_settles_the_build_and_forward_never_builds(monkeypatch):
     loss = get_loss("boundary", backend="torch")
     x = torch.randn(1, 2, 6, 6, requires_grad=True)
     loss(x, torch.randint(0, 2, (1, 6, 6))).backward()
+
+
+def _settled_cuda(monkeypatch, *, nvcc: Path | None, nvcc_build_fails: bool, nvrtc_reason: str | None):
+    """_settle_cuda on a pretend GPU machine (torch with CUDA, one device), nothing launched."""
+    from segloss_torch import nvrtc_kernels
+
+    registered = []
+    monkeypatch.setattr(build.torch.version, "cuda", "13.0")
+    monkeypatch.setattr(build.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(build, "find_nvcc", lambda: nvcc)
+    monkeypatch.setattr(build, "_cuda_arch_list", lambda: "9.0")
+    monkeypatch.delenv("SEGLOSS_CUDA_KERNELS", raising=False)
+
+    def ensure(part, verbose, announce):
+        assert part is build.CUDA_PART
+        if nvcc_build_fails:
+            raise build.BuildError("nvcc fatal: unsupported gpu architecture 'compute_90'")
+        return Path("/cache/segloss_cuda.so"), 1.0
+
+    monkeypatch.setattr(build, "_ensure", ensure)
+    monkeypatch.setattr(nvrtc_kernels, "unavailable_reason", lambda: nvrtc_reason)
+    monkeypatch.setattr(nvrtc_kernels, "register", lambda: registered.append(True))
+    state = build.BuildState(attempted=True, loaded=True, library="/cache/segloss_cpu.so")
+    build._settle_cuda(state, verbose=False)
+    return state, registered
+
+
+def test_without_nvcc_the_gpu_gets_the_nvrtc_kernels(monkeypatch):
+    state, registered = _settled_cuda(monkeypatch, nvcc=None, nvcc_build_fails=False, nvrtc_reason=None)
+    assert state.with_cuda and state.cuda_path == "nvrtc" and registered == [True]
+    assert state.cuda_error == "nvcc: not installed" and state.loaded  # the CPU part is untouched
+
+
+def test_a_broken_nvcc_falls_back_to_nvrtc_and_costs_the_cpu_part_nothing(monkeypatch):
+    state, registered = _settled_cuda(
+        monkeypatch, nvcc=Path("/opt/cuda/bin/nvcc"), nvcc_build_fails=True, nvrtc_reason=None
+    )
+    assert state.cuda_path == "nvrtc" and registered and "unsupported gpu architecture" in state.cuda_error
+    assert state.loaded and state.library == "/cache/segloss_cpu.so"
+    state, registered = _settled_cuda(
+        monkeypatch, nvcc=Path("/opt/cuda/bin/nvcc"), nvcc_build_fails=False, nvrtc_reason=None
+    )
+    assert state.cuda_path == "nvcc" and state.cuda_library == "/cache/segloss_cuda.so" and not registered
+
+
+def test_no_cuda_path_gives_both_reasons(monkeypatch):
+    state, registered = _settled_cuda(monkeypatch, nvcc=None, nvcc_build_fails=False, nvrtc_reason="cuda.core missing")
+    assert not state.with_cuda and not registered
+    assert state.cuda_error == "nvcc: not installed; nvrtc: cuda.core missing" and state.loaded
+
+
+def test_backends_reports_each_part(capsys):
+    from segloss_core.cli import main
+    from segloss_torch import fused
+
+    fused.prepare()
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    cpu = "fused CPU: active" if build.status().loaded else "fused CPU: unavailable"
+    assert cpu in out
+    assert "fused CUDA: " in out and ("torch was built without CUDA" in out or "fused CUDA: active" in out)

@@ -19,8 +19,8 @@ from segloss_core.distance_maps import check_spacing, normalise
 from . import kernels
 
 KINDS = reference.KIND_CODES
-EDT_BLOCK = 128
-MAX_THREADS = 8192
+EDT_BLOCK = kernels.LAUNCH["edt_block"]
+MAX_THREADS = kernels.LAUNCH["edt_max_threads"]
 
 
 def _grid(work: int, block: int) -> tuple[int]:

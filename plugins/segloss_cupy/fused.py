@@ -20,9 +20,9 @@ SLOTS = FUSED_SLOTS
 NUM_SLOTS = FUSED_NUM_SLOTS
 INVALID_SLOT = FUSED_INVALID_SLOT
 ACTIVATIONS = ACTIVATION_CODES
-BLOCK = 256
-GROUP = 8
-CHUNK = 4096
+BLOCK = kernels.LAUNCH["block"]
+GROUP = kernels.LAUNCH["group"]
+CHUNK = kernels.LAUNCH["chunk"]
 NULL = np.uint64(0)  # a null pointer argument
 
 
@@ -125,7 +125,7 @@ def backward(p: Prepared, upstream: Any) -> Any:
     grad = cupy.empty_like(p.logits)
     upstream = cupy.ascontiguousarray(upstream.astype(p.acc))
     total = p.batch * p.voxels
-    blocks = max(1, min(-(-total // BLOCK), 1 << 20))
+    blocks = max(1, min(-(-total // BLOCK), kernels.LAUNCH["max_backward_blocks"]))
     fns["backward"]((blocks,), (BLOCK,), (*p.data_args(), *p.common_args(True), upstream, grad))
     return grad
 

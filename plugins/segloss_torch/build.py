@@ -5,7 +5,9 @@ compiled libraries only add device kernels, in two independent parts:
 
 - **cpu**: ``csrc/torch`` CPU loops, built with the C++ compiler alone (no CUDA toolkit);
 - **cuda**: the ``csrc/cuda`` launchers and their glue, built with nvcc when a GPU and nvcc are
-  there.
+  there; without nvcc (pip-installed PyTorch ships none), or if that build fails, the same
+  ``csrc/kernels`` sources are compiled at run time with NVRTC instead
+  (:mod:`segloss_torch.nvrtc_kernels`, through the shared loader :mod:`segloss_csrc.nvrtc`).
 
 A failure of one part never costs the other.
 
@@ -24,7 +26,8 @@ The first build of a part says so on stderr (what, why, about how long, how to p
 the build when they are constructed, never inside ``forward`` (so ``torch.compile`` sees none).
 
 Environment: ``SEGLOSS_BUILD_DIR`` (default ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/segloss``),
-``SEGLOSS_NO_BUILD=1`` (never compile: native path only), ``SEGLOSS_CUDA_ARCH_LIST`` (default: torch's
+``SEGLOSS_NO_BUILD=1`` (never compile: native path only), ``SEGLOSS_CUDA_KERNELS`` (``auto``:
+nvcc when found, else NVRTC; ``nvcc``; ``nvrtc``), ``SEGLOSS_CUDA_ARCH_LIST`` (default: torch's
 ``TORCH_CUDA_ARCH_LIST`` or the visible GPUs), ``SEGLOSS_VERBOSE_BUILD=1``.
 """
 
@@ -80,6 +83,7 @@ CUDA_PART = Part(
 )
 CPU_SOURCES = CPU_PART.sources
 CUDA_SOURCES = CUDA_PART.sources
+CUDA_KERNEL_CHOICES = ("auto", "nvcc", "nvrtc")
 
 
 @dataclass
@@ -388,6 +392,13 @@ def _waiting(lock: Path) -> None:
 # the process-wide state
 
 
+def _cuda_preference() -> str:
+    value = os.environ.get("SEGLOSS_CUDA_KERNELS", "auto").strip().lower() or "auto"
+    if value not in CUDA_KERNEL_CHOICES:
+        raise ValueError(f"SEGLOSS_CUDA_KERNELS must be one of {', '.join(CUDA_KERNEL_CHOICES)}, got {value!r}")
+    return value
+
+
 def _verbose(verbose: bool | None) -> bool:
     return os.environ.get("SEGLOSS_VERBOSE_BUILD", "") not in ("", "0") if verbose is None else verbose
 
@@ -448,30 +459,53 @@ def load(verbose: bool | None = None) -> BuildState:
 
 
 def cuda_plan(preference: str, torch_cuda: bool, gpu: bool, nvcc: bool) -> tuple[list[str], str | None]:
-    """Which CUDA paths to try, in order, and why there are none (pure logic, tested on its own)."""
+    """Which CUDA paths to try, in order, and why there are none (pure logic, tested on its own).
+
+    ``auto`` prefers the nvcc-built library where nvcc exists (no per-launch Python, the path
+    verified on GPUs the longest) and falls back to NVRTC when nvcc is absent or its build fails.
+    """
     if not torch_cuda:
         return [], "torch was built without CUDA"
     if not gpu:
         return [], "no CUDA device is visible"
-    if not nvcc:
-        return [], "nvcc is not installed (the CUDA kernels are built with nvcc)"
-    return ["nvcc"], None
+    if preference == "nvrtc":
+        return ["nvrtc"], None
+    if preference == "nvcc":
+        return (["nvcc"], None) if nvcc else ([], "SEGLOSS_CUDA_KERNELS=nvcc but nvcc is not installed")
+    return (["nvcc", "nvrtc"] if nvcc else ["nvrtc"]), None
 
 
 def _settle_cuda(state: BuildState, verbose: bool) -> None:
-    paths, reason = cuda_plan("auto", bool(torch.version.cuda), torch.cuda.is_available(), find_nvcc() is not None)
+    try:
+        preference = _cuda_preference()
+    except ValueError as exc:
+        state.cuda_error = str(exc)
+        return
+    nvcc = find_nvcc() is not None
+    paths, reason = cuda_plan(preference, bool(torch.version.cuda), torch.cuda.is_available(), nvcc)
     if reason is not None:
         state.cuda_error = reason
         return
-    errors = []
+    errors = [] if nvcc or preference == "nvrtc" else ["nvcc: not installed"]
     for path in paths:
-        try:
-            state.arch_list = _cuda_arch_list()
-            library, _ = _ensure(CUDA_PART, verbose, announce=True)
-            state.with_cuda, state.cuda_path, state.cuda_library = True, path, str(library)
-            break
-        except BuildError as exc:
-            errors.append(f"{path}: {exc}")
+        if path == "nvcc":
+            try:
+                state.arch_list = _cuda_arch_list()
+                library, _ = _ensure(CUDA_PART, verbose, announce=True)
+                state.with_cuda, state.cuda_path, state.cuda_library = True, "nvcc", str(library)
+                break
+            except BuildError as exc:
+                errors.append(f"nvcc: {exc}")
+        else:
+            from . import nvrtc_kernels
+
+            why = nvrtc_kernels.unavailable_reason()
+            if why is None:
+                nvrtc_kernels.register()
+                state.with_cuda, state.cuda_path = True, "nvrtc"
+                _say("the fused CUDA kernels are compiled with NVRTC on first use (seconds per dtype, cached on disk)")
+                break
+            errors.append(f"nvrtc: {why}")
     state.cuda_error = "; ".join(errors) or None
 
 

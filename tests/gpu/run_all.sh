@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call (a lent H100/H200, or any CUDA machine): install, build the
-# fused kernels, run the GPU tests and the conformance suite on CUDA, compute-sanitizer memcheck,
+# fused kernels, run the GPU tests and the conformance suite on CUDA (both CUDA paths: the
+# nvcc-built library, then SEGLOSS_CUDA_KERNELS=nvrtc), compute-sanitizer memcheck,
 # and the benchmark against MONAI/nnU-Net. Results go to $OUT (default ./gpu-results).
 #
 #   tests/gpu/run_all.sh
@@ -35,6 +36,17 @@ python3 -c "import cupy; print('cupy', cupy.__version__)" | tee -a "$OUT/version
 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_fused.py tests/test_conformance.py 2>&1 \
   | tee "$OUT/tests.txt" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "tests on the NVRTC path (no nvcc library: csrc/kernels compiled at run time, cuda.core launches)"
+python3 -m pip install -q "cuda-core>=1.0" "cuda-bindings==$(python3 -c 'import torch; print(torch.version.cuda.split(".")[0])').*" \
+  2>&1 | tail -2 || true
+SEGLOSS_CUDA_KERNELS=nvrtc python3 -c "from segloss_torch import build; s = build.load(); print('cuda path:', s.cuda_path, s.cuda_error)" \
+  | tee "$OUT/nvrtc_build.txt"
+SEGLOSS_CUDA_KERNELS=nvrtc python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cuda.py tests/test_nvrtc.py 2>&1 \
+  | tee "$OUT/tests_nvrtc.txt" | tail -15
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+SEGLOSS_CUDA_KERNELS=nvrtc python3 benchmarks/compare.py --device cuda --json "$OUT/compare_cuda_nvrtc.json" 2>&1 \
+  | tee "$OUT/compare_cuda_nvrtc.txt" | tail -20
 
 step "compute-sanitizer memcheck"
 if command -v compute-sanitizer >/dev/null; then

@@ -33,6 +33,31 @@ def test_fused_is_built_with_cuda():
     assert build.status().with_cuda
 
 
+def test_the_requested_cuda_path_is_active():
+    """run_all.sh runs this file twice: the nvcc library, then SEGLOSS_CUDA_KERNELS=nvrtc."""
+    from segloss_torch import build
+
+    state = build.load()
+    wanted = os.environ.get("SEGLOSS_CUDA_KERNELS", "auto")
+    assert state.with_cuda, state.cuda_error
+    if wanted in ("nvcc", "nvrtc"):
+        assert state.cuda_path == wanted, state.cuda_error
+
+
+def test_fused_runs_on_the_current_stream():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 5, 16, 16, 8, device="cuda", generator=g, requires_grad=True)
+    y = torch.randint(0, 5, (2, 16, 16, 8), device="cuda", generator=g)
+    loss = get_loss("dice_ce", backend="torch", impl="fused")
+    reference, reference_grad = _value_and_grad(loss, x, y)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        value, grad = _value_and_grad(loss, x, y)
+    side.synchronize()
+    assert torch.equal(value, reference) and torch.equal(grad, reference_grad)
+
+
 def test_conformance_on_cuda(monkeypatch):
     from segloss_core.conformance import check_backend
 
