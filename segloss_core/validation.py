@@ -18,7 +18,7 @@ that indexes with them. Logits are *not* checked for finiteness (that would cost
 over the largest tensor). A logit without a probability (NaN, or +inf under softmax) gives a
 NaN loss and gradient. An infinity that only saturates the activation (−inf under softmax,
 ±inf under sigmoid) acts as its limit, p = 0 or 1 exactly: region losses stay finite (as at
-logit ±1e30) and a log term on a zero probability is +inf (tests/test_validation.py).
+logit ±1e30) and a log term on a zero probability is +inf (tests/core/test_validation.py).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ python -c "import torch" 2>/dev/null || "${pip[@]}" torch==2.13.0  # keeps any t
 # kit compiles every case with XLA (~13 CPU-min quick, ~27 full): docs/plugins.md section 7
 "${pip[@]}" -e ./plugins/examples/segloss-cldice -e ./plugins/examples/segloss-jax
 # differential oracle: nnU-Net's loss modules need only torch, so --no-deps pulls nothing else
-"${pip[@]}" --no-deps nnunetv2==2.8.1 || echo "tests/install.sh: nnunetv2 not installable: tests/test_nnunet.py will skip"
+"${pip[@]}" --no-deps nnunetv2==2.8.1 || echo "tests/install.sh: nnunetv2 not installable: tests/oracles/test_nnunet.py will skip"
 # NVRTC (90 MB, no GPU needed): the tests compile the shared kernels exactly as CuPy will at run time
 "${pip[@]}" "nvidia-cuda-nvrtc==13.0.*" || echo "tests/install.sh: NVRTC not installable: the NVRTC checks will skip"
 # NVIDIA's Python bindings of NVRTC and the driver (cuda-bindings 13 loads that libnvrtc.so.13; ~15 MB):

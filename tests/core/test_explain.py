@@ -9,7 +9,7 @@ import pytest
 from segloss_core.cli import main
 from segloss_core.explain import explain, render_conventions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_conventions_file_is_current():

@@ -280,29 +280,29 @@ def test_every_dice_preset_has_a_source_and_a_test():
 
 # Where each built-in preset is checked against its source (a transcription here, or the library itself).
 PRESET_TESTS = {
-    **{("dice", name): "tests/test_presets.py" for name in ("nnunet", "nnunet_nosmooth", "smp", "keras", "ivadomed")},
-    **{("dice", name): "tests/test_presets.py" for name in ("vnet", "isensee2017", "diceloss_cpp", "boundary_loss")},
-    ("dice", "monai"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
-    ("dice_ce", "monai"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
-    ("generalized_dice", "monai"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
-    ("tversky", "monai"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
-    ("focal", "monai"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
-    ("focal", "monai_softmax"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
-    ("dice_focal", "monai_sigmoid"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
-    ("hausdorff_dt", "monai"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
-    ("log_hausdorff_dt", "monai"): "tests/test_monai.py::test_monai_presets_are_monai_defaults",
-    ("dice_ce", "nnunet"): "tests/test_nnunet.py::test_dc_and_ce",
-    ("dice_ce", "nnunet_nosmooth"): "tests/test_nnunet.py::test_dc_and_ce_nosmooth",
-    ("topk_ce", "nnunet"): "tests/test_nnunet.py::test_topk",
-    ("dice_topk", "nnunet"): "tests/test_nnunet.py::test_dc_and_topk",
-    ("jaccard", "smp"): "tests/test_presets.py::test_jaccard_smp",
-    ("tversky", "salehi2017"): "tests/test_presets.py::test_tversky_salehi2017_weights_false_negatives_more",
-    ("focal_tversky", "abraham2019"): "tests/test_presets.py::test_focal_tversky_abraham2019",
-    ("cross_entropy", "torch"): "tests/test_presets.py::test_cross_entropy_torch",
-    ("bce", "torch"): "tests/test_presets.py::test_bce_torch",
-    ("lovasz_softmax", "berman2018"): "tests/test_voxelwise.py::test_lovasz_matches_berman",
-    ("boundary", "kervadec2019"): "tests/test_distance_losses.py::test_boundary_matches_liviaets",
-    ("generalized_dice_boundary", "kervadec2019"): "tests/test_distance_losses.py::test_kervadec2019_recipe",
+    **{("dice", name): "tests/core/test_presets.py" for name in ("nnunet", "nnunet_nosmooth", "smp", "keras", "ivadomed")},
+    **{("dice", name): "tests/core/test_presets.py" for name in ("vnet", "isensee2017", "diceloss_cpp", "boundary_loss")},
+    ("dice", "monai"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("dice_ce", "monai"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("generalized_dice", "monai"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("tversky", "monai"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("focal", "monai"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("focal", "monai_softmax"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("dice_focal", "monai_sigmoid"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("hausdorff_dt", "monai"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("log_hausdorff_dt", "monai"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("dice_ce", "nnunet"): "tests/oracles/test_nnunet.py::test_dc_and_ce",
+    ("dice_ce", "nnunet_nosmooth"): "tests/oracles/test_nnunet.py::test_dc_and_ce_nosmooth",
+    ("topk_ce", "nnunet"): "tests/oracles/test_nnunet.py::test_topk",
+    ("dice_topk", "nnunet"): "tests/oracles/test_nnunet.py::test_dc_and_topk",
+    ("jaccard", "smp"): "tests/core/test_presets.py::test_jaccard_smp",
+    ("tversky", "salehi2017"): "tests/core/test_presets.py::test_tversky_salehi2017_weights_false_negatives_more",
+    ("focal_tversky", "abraham2019"): "tests/core/test_presets.py::test_focal_tversky_abraham2019",
+    ("cross_entropy", "torch"): "tests/core/test_presets.py::test_cross_entropy_torch",
+    ("bce", "torch"): "tests/core/test_presets.py::test_bce_torch",
+    ("lovasz_softmax", "berman2018"): "tests/torch_backend/test_voxelwise.py::test_lovasz_matches_berman",
+    ("boundary", "kervadec2019"): "tests/torch_backend/test_distance_losses.py::test_boundary_matches_liviaets",
+    ("generalized_dice_boundary", "kervadec2019"): "tests/torch_backend/test_distance_losses.py::test_kervadec2019_recipe",
 }
 
 
@@ -315,7 +315,7 @@ def test_every_builtin_preset_is_checked_against_its_source():
     builtin = {spec.name for spec in BUILTIN_SPECS}
     presets = {(name, p.name) for name in list_losses() if name in builtin for p in describe(name).presets}
     assert presets == set(PRESET_TESTS)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     for where in set(PRESET_TESTS.values()):
         path, _, test = where.partition("::")
         source = (root / path).read_text()

@@ -14,7 +14,7 @@ import tomllib
 
 from segloss_core.plugins import DISTRIBUTION
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCANNED = (".py", ".md", ".toml", ".sh", ".txt", ".cfg", ".json")
 # `segloss[extra]`, `segloss>=1`, `segloss==1` and `pip install segloss` name the wrong project
 WRONG_HINT = re.compile(r"(?<![\w.-])segloss(\[|[<>=~!]=?\d)|pip install\s+['\"]?segloss(?![\w-])")

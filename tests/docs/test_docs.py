@@ -29,7 +29,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "plugins.md"
 FENCE = re.compile(r"(?:<!--(?P<meta>[^>]*)-->\n)?```(?P<lang>\w*)\n(?P<body>.*?)^```$", re.S | re.M)
 LANGUAGES = ("python", "bash", "toml")

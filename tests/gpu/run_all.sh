@@ -33,7 +33,7 @@ segloss build 2>&1 | tail -5 | tee "$OUT/build.txt"
 step "tests (GPU + fused + conformance)"
 python3 -c "import cupy; print('cupy', cupy.__version__)" | tee -a "$OUT/versions.txt" \
   || echo "cupy not importable: the CuPy tests (tests/gpu/test_cupy.py) will skip" | tee -a "$OUT/versions.txt"
-python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_fused.py tests/test_conformance.py 2>&1 \
+python3 -m pytest -q -p no:cacheprovider tests/gpu tests/kernels/test_fused.py tests/plugins/test_conformance.py 2>&1 \
   | tee "$OUT/tests.txt" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

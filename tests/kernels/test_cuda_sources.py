@@ -1,6 +1,6 @@
 """The framework-free CUDA kernels and launchers compile with nvcc (no GPU, no torch build needed).
 
-Kept apart from tests/test_fused.py, whose tests need the CPU extension: a failed CPU build must
+Kept apart from tests/kernels/test_fused.py, whose tests need the CPU extension: a failed CPU build must
 not hide a CUDA syntax error.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

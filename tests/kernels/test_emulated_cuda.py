@@ -2,9 +2,9 @@
 
 The launchers of ``csrc/cuda/*.cu`` and the kernels of ``csrc/kernels/*_device.cuh`` are compiled
 unchanged by g++ against the HIP CPU Runtime (``-DSEGLOSS_HIP_CPU``, see
-``csrc/kernels/cuda_target.cuh``), with ``tests/emulated_cuda/driver.cpp``, into one shared library,
+``csrc/kernels/cuda_target.cuh``), with ``tests/kernels/emulated_cuda/driver.cpp``, into one shared library,
 once per source hash (a file lock keeps the pytest-xdist workers from building it twice). The
-library runs in a subprocess with the ASan runtime preloaded (``tests/emulated_cuda/runner.py``).
+library runs in a subprocess with the ASan runtime preloaded (``tests/kernels/emulated_cuda/runner.py``).
 Its results are compared with the CPU kernels (``torch.ops.segloss``) and the float64 reference.
 
 This proves the kernels' logic (indexing, reductions, bounds, grid-stride loops, launch
@@ -160,7 +160,7 @@ def build_library() -> Path:
 
 
 class Emulator:
-    """The library in a sanitized subprocess (tests/emulated_cuda/runner.py); restarted after a crash."""
+    """The library in a sanitized subprocess (tests/kernels/emulated_cuda/runner.py); restarted after a crash."""
 
     def __init__(self, library: Path):
         self.library = library

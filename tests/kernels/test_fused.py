@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from segloss_core import get_loss
 from segloss_torch import fused
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not fused.is_built(), reason="fused extension not built here")
 
 FUSED_LOSSES = ["dice", "jaccard", "tversky", "focal_tversky", "generalized_dice", "cross_entropy", "dice_ce"]

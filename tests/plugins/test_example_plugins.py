@@ -23,7 +23,7 @@ import torch
 from segloss_core import UnsupportedLossError, describe, get_loss, list_backends, list_losses
 from segloss_core.conformance import check_backend
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "plugins" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "plugins" / "examples"
 
 
 def _installed(distribution: str, *modules: str) -> bool:

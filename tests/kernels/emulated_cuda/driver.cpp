@@ -1,4 +1,4 @@
-// C entry points of the emulated CUDA build (tests/test_emulated_cuda.py): the framework-free
+// C entry points of the emulated CUDA build (tests/kernels/test_emulated_cuda.py): the framework-free
 // launchers of csrc/cuda/*.cu, compiled with g++ against the HIP CPU Runtime
 // (-DSEGLOSS_HIP_CPU, csrc/kernels/cuda_target.cuh), called through ctypes.
 //

@@ -1,7 +1,7 @@
-"""Serve calls into the emulated CUDA library (tests/emulated_cuda/driver.cpp) in a process of its own.
+"""Serve calls into the emulated CUDA library (tests/kernels/emulated_cuda/driver.cpp) in a process of its own.
 
 The library is built with ``-fsanitize=address,undefined``, and AddressSanitizer's runtime must be
-the first library of the process: so it runs here, started by tests/test_emulated_cuda.py with
+the first library of the process: so it runs here, started by tests/kernels/test_emulated_cuda.py with
 ``LD_PRELOAD=$(g++ -print-file-name=libasan.so)``, never inside pytest. NumPy and ctypes only.
 
 Protocol over stdin/stdout, each message a 8-byte little-endian length then a pickle:
