@@ -1,4 +1,13 @@
-"""Shared fixtures. Hypothesis runs with a fixed profile so CI time is bounded."""
+"""Shared fixtures: hypothesis profile, backends, plugin registration, the compiled kernels, slow tests.
+
+``tests/`` mirrors the code: core, reference, torch_backend, cupy_backend, kernels, cli,
+datasets, plugins, oracles (MONAI, nnU-Net), docs; tests/gpu runs on a CUDA machine
+(tests/gpu/run_all.sh). ``python -m pytest -m "not slow" -n 2`` is the quick development run
+(the full command, the README's, runs everything).
+
+Collection never compiles the extension: tests that need the compiled kernels take the
+``fused_kernels`` fixture, which builds (or loads) them when the first such test runs.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +30,59 @@ settings.load_profile("ci")
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+BUILTIN_CPU_BACKENDS = ("numpy", "torch")
+
+
+@pytest.fixture(params=BUILTIN_CPU_BACKENDS)
+def cpu_backend(request) -> str:
+    """Each built-in backend that runs on the CPU (the input contract, values and errors are theirs alike)."""
+    return request.param
+
+
+@pytest.fixture
+def registered():
+    """Register plugin objects for one test, as llm's conftest does: ``registered(obj, name)``."""
+    from segloss_core import plugin_manager
+
+    pm = plugin_manager()
+    names = []
+
+    def add(obj, name):
+        pm.register(obj, name=name)
+        names.append(name)
+
+    yield add
+    for name in names:
+        pm.unregister(name=name)
+
+
+@pytest.fixture(scope="session")
+def fused_kernels():
+    """``segloss_torch.fused`` with the compiled extension (built on first use, at run time); skip without it."""
+    fused = pytest.importorskip("segloss_torch.fused")
+    if not fused.is_built():
+        pytest.skip(f"fused extension not built here: {fused.status_line()}")
+    return fused
+
+
+# Tests of the full run only (``-m "not slow"`` leaves them out): the long conformance matrix (its quick
+# cases stay in), multi-process and training runs, compiled toolchains. By node id prefix, relative to tests/.
+SLOW = (
+    "torch_backend/test_distributed.py::",
+    "cli/test_examples.py::",
+    "kernels/test_emulated_cuda.py::",
+    "kernels/test_cuda_sources.py::",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = pytest.mark.slow
+    for item in items:
+        node = item.nodeid.removeprefix("tests/")
+        if node.startswith(SLOW):
+            item.add_marker(slow)
 
 
 def installed_backends() -> list[str]:

@@ -280,8 +280,14 @@ def test_every_dice_preset_has_a_source_and_a_test():
 
 # Where each built-in preset is checked against its source (a transcription here, or the library itself).
 PRESET_TESTS = {
-    **{("dice", name): "tests/core/test_presets.py" for name in ("nnunet", "nnunet_nosmooth", "smp", "keras", "ivadomed")},
-    **{("dice", name): "tests/core/test_presets.py" for name in ("vnet", "isensee2017", "diceloss_cpp", "boundary_loss")},
+    **{
+        ("dice", name): "tests/core/test_presets.py"
+        for name in ("nnunet", "nnunet_nosmooth", "smp", "keras", "ivadomed")
+    },
+    **{
+        ("dice", name): "tests/core/test_presets.py"
+        for name in ("vnet", "isensee2017", "diceloss_cpp", "boundary_loss")
+    },
     ("dice", "monai"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
     ("dice_ce", "monai"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
     ("generalized_dice", "monai"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
@@ -302,7 +308,10 @@ PRESET_TESTS = {
     ("bce", "torch"): "tests/core/test_presets.py::test_bce_torch",
     ("lovasz_softmax", "berman2018"): "tests/torch_backend/test_voxelwise.py::test_lovasz_matches_berman",
     ("boundary", "kervadec2019"): "tests/torch_backend/test_distance_losses.py::test_boundary_matches_liviaets",
-    ("generalized_dice_boundary", "kervadec2019"): "tests/torch_backend/test_distance_losses.py::test_kervadec2019_recipe",
+    (
+        "generalized_dice_boundary",
+        "kervadec2019",
+    ): "tests/torch_backend/test_distance_losses.py::test_kervadec2019_recipe",
 }
 
 

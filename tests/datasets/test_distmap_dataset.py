@@ -400,15 +400,7 @@ def test_random_patch_on_torch_tensors():
 # ---------------------------------------------------------------------------------------
 # engines: the segloss kernels (float32) and scipy (the float64 reference)
 # ---------------------------------------------------------------------------------------
-def _kernels_built() -> bool:
-    try:
-        from segloss_torch import fused
-    except Exception:  # noqa: BLE001
-        return False
-    return fused.is_built()
-
-
-@pytest.mark.skipif(not _kernels_built(), reason="segloss torch kernels not built")
+@pytest.mark.usefixtures("fused_kernels")
 @pytest.mark.parametrize("workers", [1, 2])
 def test_segloss_engine_equals_the_reference_to_float32_rounding(tmp_path, rng, workers):
     volumes = {"a": _labels(rng, (12, 9, 7)), "b": _labels(rng, (15, 8)), "c": _labels(rng, (10, 10, 10), 4)}

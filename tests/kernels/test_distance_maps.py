@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scipy.ndimage import distance_transform_edt
 
 from segloss_core import distance_maps as ref
-from segloss_torch import distance_map, fused, mask_distance_map, signed_distance_map
+from segloss_torch import distance_map, mask_distance_map, signed_distance_map
 
 
 def _close(got: torch.Tensor, want: np.ndarray) -> None:
@@ -197,7 +197,7 @@ def test_reference_switch():
         ref.distance_map(labels, 3, reference="yes")
 
 
-@pytest.mark.skipif(not fused.is_built(), reason="fused extension not built")
+@pytest.mark.usefixtures("fused_kernels")
 def test_kernel_is_used_and_is_fast_path_for_absent_classes():
     labels = torch.zeros(1, 40, 40, 40, dtype=torch.long)
     labels[0, 10:20, 10:30, 5:35] = 1

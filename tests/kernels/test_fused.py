@@ -14,7 +14,7 @@ from segloss_core import get_loss
 from segloss_torch import fused
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(not fused.is_built(), reason="fused extension not built here")
+pytestmark = pytest.mark.usefixtures("fused_kernels")  # built at run time, never at collection
 
 FUSED_LOSSES = ["dice", "jaccard", "tversky", "focal_tversky", "generalized_dice", "cross_entropy", "dice_ce"]
 

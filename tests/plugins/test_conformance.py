@@ -7,27 +7,53 @@ import pytest
 
 from segloss_core import Backend, hookimpl, list_backends, plugin_manager
 from segloss_core.conformance import Case, check_backend, check_case
+from segloss_core.conformance.check import conformance_matrix
 from segloss_core.numpy_backend import NumpyBackend, NumpyLoss
 
 # the backends of this distribution (an installed third-party backend certifies itself with
 # `pytest --pyargs segloss_core.conformance --segloss-backend NAME`)
 AVAILABLE = [b.name for b in list_backends() if b.available and b.plugin in {"numpy", "torch", "cupy"}]
+# impl='auto' picks the fused kernels where they built (as in CI): the autograd path is certified too
+RUNS = [(name, {}) for name in AVAILABLE] + ([("torch", {"impl": "native"})] if "torch" in AVAILABLE else [])
 
 
-@pytest.mark.parametrize("backend", AVAILABLE)
-def test_backend_conforms(backend):
-    report = check_backend(backend)
-    assert report.ok, str(report)
-    assert len([o for o in report.outcomes if o.status == "pass"]) > 500
+QUICK_DTYPE = "float32"  # `-m "not slow"` runs the quick kit in this dtype (the full run: every case and dtype)
 
 
-@pytest.mark.skipif("torch" not in AVAILABLE, reason="torch backend not available")
-def test_torch_native_implementation_conforms():
-    """impl='auto' picks the fused kernels where they built (as in CI): certify the autograd path too."""
-    report = check_backend("torch", options={"impl": "native"})
-    assert report.ok, str(report)
-    assert len([o for o in report.outcomes if o.status == "pass"]) > 500
-    assert {o.dtype for o in report.outcomes} == {"float64", "float32", "float16", "bfloat16"}
+def _run_id(backend: str, options: dict) -> str:
+    return "-".join([backend, *(str(v) for v in options.values())])
+
+
+def _matrix() -> list:
+    """One pytest case per (backend run, loss case, dtype); all but the quick kit in float32 are slow."""
+    params = []
+    for backend, options in RUNS:
+        quick = {(c.id, d) for _, c, d in conformance_matrix([backend], dtypes=[QUICK_DTYPE], quick=True)}
+        for _, case, dtype in conformance_matrix([backend]):
+            marks = () if (case.id, dtype) in quick else (pytest.mark.slow,)
+            run = _run_id(backend, options)
+            params.append(pytest.param(backend, options, case, dtype, marks=marks, id=f"{run}-{dtype}-{case.id}"))
+    return params
+
+
+MATRIX = _matrix()
+
+
+@pytest.mark.parametrize(("backend", "options", "case", "dtype"), MATRIX)
+def test_backend_conforms(backend, options, case, dtype):
+    outcome = check_case(backend, case, dtype, options)
+    if outcome.status == "skip":
+        pytest.skip(outcome.detail)
+    assert outcome.status == "pass", f"{outcome}\nreproduce:\n{case.reproducer(backend, dtype, options)}"
+
+
+@pytest.mark.parametrize(("backend", "options"), RUNS, ids=[_run_id(b, o) for b, o in RUNS])
+def test_the_matrix_covers_every_loss_and_dtype(backend, options):
+    rows = [p.values for p in MATRIX if p.values[0] == backend and p.values[1] == options]
+    assert len(rows) > 500
+    assert {case.loss for _, _, case, _ in rows} >= {"dice", "cross_entropy", "boundary", "dice_ce"}
+    if backend == "torch":
+        assert {dtype for *_, dtype in rows} == {"float64", "float32", "float16", "bfloat16"}
 
 
 class _Planted(NumpyLoss):

@@ -36,21 +36,6 @@ class EchoPlugin:
         register(EchoBackend())
 
 
-@pytest.fixture
-def registered():
-    """Register plugin objects for one test, as llm's conftest does."""
-    pm = plugin_manager()
-    names = []
-
-    def add(obj, name):
-        pm.register(obj, name=name)
-        names.append(name)
-
-    yield add
-    for name in names:
-        pm.unregister(name=name)
-
-
 def test_throwaway_backend_through_the_plugin_manager(registered, rng):
     registered(EchoPlugin(), "echo-plugin")
     loss = get_loss("dice", backend="echo", include_background=False)
