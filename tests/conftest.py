@@ -36,7 +36,7 @@ BUILTIN_CPU_BACKENDS = ("numpy", "torch")
 
 
 @pytest.fixture(params=BUILTIN_CPU_BACKENDS)
-def cpu_backend(request) -> str:
+def backend(request) -> str:
     """Each built-in backend that runs on the CPU (the input contract, values and errors are theirs alike)."""
     return request.param
 
