@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 from segloss_torch import fused, ops  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not fused.is_built(), reason="fused CPU kernels not built here")
+pytestmark = pytest.mark.usefixtures("fused_kernels")  # built at run time, never at collection
 
 
 def _problem(seed=0, shape=(2, 3, 5, 4)):
