@@ -4,6 +4,12 @@
     python benchmarks/compare.py --quick          # small shapes (a smoke run)
     python benchmarks/compare.py --json out.json  # also write the results as JSON
     python benchmarks/compare.py --device cuda    # on a GPU
+    python benchmarks/compare.py --dtype bfloat16 --only "segloss native" --only MONAI --only floor
+    python benchmarks/compare.py --threads 1      # one thread: on a machine other processes load
+
+On a loaded machine (load average above the core count) every multi-threaded torch op waits for
+its threads to be scheduled, so an implementation of many small ops pays per op what one of
+few large ops pays once; ``--threads 1`` compares the work itself.
 
 Every workload is one training step of the loss alone — forward and backward on the same logits
 and labels — plus the forward alone. Times are the median of ``--repeat`` runs after
@@ -181,11 +187,21 @@ def copy_bandwidth(x: torch.Tensor, warmup: int, repeat: int) -> float:
     return 2 * x.numel() * x.element_size() / seconds
 
 
-def run(shapes: list[tuple[int, ...]], workloads: list[str], device: str, warmup: int, repeat: int) -> list[Result]:
+def run(
+    shapes: list[tuple[int, ...]],
+    workloads: list[str],
+    device: str,
+    warmup: int,
+    repeat: int,
+    dtype: torch.dtype = torch.float32,
+    only: list[str] | None = None,
+) -> list[Result]:
+    """Rows for every shape × workload × implementation (those whose name starts with one of
+    ``only``, when given), logits in ``dtype``."""
     results: list[Result] = []
     for shape in shapes:
         torch.manual_seed(0)
-        logits = torch.randn(*shape, device=device)
+        logits = torch.randn(*shape, device=device).to(dtype)
         labels = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=device)
         logit_bytes = logits.numel() * logits.element_size()
         label_bytes = labels.numel() * labels.element_size()
@@ -194,6 +210,8 @@ def run(shapes: list[tuple[int, ...]], workloads: list[str], device: str, warmup
         for workload in workloads:
             rows: list[Result] = []
             for impl, factory in _implementations(workload, shape[1], device).items():
+                if only and not any(impl.startswith(prefix) for prefix in only):
+                    continue
                 loss = factory()
 
                 def step(loss=loss, logits=logits, labels=labels) -> None:
@@ -271,19 +289,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", action="append", choices=("dice", "dice_ce"))
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
+    parser.add_argument(
+        "--only", action="append", metavar="PREFIX", help="only implementations named so (repeatable), e.g. MONAI"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch.set_num_threads for every row (default: torch's); 1 on a loaded machine"
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
     shapes = [(2, 4, 32, 32, 32)] if args.quick else [(2, 4, 128, 128, 128), (1, 14, 128, 128, 128)]
     repeat = 2 if args.quick else args.repeat
-    results = run(shapes, args.workload or ["dice", "dice_ce"], args.device, 1 if args.quick else args.warmup, repeat)
+    results = run(
+        shapes,
+        args.workload or ["dice", "dice_ce"],
+        args.device,
+        1 if args.quick else args.warmup,
+        repeat,
+        getattr(torch, args.dtype),
+        args.only,
+    )
+    print(f"logits: {args.dtype}")
     print(format_table(results, args.device))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"machine": machine(), "device": args.device, "results": [asdict(r) for r in results]}, f, indent=2
+                {
+                    "machine": machine(),
+                    "device": args.device,
+                    "dtype": args.dtype,
+                    "results": [asdict(r) for r in results],
+                },
+                f,
+                indent=2,
             )
     return 0
 
