@@ -5,7 +5,11 @@ deterministically from that key, so a failing case prints a one-line reproducer.
 
 Input kinds cover what the rules of the house ask for: 2D and 3D, one sigmoid channel and
 several softmax channels, classes absent from a sample, single-voxel objects, ignored
-voxels, a sample with every voxel ignored, soft targets, voxel masks.
+voxels, a sample with every voxel ignored, soft targets, voxel masks; one large volume
+(``3d-large``, 2 × 32³ voxels: sums over 32768 voxels per sample, where float16 accumulation
+loses the result, e.g. Dice 0 instead of 0.667); and invalid inputs (``invalid-*``: a label
+equal to C, a negative label, float labels, wrong target and pred shapes, a NaN logit), for
+which a backend must raise what the input contract raises (or, for NaN, return NaN).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class InputKind:
     ignore: bool = False
     all_ignored_sample: bool = False
     mask: bool = False
+    invalid: str = ""  # how a valid input of this kind is then broken (INVALID_KINDS)
 
 
 INPUT_KINDS: dict[str, InputKind] = {
@@ -46,9 +51,19 @@ INPUT_KINDS: dict[str, InputKind] = {
         InputKind("2d-all-ignored", (5, 5), 3, "softmax", ignore=True, all_ignored_sample=True),
         InputKind("3d-mask", (4, 4, 4), 3, "softmax", mask=True),
         InputKind("2d-sigmoid-ignore", (6, 6), 1, "sigmoid", ignore=True),
+        InputKind("3d-large", (32, 32, 32), 2, "softmax"),
+        *(
+            InputKind(f"invalid-{how}", (7, 6), 4, "softmax", invalid=how)
+            for how in ("label-equals-C", "negative-label", "float-labels", "target-shape", "pred-shape", "nan-logit")
+        ),
     )
 }
 PARAM_SWEEP_KINDS = ("3d-softmax", "2d-sigmoid-binary")
+LARGE_KINDS = ("3d-large",)
+"""Run once per loss (its defaults), in the quick kit too: large enough to expose low-precision sums."""
+INVALID_KINDS = tuple(name for name, kind in INPUT_KINDS.items() if kind.invalid)
+"""Broken inputs, once per loss (its defaults), in the quick kit too: the backend must raise the
+reference's exception type with its message (``invalid-nan-logit``: return NaN, as documented)."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +150,27 @@ def make_arrays(kind_name: str, seed: int, activation: str) -> dict[str, np.ndar
             e = np.exp(pred - pred.max(axis=1, keepdims=True))
             pred = e / e.sum(axis=1, keepdims=True)
     out["pred"] = pred
-    return out
+    return _break(kind, out) if kind.invalid else out
+
+
+def _break(kind: InputKind, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A valid input of ``kind`` made invalid in the one way ``kind.invalid`` names."""
+    pred, target = arrays["pred"].copy(), arrays["target"].copy()
+    if kind.invalid == "label-equals-C":
+        target[0].reshape(-1)[0] = kind.channels
+    elif kind.invalid == "negative-label":
+        target[1].reshape(-1)[-1] = -1
+    elif kind.invalid == "float-labels":
+        target = target.astype(np.float64)  # (B, *spatial) floats for C > 1 channels: neither labels nor soft
+    elif kind.invalid == "target-shape":
+        target = target[..., :-1]
+    elif kind.invalid == "pred-shape":
+        pred = pred.reshape(pred.shape[0], pred.shape[1], -1)[..., 0]  # (B, C): no spatial axis
+    elif kind.invalid == "nan-logit":
+        pred[0, 0].reshape(-1)[0] = np.nan
+    else:  # pragma: no cover - INPUT_KINDS lists the ways
+        raise AssertionError(kind.invalid)
+    return {**arrays, "pred": pred, "target": target}
 
 
 def materialise(case: Case) -> Case:
@@ -177,12 +212,19 @@ def _per_class(name: str, channels: int) -> tuple[float, ...]:
     )
 
 
+def _sums_only(spec: LossSpec) -> bool:
+    """True for a loss (or a compound of losses) computed from plain statistics, without fields."""
+    from ..registry import registry
+
+    specs = [registry().loss(term.loss) for term in spec.terms] if spec.terms else [spec]
+    return all(s.kind == "statistics" and s.fields is None for s in specs)
+
+
 def generate(spec: LossSpec, *, quick: bool = False, seed: int = 0) -> Iterator[Case]:
     """Every case for ``spec``: defaults and presets on each input kind, then each
     parameter at each non-default value on the sweep kinds."""
-    kinds = list(INPUT_KINDS.values())
-    if quick:
-        kinds = [INPUT_KINDS[k] for k in ("3d-softmax", "2d-sigmoid-binary", "2d-ignore")]
+    once = (*LARGE_KINDS, *INVALID_KINDS)
+    kinds = [k for k in INPUT_KINDS.values() if k.name not in once]
     presets: list[str | None] = [None, *(p.name for p in spec.presets)]
     seen: set[str] = set()
 
@@ -191,9 +233,14 @@ def generate(spec: LossSpec, *, quick: bool = False, seed: int = 0) -> Iterator[
             seen.add(case.id)
             yield case
 
+    # quick: every input kind on the defaults, the first preset on the first kind only
     for kind in kinds:
-        for preset in presets if not quick else presets[:2]:
+        for preset in presets if not quick else presets[: 2 if kind is kinds[0] else 1]:
             yield from emit(Case(spec.name, preset, _kind_params(spec, kind), kind.name, seed))
+    for name in once:
+        if name in LARGE_KINDS and not _sums_only(spec):
+            continue  # the large case is about forward sums; a 32^3 EDT or skeleton reference would be slow
+        yield from emit(Case(spec.name, None, _kind_params(spec, INPUT_KINDS[name]), name, seed))
     sweep = [INPUT_KINDS[k] for k in PARAM_SWEEP_KINDS]
     for param in spec.params:
         if param.name in ("activation", "ignore_index"):

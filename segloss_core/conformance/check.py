@@ -11,7 +11,7 @@ import numpy as np
 from ..backend import Backend, ConformanceDtype
 from ..reference.evaluate import evaluate
 from ..registry import registry
-from .cases import Case, generate, materialise
+from .cases import INPUT_KINDS, Case, generate, materialise
 
 
 @dataclass(frozen=True)
@@ -47,15 +47,50 @@ class Report:
         counts = {s: sum(o.status == s for o in self.outcomes) for s in ("pass", "fail", "skip")}
         return f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped"
 
+    def failure_groups(self, limit: int = 3) -> list[tuple[str, int, int]]:
+        """What the failures have in common, most telling first: ``(feature, failed, cases)``.
+
+        A feature is an input kind, a parameter value, a dtype or a loss; ranked by the share
+        of its cases that fail, then by the number of failures. Features every case shares
+        (one loss, one dtype) tell nothing and are left out unless nothing else is left.
+        """
+        failed: dict[str, int] = {}
+        total: dict[str, int] = {}
+        for outcome in self.outcomes:
+            for feature in _features(outcome):
+                total[feature] = total.get(feature, 0) + 1
+                if outcome.status == "fail":
+                    failed[feature] = failed.get(feature, 0) + 1
+        ranked = sorted(failed, key=lambda f: (-failed[f] / total[f], -failed[f], f))
+        telling = [f for f in ranked if total[f] < len(self.outcomes)] or ranked
+        return [(f, failed[f], total[f]) for f in telling[:limit]]
+
     def __str__(self) -> str:
         options = f" with {dict(self.options)}" if self.options else ""
         lines = [f"segloss conformance of backend {self.backend!r}{options}: {self.summary()}"]
-        for failure in self.failures:
+        groups = self.failure_groups()
+        if groups:
+            lines.append("most failing:")
+            lines += [f"  {feature}: {bad} of {cases} cases fail" for feature, bad, cases in groups]
+            first = groups[0][0]  # the failures that share the most telling feature come first
+        failures = sorted(self.failures, key=lambda o: first not in _features(o)) if groups else []
+        for failure in failures:
             lines.append(f"  {failure}")
             lines.append("    reproduce:")
             reproducer = failure.case.reproducer(failure.backend, failure.dtype, self.options)
             lines += ["      " + line for line in reproducer.splitlines()]
         return "\n".join(lines)
+
+
+def _features(outcome: Outcome) -> list[str]:
+    case = outcome.case
+    params = [f"parameter {k}={_short_value(v)}" for k, v in sorted(case.params.items()) if k != "activation"]
+    preset = [f"preset {case.preset}"] if case.preset else []
+    return [f"input kind {case.kind}", *params, *preset, f"dtype {outcome.dtype}", f"loss {case.loss}"]
+
+
+def _short_value(value: Any) -> str:
+    return "per-class" if isinstance(value, tuple) else str(value)
 
 
 def round_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -125,6 +160,8 @@ def check_case(
     if target.dtype.kind == "f":
         target = round_to_dtype(target, tol.name)
     mask = case.arrays.get("mask")
+    if INPUT_KINDS[case.kind].invalid:
+        return _check_invalid(backend, backend_name, case, plan, (pred, target, mask), tol, options)
     try:
         want_value, _ = evaluate(plan, pred, target, mask, with_grad=False)
         ones = None if np.ndim(want_value) == 0 else np.ones_like(want_value)
@@ -147,6 +184,59 @@ def check_case(
     return Outcome(case, backend_name, tol.name, "pass", max_abs_error=err)
 
 
+def _check_invalid(
+    backend: Backend,
+    backend_name: str,
+    case: Case,
+    plan: Any,
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    tol: ConformanceDtype,
+    options: Mapping[str, Any] | None,
+) -> Outcome:
+    """A broken input: the backend must raise what the reference raises (the input contract of
+    ``segloss_core.validation``: the same exception type, a message containing the reference's),
+    or, where the contract lets the input through (a NaN logit), return what the reference returns
+    (NaN where it gives NaN)."""
+    pred, target, mask = arrays
+    fail = lambda what, detail: Outcome(case, backend_name, tol.name, "fail", what, detail)  # noqa: E731
+    try:
+        want_value, _ = evaluate(plan, pred, target, mask, with_grad=False)
+        want: BaseException | None = None
+    except (TypeError, ValueError) as exc:
+        want = exc
+    try:
+        loss = registry().build(plan, backend_name, options)
+    except Exception as exc:  # noqa: BLE001 - any backend error is a failure to report
+        return fail("error", f"{type(exc).__name__}: {exc}")
+    try:
+        got_value, _ = backend.run_for_conformance(loss, pred, target, mask, tol.name)
+        got: BaseException | None = None
+    except Exception as exc:  # noqa: BLE001 - compared with what the contract raises
+        got = exc
+    if want is not None:
+        contract = f"the input contract raises {type(want).__name__}: {want}"
+        if got is None:
+            return fail("invalid", f"accepted the invalid input ({contract})")
+        if not isinstance(got, type(want)) or str(want) not in str(got):
+            return fail("invalid", f"raised {type(got).__name__}: {got}; {contract}")
+        return Outcome(case, backend_name, tol.name, "pass")
+    if got is not None:
+        return fail("error", f"{type(got).__name__}: {got}")
+    got_arr, want_arr = np.asarray(got_value, dtype=np.float64), np.asarray(want_value, dtype=np.float64)
+    # documented (docs/architecture.md, the input contract): a NaN logit gives a NaN loss. The
+    # value must be NaN wherever the reference's is; elsewhere (losses that select voxels, whose
+    # reference may pass the NaN voxel by) NaN or the reference's value
+    if got_arr.shape != want_arr.shape or (np.isnan(want_arr) & ~np.isnan(got_arr)).any():
+        return fail(
+            "value",
+            f"got {got_arr!r}, reference {want_arr!r}: a NaN logit must give a NaN loss (docs/architecture.md, "
+            "the input contract)",
+        )
+    finite = ~np.isnan(want_arr) & ~np.isnan(got_arr)
+    ok, err, detail = _compare(got_arr[finite], want_arr[finite], tol, 1.0)
+    return Outcome(case, backend_name, tol.name, "pass" if ok else "fail", "" if ok else "value", detail, err)
+
+
 def cases_for(losses: Iterable[str] | None = None, *, quick: bool = False) -> list[Case]:
     reg = registry()
     names = list(losses) if losses is not None else reg.loss_names()
@@ -154,6 +244,11 @@ def cases_for(losses: Iterable[str] | None = None, *, quick: bool = False) -> li
     for name in names:
         out.extend(generate(reg.loss(name), quick=quick))
     return out
+
+
+def _dtypes_for(case: Case, dtypes: Sequence[Any]) -> list[Any]:
+    """Every dtype, but an invalid input only on the first (the checks come before any arithmetic)."""
+    return list(dtypes[:1]) if INPUT_KINDS[case.kind].invalid else list(dtypes)
 
 
 def conformance_matrix(
@@ -171,7 +266,7 @@ def conformance_matrix(
         names = [n for n in (losses or reg.loss_names()) if reg._supports(backend, reg.loss(n))]
         wanted = [d.name for d in backend.conformance_dtypes if dtypes is None or d.name in dtypes]
         for case in cases_for(names, quick=quick):
-            rows.extend((backend_name, case, dtype) for dtype in wanted)
+            rows.extend((backend_name, case, dtype) for dtype in _dtypes_for(case, wanted))
     return rows
 
 
@@ -192,6 +287,6 @@ def check_backend(
     report = Report(backend_name, options=dict(options or {}))
     for case in cases_for(names, quick=quick):
         case = materialise(case)
-        for dtype in wanted:
+        for dtype in _dtypes_for(case, wanted):
             report.outcomes.append(check_case(backend_name, case, dtype, options))
     return report

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
 from segloss_core import Backend, hookimpl, list_backends, plugin_manager
+from segloss_core.backend import ConformanceDtype
 from segloss_core.conformance import Case, check_backend, check_case
 from segloss_core.conformance.check import conformance_matrix
 from segloss_core.numpy_backend import NumpyBackend, NumpyLoss
@@ -57,32 +60,86 @@ def test_the_matrix_covers_every_loss_and_dtype(backend, options):
 
 
 class _Planted(NumpyLoss):
+    """The NumPy backend with one deliberate bug (``bug``), for showing that the kit catches it."""
+
     def __init__(self, plan, bug):
         super().__init__(plan)
         self.bug = bug
 
-    def __call__(self, pred, target, mask=None, **inputs):
+    def _inputs(self, pred, target, mask):
         if self.bug == "ignore" and self.plan.ignore_index is not None and target.dtype.kind in "iu":
             target = np.where(target == self.plan.ignore_index, 0, target)  # forgets the ignore label
-            self.plan = self.plan  # same plan; labels no longer contain it
-        value = super().__call__(pred, target, mask, **inputs)
-        return value * 1.001 if self.bug == "value" else value
+        c = pred.shape[1]
+        if self.bug == "accepts-label-C" and c > 1 and target.dtype.kind in "iu" and (target == c).any():
+            # no range check: the kernel reads out of bounds (as `index 4 is out of bounds` in torch)
+            raise RuntimeError(f"index {pred.shape[1]} is out of bounds for dimension 1 with size {pred.shape[1]}")
+        return pred, target, mask
 
-    def value_and_grad(self, pred, target, mask=None, grad_output=None, **inputs):
-        if self.bug == "ignore" and self.plan.ignore_index is not None and target.dtype.kind in "iu":
-            target = np.where(target == self.plan.ignore_index, 0, target)
-        value, grad = super().value_and_grad(pred, target, mask, grad_output, **inputs)
+    def _run(self, pred, target, mask, grad_output, inputs, with_grad):
+        pred, target, mask = self._inputs(pred, target, mask)
+        scale = None
+        if self.bug == "mask-before-activation" and mask is not None:
+            scale = np.broadcast_to(mask, pred.shape) if mask.shape[1] == pred.shape[1] else mask
+            pred, mask = pred * scale, None  # the mask scales the logits instead of the voxel terms
+        with _float16_sums(self.bug == "float16-sums" and pred.dtype == np.float16):
+            if with_grad:
+                value, grad = super().value_and_grad(pred, target, mask, grad_output, **inputs)
+            else:
+                value, grad = super().__call__(pred, target, mask, **inputs), None
+        if scale is not None and grad is not None:
+            grad = grad * scale
         if self.bug == "value":
             value = value * 1.001
-        if self.bug == "gradient":
+        if grad is not None and (
+            self.bug == "gradient" or (self.bug == "soft-target-gradient" and target.dtype.kind == "f")
+        ):
             grad = grad.copy()
             grad.reshape(-1)[0] += 1e-3
+        if self.bug == "nan-on-all-ignored" and self.plan.ignore_index is not None and target.dtype.kind in "iu":
+            ignored = (target == self.plan.ignore_index).reshape(target.shape[0], -1)
+            if ignored.all(axis=1).any():
+                value = value * np.nan  # 0/0 on the classes of a sample with no valid voxel
         return value, grad
+
+    def __call__(self, pred, target, mask=None, **inputs):
+        return self._run(pred, target, mask, None, inputs, with_grad=False)[0]
+
+    def value_and_grad(self, pred, target, mask=None, grad_output=None, **inputs):
+        return self._run(pred, target, mask, grad_output, inputs, with_grad=True)
+
+
+@contextlib.contextmanager
+def _float16_sums(active):
+    """The reference statistics, but each summed voxel by voxel in float16 (the bug: no float32
+    accumulator); over 32768 voxels such a sum stalls at 2048, where the float16 spacing is 2."""
+    if not active:
+        yield
+        return
+    from segloss_core.reference import statistics
+
+    real = statistics.compute
+
+    def compute(inputs, names):
+        stats, vjp = real(inputs, names)
+        t = statistics.voxel_terms(inputs)
+        terms = {"intersection": t.p * t.g, "pred_sum": t.p, "target_sum": t.g}
+        for name, term in terms.items():
+            if name in stats:
+                weighted = np.where(np.broadcast_to(t.w, term.shape) == 0, 0.0, t.w * term).astype(np.float16)
+                stats[name] = np.cumsum(weighted, axis=2, dtype=np.float16)[..., -1].astype(np.float64)
+        return stats, vjp
+
+    statistics.compute = compute
+    try:
+        yield
+    finally:
+        statistics.compute = real
 
 
 def _planted_backend(bug):
     class PlantedBackend(NumpyBackend):
         name = f"planted-{bug}"
+        conformance_dtypes = (ConformanceDtype("float64", 1e-7, 1e-9), ConformanceDtype("float16", 1e-2, 2e-3))
 
         def build(self, plan, **options):
             return _Planted(plan, bug)
@@ -95,14 +152,18 @@ def _planted_backend(bug):
     return Plugin()
 
 
-@pytest.mark.parametrize("bug", ["value", "gradient", "ignore"])
-def test_planted_bug_is_caught_and_reported(bug):
+def _quick_report_of_planted(bug):
     pm = plugin_manager()
     pm.register(_planted_backend(bug), name=f"planted-{bug}")
     try:
-        report = check_backend(f"planted-{bug}", losses=["dice"], quick=True)
+        return check_backend(f"planted-{bug}", losses=["dice"], quick=True)
     finally:
         pm.unregister(name=f"planted-{bug}")
+
+
+@pytest.mark.parametrize("bug", ["value", "gradient", "ignore"])
+def test_planted_bug_is_caught_and_reported(bug):
+    report = _quick_report_of_planted(bug)
     assert not report.ok
     kinds = {f.what for f in report.failures}
     expected = {"value": {"value"}, "gradient": {"gradient"}, "ignore": {"value", "gradient"}}[bug]
@@ -111,6 +172,44 @@ def test_planted_bug_is_caught_and_reported(bug):
         assert all("ignore" in f.case.kind for f in report.failures)
     text = str(report)
     assert "reproduce:" in text and "check_case(" in text and "max abs error" in text
+
+
+# each bug class the kit must reject in its QUICK form: the input kinds its report may name first,
+# and what disagrees
+PLANTED_BUG_CLASSES = {
+    "accepts-label-C": ({"invalid-label-equals-C"}, {"invalid"}),
+    "float16-sums": ({"3d-large"}, {"value"}),
+    "soft-target-gradient": ({"3d-soft", "3d-sigmoid-multilabel"}, {"gradient"}),
+    "mask-before-activation": ({"3d-mask"}, {"value", "gradient"}),
+    "nan-on-all-ignored": ({"2d-all-ignored"}, {"value"}),
+}
+
+
+@pytest.mark.parametrize("bug", sorted(PLANTED_BUG_CLASSES))
+def test_the_quick_kit_rejects_each_bug_class_and_names_its_cause_first(bug):
+    kinds, what = PLANTED_BUG_CLASSES[bug]
+    report = _quick_report_of_planted(bug)
+    assert not report.ok
+    assert {f.what for f in report.failures} <= what and {f.case.kind for f in report.failures} <= kinds, str(report)
+    lines = str(report).splitlines()
+    first_group = lines[2].removeprefix("  input kind ").split(":")[0]
+    assert lines[1] == "most failing:" and first_group in kinds, "\n".join(lines[:6])
+    first_failure = next(line for line in lines if line.startswith("  FAIL "))
+    assert f"-{first_group} [" in first_failure  # the failures listed first are of that kind
+    if bug == "accepts-label-C":
+        assert "raised RuntimeError: index 4 is out of bounds" in report.failures[0].detail
+        assert "the input contract raises ValueError: target has labels outside [0, 4)" in report.failures[0].detail
+    if bug == "float16-sums":
+        assert {f.dtype for f in report.failures} == {"float16"}
+
+
+def test_the_quick_kit_keeps_every_input_kind():
+    from segloss_core.conformance import INPUT_KINDS, generate
+    from segloss_core.registry import registry
+
+    for name in ("dice", "cross_entropy", "dice_ce"):
+        kinds = {case.kind for case in generate(registry().loss(name), quick=True)}
+        assert kinds == set(INPUT_KINDS), (name, set(INPUT_KINDS) - kinds)
 
 
 def test_reproducer_runs():
