@@ -46,10 +46,11 @@ class Backend:
     voxelwise_losses: frozenset[str] = frozenset()
     conformance_dtypes: tuple[ConformanceDtype, ...] = DEFAULT_DTYPES
     options: tuple[Param, ...] = ()
-    operators: bool = False
-    """True if the backend runs ``array_forward`` losses (it provides segloss_core.operators)."""
     """Backend options accepted by ``get_loss`` besides the loss parameters (e.g. torch's
     ``impl``); they must not share a name with any loss parameter."""
+    operators: bool = False
+    """True if the backend runs ``array_forward`` losses (it provides max_pool/min_pool, see
+    segloss_core.operators)."""
 
     def availability(self) -> str | None:
         """``None`` if this backend can run here, else the reason it cannot (one line)."""

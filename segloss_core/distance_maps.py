@@ -49,7 +49,6 @@ from .arrays import from_numpy, get_namespace, is_cupy, is_numpy, library_name, 
 Array = Any
 CONVENTIONS = ("boundary_loss", "signed", "signed_inside_positive")
 REGIONS = ("boundary", "inside", "outside")
-NORMALIZATIONS = (None, "max", "extent")
 # codes of the kernels' DistanceKind (csrc/kernels/edt.cuh): conventions, then regions
 KIND_CODES: dict[str, int] = {name: code for code, name in enumerate(CONVENTIONS + REGIONS)}
 

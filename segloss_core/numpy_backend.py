@@ -21,36 +21,20 @@ from typing import Any
 import numpy as np
 
 from .backend import Backend
+from .executor import TermWeights
 from .hookspecs import hookimpl
 from .reference.evaluate import evaluate
 from .spec import LossPlan
 
 
-class NumpyLoss:
+class NumpyLoss(TermWeights):
     """A loss on NumPy arrays; ``loss(pred, target, mask=None)`` returns a float64 array."""
 
     def __init__(self, plan: LossPlan):
-        self.plan = plan
+        self._init_weights(plan)
 
     def __repr__(self) -> str:
         return f"NumpyLoss({self.plan.describe()})"
-
-    def set_weights(self, **weights: float) -> None:
-        """Change the weight of terms by loss name (as the torch loss; used by schedules)."""
-        from dataclasses import replace
-
-        names = [t.spec.name for t in self.plan.terms]
-        terms = list(self.plan.terms)
-        for name, value in weights.items():
-            if names.count(name) != 1:
-                raise ValueError(
-                    f"loss {self.plan.name!r} has {names.count(name)} terms named {name!r}; terms: {names}"
-                )
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"weight of {name!r} must be a non-negative number, got {value!r}")
-            index = names.index(name)
-            terms[index] = replace(terms[index], weight=float(value))
-        self.plan = replace(self.plan, terms=tuple(terms))
 
     def _check_arrays(self, **arrays: Any) -> None:
         for name, value in arrays.items():
@@ -59,7 +43,7 @@ class NumpyLoss:
 
     def __call__(self, pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None, **inputs: Any) -> Any:
         self._check_arrays(pred=pred, target=target, mask=mask)
-        value, _ = evaluate(self.plan, pred, target, mask, inputs, with_grad=False)
+        value, _ = evaluate(self.plan, pred, target, mask, inputs, with_grad=False, weights=self.term_weights)
         return value
 
     def value_and_grad(
@@ -76,7 +60,9 @@ class NumpyLoss:
         then that of Σ grad_output·value, as ``torch.Tensor.backward(grad_output)``.
         """
         self._check_arrays(pred=pred, target=target, mask=mask)
-        value, grad = evaluate(self.plan, pred, target, mask, inputs, with_grad=True, grad_output=grad_output)
+        value, grad = evaluate(
+            self.plan, pred, target, mask, inputs, with_grad=True, grad_output=grad_output, weights=self.term_weights
+        )
         assert grad is not None
         return value, grad
 

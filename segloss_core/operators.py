@@ -21,17 +21,11 @@ as PyTorch's max pooling does.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 Array = Any
-
-
-class Operators(Protocol):
-    def max_pool(self, x: Array, kernel: int = 3) -> Array: ...
-
-    def min_pool(self, x: Array, kernel: int = 3) -> Array: ...
 
 
 def _check_kernel(kernel: int) -> int:

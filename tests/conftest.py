@@ -83,9 +83,3 @@ def pytest_collection_modifyitems(config, items):
         node = item.nodeid.removeprefix("tests/")
         if node.startswith(SLOW):
             item.add_marker(slow)
-
-
-def installed_backends() -> list[str]:
-    from segloss_core import list_backends
-
-    return [b.name for b in list_backends() if b.available]

@@ -52,32 +52,64 @@ SEGLOSS_HD int64_t valid_label_max(int64_t channels, int activation) {
 // Voxel weight from its label: 0 for ignore_index and for invalid labels.
 SEGLOSS_HD bool label_is_valid(int64_t label, int64_t valid_max) { return label >= 0 && label < valid_max; }
 
-// Statistics contributions of one element (b, c, x) with weight w > 0.
-// neg_log_p = −log p, neg_log_1mp = −log(1 − p) (only read for kCeNeg).
+// Statistics contributions of one element (b, c, x), into acc[s * STRIDE] for each statistic s
+// (STRIDE 1: an array of kNumSlots; the CPU loops keep kLanes independent lanes per statistic and
+// pass STRIDE = kLanes). A weight-0 element adds exact zeros if its p, g and logs are finite.
+// neg_log_p = −log p, neg_log_1mp = −log(1 − p) (only read with CE_NEG). TARGET_SQ false skips
+// kTargetSq (one-hot targets: the caller copies kTargetSum, as g² = g).
+template <int STRIDE, bool TARGET_SQ, bool CE_NEG, typename A>
+SEGLOSS_HD void accumulate_element_strided(A p, A g, A w, A neg_log_p, A neg_log_1mp, A* acc) {
+  const A wp = w * p, wg = w * g, diff = p - g;
+  acc[kIntersection * STRIDE] += wp * g;
+  acc[kPredSum * STRIDE] += wp;
+  acc[kTargetSum * STRIDE] += wg;
+  acc[kPredSq * STRIDE] += wp * p;
+  if (TARGET_SQ) acc[kTargetSq * STRIDE] += wg * g;
+  acc[kAbsDiff * STRIDE] += w * (diff < A(0) ? -diff : diff);
+  acc[kCePos * STRIDE] += g == A(0) ? A(0) : wg * neg_log_p;
+  if (CE_NEG) {
+    const A h = A(1) - g;
+    acc[kCeNeg * STRIDE] += h == A(0) ? A(0) : w * h * neg_log_1mp;
+  }
+  acc[kCount * STRIDE] += w;
+}
+
+// The same for an element of weight w > 0 into acc[kNumSlots], with a run-time want_ce_neg.
 template <typename A>
 SEGLOSS_HD void accumulate_element(A p, A g, A w, A neg_log_p, A neg_log_1mp, bool want_ce_neg, A* acc) {
-  A wp = w * p;
-  A wg = w * g;
-  acc[kIntersection] += wp * g;
-  acc[kPredSum] += wp;
-  acc[kTargetSum] += wg;
-  acc[kPredSq] += wp * p;
-  acc[kTargetSq] += wg * g;
-  A diff = p - g;
-  acc[kAbsDiff] += w * (diff < A(0) ? -diff : diff);
-  acc[kCePos] += g == A(0) ? A(0) : wg * neg_log_p;
   if (want_ce_neg) {
-    A h = A(1) - g;
-    acc[kCeNeg] += h == A(0) ? A(0) : w * h * neg_log_1mp;
+    accumulate_element_strided<1, true, true>(p, g, w, neg_log_p, neg_log_1mp, acc);
+  } else {
+    accumulate_element_strided<1, true, false>(p, g, w, neg_log_p, neg_log_1mp, acc);
   }
 }
 
-// ∂L/∂p, ∂L/∂log p and ∂L/∂log(1 − p) of one element from the upstream gradient u (kNumSlots).
+// The upstream gradient ∂L/∂stat of one (sample, class), read once from its kNumSlots values.
 template <typename A>
-SEGLOSS_HD void element_gradient(A p, A g, A w, const A* u, A* dp, A* dlogp, A* dlog1mp) {
-  *dp = w * (u[kIntersection] * g + u[kPredSum] + A(2) * u[kPredSq] * p + u[kAbsDiff] * seg_sign(p - g));
-  *dlogp = -w * u[kCePos] * g;
-  *dlog1mp = -w * u[kCeNeg] * (A(1) - g);
+struct StatGradient {
+  A intersection, pred_sum, twice_pred_sq, abs_diff, ce_pos, ce_neg;
+};
+
+template <typename A>
+SEGLOSS_HD StatGradient<A> load_stat_gradient(const A* u) {
+  StatGradient<A> out;
+  out.intersection = u[kIntersection];
+  out.pred_sum = u[kPredSum];
+  out.twice_pred_sq = A(2) * u[kPredSq];
+  out.abs_diff = u[kAbsDiff];
+  out.ce_pos = u[kCePos];
+  out.ce_neg = u[kCeNeg];
+  return out;
+}
+
+// ∂L/∂p, ∂L/∂log p and ∂L/∂log(1 − p) of one element (branch-free, so the CPU loops vectorise).
+template <typename A>
+SEGLOSS_HD void element_gradient(A p, A g, A w, const StatGradient<A>& u, A* dp, A* dlogp, A* dlog1mp) {
+  const A diff = p - g;
+  const A sign = (diff > A(0) ? A(1) : A(0)) - (diff < A(0) ? A(1) : A(0));
+  *dp = w * (u.intersection * g + u.pred_sum + u.twice_pred_sq * p + u.abs_diff * sign);
+  *dlogp = -w * u.ce_pos * g;
+  *dlog1mp = -w * u.ce_neg * (A(1) - g);
 }
 
 // Sigmoid pieces from the logit: p, −log p, −log(1 − p), stable for both signs.

@@ -186,7 +186,6 @@ __global__ void __launch_bounds__(kBlock) region_stats_partials_kernel(const T* 
         const A g = LABELS ? (label == label_of_channel(c, C, a.activation) ? A(1) : A(0))
                            : to_acc(target[(b * C + c) * N + n]);
         accumulate_element(p, g, w, nlp, nl1mp, a.want_ce_neg, acc[j]);
-        acc[j][kCount] += w;
       }
     }
   }
@@ -251,7 +250,7 @@ __global__ void __launch_bounds__(kBlock) region_stats_backward_kernel(const T* 
         A p, nlp, nl1mp, dp, dl, dl1m;
         element_terms<T, A>(a.activation, to_acc(z[c * N]), m, inv, lse, &p, &nlp, &nl1mp);
         const A g = LABELS ? (label == c ? A(1) : A(0)) : to_acc(target[(b * C + c) * N + n]);
-        element_gradient(p, g, w, u + c * kNumSlots, &dp, &dl, &dl1m);
+        element_gradient(p, g, w, load_stat_gradient(u + c * kNumSlots), &dp, &dl, &dl1m);
         dot += p * dp;
         sum_dlogp += dl;
       }
@@ -261,7 +260,7 @@ __global__ void __launch_bounds__(kBlock) region_stats_backward_kernel(const T* 
       element_terms<T, A>(a.activation, to_acc(z[c * N]), m, inv, lse, &p, &nlp, &nl1mp);
       const A g = LABELS ? (label == label_of_channel(c, C, a.activation) ? A(1) : A(0))
                          : to_acc(target[(b * C + c) * N + n]);
-      element_gradient(p, g, w, u + c * kNumSlots, &dp, &dl, &dl1m);
+      element_gradient(p, g, w, load_stat_gradient(u + c * kNumSlots), &dp, &dl, &dl1m);
       out[c * N] = from_acc<T>(activation_backward(a.activation, p, dp, dl, dl1m, dot, sum_dlogp));
     }
   }

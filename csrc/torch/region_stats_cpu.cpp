@@ -186,19 +186,7 @@ void forward_chunk(const Problem& pb, const T* logits, const L* labels, const T*
           const A g = target_value<LABELS>(v, cls, i);
           A p, nlp, nl1mp;
           element_terms<ACT>(v, i, &p, &nlp, &nl1mp);
-          const A wp = w * p, wg = w * g, diff = p - g;
-          acc[kIntersection * kLanes + l] += wp * g;
-          acc[kPredSum * kLanes + l] += wp;
-          acc[kTargetSum * kLanes + l] += wg;
-          acc[kPredSq * kLanes + l] += wp * p;
-          if (!LABELS) acc[kTargetSq * kLanes + l] += wg * g;
-          acc[kAbsDiff * kLanes + l] += w * (diff < A(0) ? -diff : diff);
-          acc[kCePos * kLanes + l] += g == A(0) ? A(0) : wg * nlp;
-          if (CE_NEG) {
-            const A h = A(1) - g;
-            acc[kCeNeg * kLanes + l] += h == A(0) ? A(0) : w * h * nl1mp;
-          }
-          acc[kCount * kLanes + l] += w;
+          accumulate_element_strided<kLanes, !LABELS, CE_NEG>(p, g, w, nlp, nl1mp, acc + l);
         }
       }
     }
@@ -230,8 +218,7 @@ void backward_chunk(const Problem& pb, const T* logits, const L* labels, const T
     }
     for (int64_t c = 0; c < C; ++c) {
       const A* u = upstream + (b * C + c) * kNumSlots;
-      const A uI = u[kIntersection], uP = u[kPredSum], uP2 = A(2) * u[kPredSq], uL1 = u[kAbsDiff];
-      const A uCe = u[kCePos], uCeNeg = u[kCeNeg];
+      const StatGradient<A> su = load_stat_gradient(u);
       const A cls = static_cast<A>(label_of_channel(c, C, ACT));
       const ClassView<A> v(tile, c);
       A* __restrict dpt = &tile.dp[c * kTile];
@@ -243,17 +230,14 @@ void backward_chunk(const Problem& pb, const T* logits, const L* labels, const T
         const A g = target_value<LABELS>(v, cls, i);
         A p, nlp, nl1mp;
         element_terms<ACT>(v, i, &p, &nlp, &nl1mp);
-        const A diff = p - g;
-        const A sign = (diff > A(0) ? A(1) : A(0)) - (diff < A(0) ? A(1) : A(0));
-        const A dp = w * (uI * g + uP + uP2 * p + uL1 * sign);
-        const A dl = -w * uCe * g;
+        A dp, dl, dl1m;
+        element_gradient(p, g, w, su, &dp, &dl, &dl1m);
         if (ACT == kSoftmax) {
           dpt[i] = dp;
           dlt[i] = dl;
           dot[i] += p * dp;
           sdl[i] += dl;
         } else {
-          const A dl1m = -w * uCeNeg * (A(1) - g);
           dpt[i] = activation_backward(ACT, p, dp, dl, dl1m, A(0), A(0));
         }
       }

@@ -16,30 +16,24 @@ import numpy as np
 
 from segloss_core import Backend, ConformanceDtype, LossPlan
 from segloss_core.arrays import get_namespace, is_cupy
-from segloss_core.reference.evaluate import evaluate_prepared, prepare_all, required_statistics
+from segloss_core.executor import TermWeights, required_statistics
+from segloss_core.reference.evaluate import TapeKernels, prepare_all, value_and_grad
+from segloss_core.validation import PreparedInputs
 
 
-class CupyLoss:
+class CupyLoss(TermWeights):
     """``loss(pred, target, mask=None, **inputs)`` → value; ``loss.value_and_grad(...)`` → (value, grad)."""
 
     def __init__(self, plan: LossPlan):
-        self.plan = plan
-        self._groups = {act: required_statistics(plan, act) for act in plan.activations}
+        self._init_weights(plan)
         from . import fused
 
         self._fused = not any(t.spec.kind == "voxelwise" for t in plan.terms) and all(
-            fused.fusable(names) for names in self._groups.values()
+            fused.fusable(required_statistics(plan, act)) for act in plan.activations
         )
 
     def __repr__(self) -> str:
         return f"CupyLoss({self.plan.describe()}, {'fused kernels' if self._fused else 'reference math'})"
-
-    def set_weights(self, **weights: float) -> None:
-        from segloss_core.numpy_backend import NumpyLoss
-
-        proxy = NumpyLoss(self.plan)
-        proxy.set_weights(**weights)
-        self.plan = proxy.plan
 
     def _check(self, **arrays: Any) -> None:
         import cupy
@@ -63,47 +57,23 @@ class CupyLoss:
     ) -> tuple[Any, Any]:
         self._check(pred=pred, target=target, mask=mask)
         prepared = prepare_all(pred, target, mask, self.plan)
-        if not self._fused or any(p.mask is not None and int(p.mask.shape[1]) != 1 for p in prepared.values()):
-            return evaluate_prepared(self.plan, prepared, inputs, with_grad=with_grad, grad_output=grad_output)
-        return self._run_fused(prepared, with_grad, grad_output)
+        per_class_mask = any(p.mask is not None and int(p.mask.shape[1]) != 1 for p in prepared.values())
+        kernels_type = FusedKernels if self._fused and not per_class_mask else TapeKernels
+        kernels = kernels_type(pred, with_grad=with_grad)
+        return value_and_grad(self.plan, prepared, kernels, inputs, weights=self.term_weights, grad_output=grad_output)
 
-    def _run_fused(self, prepared: Mapping[str, Any], with_grad: bool, grad_output: Any = None) -> tuple[Any, Any]:
-        import array_api_compat.cupy as xp
 
-        from segloss_core.reference.autodiff import TapeNamespace, Var, gradients
+class FusedKernels(TapeKernels):
+    """Statistics from the shared kernels: one forward kernel for all of them, recorded on the
+    tape with the backward kernel as their VJP (the formulas run on (B, C) arrays)."""
 
+    def statistics(self, prepared: PreparedInputs, names: frozenset[str]) -> Mapping[str, Any]:
         from . import fused
 
-        total: Any = None
-        grad = None
-        for activation, names in self._groups.items():
-            if not names:
-                continue
-            stats, canonical = fused.forward(prepared[activation], "ce_neg" in names)
-            tape = TapeNamespace(xp)
-            leaves = {name: tape.variable(stats[:, :, fused.SLOTS[name]]) for name in names}
-            group_total: Any = None
-            for term in self.plan.terms:
-                if term.params.get("activation", "none") != activation:
-                    continue
-                value = term.spec.from_statistics(tape, leaves, term.params)
-                value = value if term.weight == 1.0 else value * term.weight
-                group_total = value if group_total is None else group_total + value
-            if with_grad and isinstance(group_total, Var):
-                if group_total.value.ndim != 0 and grad_output is None:
-                    raise ValueError(
-                        f"loss {self.plan.name!r}: value_and_grad needs a scalar loss or grad_output for "
-                        "reduction='none'"
-                    )
-                seed = None if grad_output is None else xp.asarray(grad_output, dtype=group_total.value.dtype)
-                upstream = xp.zeros(stats.shape, dtype=stats.dtype)
-                for name, g in zip(leaves, gradients(group_total, list(leaves.values()), seed), strict=True):
-                    upstream[:, :, fused.SLOTS[name]] = g
-                group_grad = fused.backward(canonical, upstream).reshape(prepared[activation].pred.shape)
-                grad = group_grad if grad is None else grad + group_grad
-            value = group_total.value if isinstance(group_total, Var) else group_total
-            total = value if total is None else total + value
-        return total, grad
+        stats, canonical = fused.forward(prepared, "ce_neg" in names)
+        shape = tuple(prepared.pred.shape)
+        node = self.namespace.external(stats, self.pred, lambda g: fused.backward(canonical, g).reshape(shape))
+        return {name: node[:, :, fused.SLOTS[name]] for name in names}
 
 
 class CupyBackend(Backend):

@@ -11,14 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from segloss_core.statistics import ACTIVATION_CODES, FUSED_INVALID_SLOT, FUSED_NUM_SLOTS, FUSED_SLOTS
+from segloss_core.statistics import ACTIVATION_CODES, FUSED_NUM_SLOTS, FUSED_SLOTS
 from segloss_core.validation import PreparedInputs
 
 from . import kernels
 
 SLOTS = FUSED_SLOTS
 NUM_SLOTS = FUSED_NUM_SLOTS
-INVALID_SLOT = FUSED_INVALID_SLOT
 ACTIVATIONS = ACTIVATION_CODES
 BLOCK = kernels.LAUNCH["block"]
 GROUP = kernels.LAUNCH["group"]
@@ -128,10 +127,3 @@ def backward(p: Prepared, upstream: Any) -> Any:
     blocks = max(1, min(-(-total // BLOCK), kernels.LAUNCH["max_backward_blocks"]))
     fns["backward"]((blocks,), (BLOCK,), (*p.data_args(), *p.common_args(True), upstream, grad))
     return grad
-
-
-def check_labels(stats: Any, prepared: PreparedInputs) -> None:
-    """Raise if the kernel saw labels outside the valid range (used where validation was skipped)."""
-    invalid = int(stats[:, 0, INVALID_SLOT].sum())
-    if invalid:
-        raise ValueError(f"target has labels outside the valid range: {invalid} voxel(s)")

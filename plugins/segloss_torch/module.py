@@ -1,8 +1,9 @@
 """``SeglossLoss``: the ``torch.nn.Module`` every torch loss is.
 
-Forward: validate the inputs (shared contract), compute the statistics the plan needs in
-one pass (native torch ops or the fused kernels), apply each term's formula from
-``segloss_core`` (array API, differentiated by autograd), add voxelwise terms.
+Forward: validate the inputs (shared contract), then the core's plan executor
+(:func:`segloss_core.executor.run_plan`) with this module's kernels: statistics in one pass
+(native torch ops or the fused kernels), shared across ranks with ``distributed=True``, the
+voxelwise losses of :mod:`segloss_torch.voxelwise`; autograd differentiates all of it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import torch
 from torch import nn
 
 from segloss_core.arrays import get_namespace
-from segloss_core.reference.evaluate import required_statistics, with_fields
-from segloss_core.spec import LossPlan
+from segloss_core.executor import Kernels, TermWeights, required_statistics, run_plan
+from segloss_core.spec import LossPlan, LossSpec, Params
 from segloss_core.validation import PreparedInputs, validate_inputs
 
 from . import distributed, fused, native, voxelwise
@@ -23,7 +24,7 @@ from . import distributed, fused, native, voxelwise
 get_namespace(torch.empty(0))  # memoise the namespace: torch.compile then traces a dict lookup only
 
 
-class SeglossLoss(nn.Module):
+class SeglossLoss(TermWeights, nn.Module):
     """A segloss loss for torch tensors: ``loss(pred, target, mask=None, **inputs)``.
 
     ``pred`` (B, C, *spatial) logits (float16/bfloat16/float32/float64), ``target`` integer
@@ -34,7 +35,6 @@ class SeglossLoss(nn.Module):
 
     def __init__(self, plan: LossPlan, impl: str = "auto", distributed: bool = False, process_group: Any = None):
         super().__init__()
-        self.plan = plan
         self.impl = impl
         self.distributed = distributed
         self.process_group = process_group
@@ -46,25 +46,11 @@ class SeglossLoss(nn.Module):
                     "statistics (top-k, sorting) and cannot be made global this way"
                 )
         self._statistics = required_statistics(plan)
-        self._groups = {act: required_statistics(plan, act) for act in plan.activations}
-        self._voxelwise = [t for t in plan.terms if t.spec.kind == "voxelwise"]
-        self.term_weights: list[float] = [t.weight for t in plan.terms]
+        self._init_weights(plan)
         if impl != "native" or any(n.startswith("field_") for n in self._statistics):
             fused.prepare()  # build and load the kernels now, never inside forward (torch.compile traces it)
         if impl == "fused":  # field statistics (distance maps) are always computed apart
             fused.require(frozenset(n for n in self._statistics if not n.startswith("field_")), plan)
-
-    def set_weights(self, **weights: float) -> None:
-        """Change the weight of terms by loss name, e.g. ``set_weights(boundary=0.05)`` (schedules)."""
-        names = [t.spec.name for t in self.plan.terms]
-        for name, value in weights.items():
-            if names.count(name) != 1:
-                raise ValueError(
-                    f"loss {self.plan.name!r} has {names.count(name)} terms named {name!r}; terms: {names}"
-                )
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"weight of {name!r} must be a non-negative number, got {value!r}")
-            self.term_weights[names.index(name)] = float(value)
 
     @property
     def name(self) -> str:
@@ -132,29 +118,32 @@ class SeglossLoss(nn.Module):
             )
         else:
             prepared = self._validate(pred, target, mask, inputs)
-        total: torch.Tensor | None = None
-        for activation, names in self._groups.items():
-            if not names:
-                continue
-            group = with_fields(self.plan, prepared[activation], activation, inputs)
-            stats = self._compute_statistics(group, names)
-            if shared:
-                stats = distributed.gather_statistics(stats, self.process_group)
-            for index, term in enumerate(self.plan.terms):
-                if term.spec.kind != "statistics" or term.params.get("activation", "none") != activation:
-                    continue
-                value = term.spec.from_statistics(xp_torch, stats, term.params)
-                weight = self.term_weights[index]
-                value = value if weight == 1.0 else value * weight
-                total = value if total is None else total + value
-        for term in self._voxelwise:
-            group = prepared[term.params.get("activation", "none")]
-            value = voxelwise.evaluate(term.spec, group, term.params, inputs)
-            weight = self.term_weights[self.plan.terms.index(term)]
-            value = value if weight == 1.0 else value * weight
-            total = value if total is None else total + value
-        assert total is not None
-        return total
+        return run_plan(self.plan, prepared, _TorchKernels(self, shared), inputs, self.term_weights)
+
+
+class _TorchKernels(Kernels):
+    """The kernels of a :class:`SeglossLoss` for the core's executor."""
+
+    namespace = xp_torch
+    operators = voxelwise.TorchOperators
+
+    def __init__(self, loss: SeglossLoss, shared: bool):
+        self.loss = loss
+        self.shared = shared  # distributed=True with torch.distributed initialised
+
+    def statistics(self, prepared: PreparedInputs, names: frozenset[str]) -> dict[str, torch.Tensor]:
+        return self.loss._compute_statistics(prepared, names)
+
+    def share(self, stats: Any) -> Any:
+        return distributed.gather_statistics(stats, self.loss.process_group) if self.shared else stats
+
+    def voxels(self, prepared: PreparedInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return voxelwise.voxels(prepared)
+
+    def voxelwise(self, spec: LossSpec, prepared: PreparedInputs, params: Params, inputs: Any) -> torch.Tensor:
+        if spec.name in voxelwise.IMPLEMENTATIONS:
+            return voxelwise.evaluate(spec, prepared, params, inputs)
+        return super().voxelwise(spec, prepared, params, inputs)  # array_forward, with TorchOperators
 
 
 def _compiling() -> bool:

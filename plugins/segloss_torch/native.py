@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import array_api_compat.torch as xp_torch
 import torch
 import torch.nn.functional as F
 
@@ -21,11 +22,6 @@ from segloss_core.validation import PreparedInputs
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _neg_xlogy(x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
-    """−x·log y with 0 where x == 0 (no 0·inf NaN from ignored or absent voxels)."""
-    return -torch.where(x == 0, torch.zeros_like(log_y), x * log_y)
 
 
 def _field(prepared: PreparedInputs, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -60,20 +56,8 @@ def target_and_weights(prepared: PreparedInputs, dtype: torch.dtype) -> tuple[to
     return g, weight
 
 
-SPARSE = frozenset(
-    {
-        "intersection",
-        "pred_sum",
-        "target_sum",
-        "pred_sq_sum",
-        "target_sq_sum",
-        "abs_diff_sum",
-        "count",
-        "ce_pos",
-        "neg_log_pred_sum",
-        "focal_pos",
-    }
-)
+SPARSE = frozenset(name for name, entry in stat_names.TABLE.items() if entry.one_hot is not None)
+"""Statistics the label path computes without a one-hot (their table entry splits them for one)."""
 
 
 def _per_class(values: torch.Tensor, labels: torch.Tensor, channels: int) -> torch.Tensor:
@@ -82,9 +66,15 @@ def _per_class(values: torch.Tensor, labels: torch.Tensor, channels: int) -> tor
     return out.scatter_add(1, labels, values)
 
 
+def _reads(names: Iterable[str]) -> frozenset[str]:
+    return frozenset().union(*(stat_names.TABLE[stat_names.parse(n)[0]].reads for n in names))
+
+
 def _sparse_statistics(prepared: PreparedInputs, names: set[str]) -> dict[str, torch.Tensor]:
-    """Integer labels with softmax (or probabilities): the one-hot is never built. Class sums are
-    gathers and scatter-adds of (B, N) tensors; memory is the activation (and log-activation)."""
+    """Integer labels with softmax (or probabilities): the one-hot is never built. Each statistic
+    is its table entry's one-hot split: the g = 0 part summed over all classes (einsum with the
+    weights), the rest gathered at each voxel's label and scatter-added into its class (B, N
+    tensors); memory is the activation (and log-activation)."""
     batch, channels = prepared.batch_size, prepared.num_classes
     dtype = accumulation_dtype(prepared.pred.dtype)
     z = prepared.pred.reshape(batch, channels, -1).to(dtype)
@@ -98,52 +88,44 @@ def _sparse_statistics(prepared: PreparedInputs, names: set[str]) -> dict[str, t
         if prepared.mask is not None:
             w = w * prepared.mask.reshape(prepared.mask.shape[0], -1).to(dtype)
         index = labels.unsqueeze(1)
-    bases = {stat_names.parse(n)[0]: n for n in names}
-    needs_log = bool(set(bases) & {"ce_pos", "neg_log_pred_sum", "focal_pos"})
+    needs_log = "log_p" in _reads(names)
     if prepared.activation == "softmax":
         log_p = torch.log_softmax(z, dim=1) if needs_log else None
         p = log_p.exp() if log_p is not None else torch.softmax(z, dim=1)
     else:
         p = z
         log_p = torch.log(p) if needs_log else None
-    p_y = p.gather(1, index).squeeze(1)  # (B, N)
+    p_y = p.gather(1, index)  # (B, 1, N): at each voxel's label
+    log_p_y = None if log_p is None else log_p.gather(1, index)
     out: dict[str, torch.Tensor] = {}
-    intersection = target_sum = None
-    if set(bases) & {"intersection", "abs_diff_sum"}:
-        intersection = _per_class(p_y * w, labels, channels)
-    if set(bases) & {"target_sum", "target_sq_sum", "abs_diff_sum"}:
-        target_sum = _per_class(w.expand_as(p_y), labels, channels)
-    pred_sum = None
-    if set(bases) & {"pred_sum", "abs_diff_sum"}:
-        pred_sum = torch.einsum("bcn,bn->bc", p, w)
-    for base, name in bases.items():
-        if base == "intersection":
-            out[name] = intersection
-        elif base == "pred_sum":
-            out[name] = pred_sum
-        elif base in ("target_sum", "target_sq_sum"):
-            out[name] = target_sum
-        elif base == "pred_sq_sum":
-            out[name] = torch.einsum("bcn,bcn,bn->bc", p, p, w)
-        elif base == "abs_diff_sum":  # |p − g| summed: P + G − 2I for a one-hot g and p in [0, 1]
-            out[name] = pred_sum + target_sum - 2 * intersection
-        elif base == "count":
-            out[name] = w.sum(-1, keepdim=True).expand(batch, channels)
-        elif base == "ce_pos":
-            log_p_y = log_p.gather(1, index).squeeze(1)
-            out[name] = _per_class(-torch.where(w == 0, torch.zeros_like(log_p_y), log_p_y * w), labels, channels)
-        elif base == "neg_log_pred_sum":
-            out[name] = -torch.einsum("bcn,bn->bc", torch.where(w.unsqueeze(1) == 0, 0.0, log_p), w)
-        elif base == "focal_pos":
-            gamma = stat_names.parse(name)[1]
-            log_p_y = log_p.gather(1, index).squeeze(1)
-            term = (1 - p_y).pow(gamma) * log_p_y
-            out[name] = _per_class(-torch.where(w == 0, torch.zeros_like(term), term * w), labels, channels)
+    for name in names:
+        base, arg = stat_names.parse(name)
+        entry = stat_names.TABLE[base]
+        background, foreground = entry.one_hot
+        value = None
+        if background is not None:
+            term = background(xp_torch, stat_names.Voxel(p=p, g=None, log_p=log_p, arg=arg))
+            if not entry.finite:
+                term = torch.where(w.unsqueeze(1) == 0, torch.zeros_like(term), term)
+            if term.shape[1] == channels:
+                value = torch.einsum("bcn,bn->bc", term, w)
+            else:
+                value = torch.einsum("bcn,bn->bc", term, w).expand(batch, channels)
+        if foreground is not None:
+            term = foreground(xp_torch, stat_names.Voxel(p=p_y, g=None, log_p=log_p_y, arg=arg))
+            term = term.expand(batch, 1, -1).squeeze(1)
+            weighted = term * w
+            if not entry.finite:
+                weighted = torch.where(w == 0, torch.zeros_like(weighted), weighted)
+            scattered = _per_class(weighted, labels, channels)
+            value = scattered if value is None else value + scattered
+        out[name] = value
     return out
 
 
 def compute_statistics(prepared: PreparedInputs, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The requested statistics, each (B, C) in the accumulation dtype, differentiable."""
+    """The requested statistics, each (B, C) in the accumulation dtype, differentiable; each one's
+    per-voxel term is its entry of ``segloss_core.statistics.TABLE``."""
     names = set(names)
     if (
         prepared.labels is not None
@@ -159,11 +141,10 @@ def compute_statistics(prepared: PreparedInputs, names: Iterable[str]) -> dict[s
     dtype = accumulation_dtype(pred.dtype)
     z = pred.reshape(batch, channels, -1).to(dtype)
     g, w = target_and_weights(prepared, dtype)
-    gw = g if w is None else g * w
 
     activation = prepared.activation
-    bases = {stat_names.parse(n)[0] for n in names}
-    needs_log = bases & {"ce_pos", "ce_neg", "neg_log_pred_sum", "focal_pos", "focal_neg"}
+    reads = _reads(names)
+    needs_log = bool(reads & {"log_p", "log_1mp"})
     log_p = log_1mp = None
     if activation == "softmax":
         p = torch.softmax(z, dim=1)
@@ -180,43 +161,13 @@ def compute_statistics(prepared: PreparedInputs, names: Iterable[str]) -> dict[s
             log_p = torch.log(p)
             log_1mp = torch.log1p(-p)
 
-    def weighted_sum(term: torch.Tensor) -> torch.Tensor:
-        if w is None:
-            return term.sum(-1)
-        return torch.where(w == 0, torch.zeros_like(term), term * w).sum(-1)
-
     out: dict[str, torch.Tensor] = {}
     for name in names:
-        base, gamma = stat_names.parse(name)
-        if base == "intersection":
-            value = (p * gw).sum(-1)
-        elif base == "pred_sum":
-            value = weighted_sum(p)
-        elif base == "target_sum":
-            value = gw.sum(-1)
-        elif base == "pred_sq_sum":
-            value = weighted_sum(p * p)
-        elif base == "target_sq_sum":
-            value = (g * gw).sum(-1)
-        elif base == "abs_diff_sum":
-            value = weighted_sum((p - g).abs())
-        elif base == "count":
-            value = (torch.ones_like(p[:, :1]) if w is None else w).sum(-1).expand(batch, channels)
-        elif base == "ce_pos":
-            value = _neg_xlogy(gw, log_p).sum(-1)
-        elif base == "ce_neg":
-            value = weighted_sum(_neg_xlogy(1 - g, log_1mp))
-        elif base == "neg_log_pred_sum":
-            value = weighted_sum(-log_p)
-        elif base == "focal_pos":
-            value = _neg_xlogy(gw * (1 - p).pow(gamma), log_p).sum(-1)
-        elif base == "focal_neg":
-            value = weighted_sum(_neg_xlogy((1 - g) * p.pow(gamma), log_1mp))
-        elif base == "field_pred_sum":
-            value = weighted_sum(p * _field(prepared, gamma, p))
-        elif base == "field_sq_err_sum":
-            value = weighted_sum((p - g).square() * _field(prepared, gamma, p))
-        else:  # pragma: no cover - parse() rejects unknown names
-            raise AssertionError(name)
-        out[name] = value
+        base, arg = stat_names.parse(name)
+        entry = stat_names.TABLE[base]
+        if entry.sigmoid_only and activation == "softmax":
+            raise ValueError(f"statistic {name!r} needs activation 'sigmoid' or 'none'")
+        field = _field(prepared, arg, p) if "field" in entry.reads else None
+        v = stat_names.Voxel(p=p, g=g, log_p=log_p, log_1mp=log_1mp, field=field, arg=arg)
+        out[name] = stat_names.weighted_sum(xp_torch, entry.term(xp_torch, v), w, channels, finite=entry.finite)
     return out

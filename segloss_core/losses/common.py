@@ -11,9 +11,18 @@ kind, the range and the one-line meaning stay the same in every loss and every b
 
 from __future__ import annotations
 
-from ..spec import Param
+from ..spec import Param, Params
 
-__all__ = ["ACTIVATION", "BATCH", "CLASSES", "CLASS_WEIGHTS", "IGNORE_INDEX", "INCLUDE_BACKGROUND", "REDUCTION"]
+__all__ = [
+    "ACTIVATION",
+    "BATCH",
+    "CLASSES",
+    "CLASS_WEIGHTS",
+    "IGNORE_INDEX",
+    "INCLUDE_BACKGROUND",
+    "REDUCTION",
+    "check_class_selection",
+]
 
 ACTIVATION = Param(
     "activation",
@@ -73,3 +82,14 @@ CLASSES = Param(
     low=0,
     examples=((1,),),
 )
+
+
+def check_class_selection(params: Params) -> None:
+    """``classes`` lists exactly the channels to include, so it excludes ``include_background=False``.
+
+    The one check of that combination, for every loss with both parameters."""
+    if params.get("classes") is not None and not params.get("include_background", True):
+        raise ValueError(
+            f"loss {params.loss!r}: give either classes= or include_background=False, not both "
+            "(classes lists exactly the channels to include)"
+        )

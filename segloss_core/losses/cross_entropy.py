@@ -207,11 +207,6 @@ def focal_from_statistics(xp: Any, stats: Mapping[str, Array], params: Params) -
     return reduce_voxel_mean(xp, numerator, normaliser, params.reduction)
 
 
-def _check_focal(params: Params) -> None:
-    if params.classes is not None and not params.include_background:
-        raise ValueError("loss 'focal': give either classes= or include_background=False, not both")
-
-
 FOCAL = LossSpec(
     name="focal",
     family="cross_entropy",
@@ -250,7 +245,7 @@ FOCAL = LossSpec(
     ),
     required_statistics=_focal_statistics,
     from_statistics=focal_from_statistics,
-    check=_check_focal,
+    check=common.check_class_selection,
 )
 
 SPECS = (CROSS_ENTROPY, BCE, FOCAL)

@@ -285,11 +285,7 @@ def check_region(params: Params) -> None:
         )
     if params.average == "micro" and params.absent_classes != "smooth":
         raise ValueError(f"loss {params.loss!r}: absent_classes applies to average='macro' only")
-    if params.classes is not None and not params.include_background:
-        raise ValueError(
-            f"loss {params.loss!r}: give either classes= or include_background=False, not both "
-            "(classes lists exactly the channels to include)"
-        )
+    common.check_class_selection(params)
 
 
 # ---------------------------------------------------------------------------------------
@@ -559,8 +555,7 @@ def _generalized_dice(xp: Any, stats: Mapping[str, Array], params: Params) -> Ar
 def _check_generalized(params: Params) -> None:
     if params.get("log_loss") and params.loss_form not in ("one_minus", "negative_log"):
         raise ValueError("loss 'generalized_dice': set only one of log_loss and loss_form")
-    if params.classes is not None and not params.include_background:
-        raise ValueError("loss 'generalized_dice': give either classes= or include_background=False, not both")
+    common.check_class_selection(params)
 
 
 GENERALIZED_DICE = LossSpec(

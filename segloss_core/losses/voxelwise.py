@@ -1,24 +1,28 @@
 """Voxelwise losses: top-k cross-entropy and Lovász-softmax.
 
-They need per-voxel selection or sorting, not just sums, so each backend brings its own
-implementation; the spec carries the float64 NumPy reference (value and gradient), written
-with plain loops where that is clearer.
+They need per-voxel selection or sorting, not just sums. Each has one definition in array-API
+code (:func:`topk_ce_value`, :func:`lovasz_softmax_value`) on the per-voxel values p, log p, g
+and the voxel weights w: the float64 reference runs it on the tape of
+``segloss_core.reference.autodiff`` (its VJP then goes through the activation, as for every
+statistic), the torch backend under autograd. Only the top-k selection is the caller's
+(``largest``), so torch keeps its ``topk`` and the reference a stable sort (ties: first voxel).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
-
-from ..reference.statistics import voxel_terms
+from ..arrays import device, get_namespace
+from ..reference.autodiff import TapeNamespace, Var, gradients
+from ..reference.statistics import activation_backward, voxel_terms
 from ..spec import LossSpec, Param, Params, Preset
+from ..statistics import Voxel, xlogy
 from ..validation import PreparedInputs
 from . import common
-from .formula import included_classes
+from .formula import constant_vector, included_classes, safe_ratio
 
 SOFTMAX_OR_PROBABILITIES = replace(common.ACTIVATION, choices=("softmax", "none"))
 MEAN_ONLY = replace(common.REDUCTION, choices=("mean",), doc="mean over (present) classes and images")
@@ -30,47 +34,127 @@ def topk_count(pool_size: int, k_percent: float) -> int:
     return max(1, math.floor(pool_size * k_percent / 100.0))
 
 
-def _grad_of_ce(p: np.ndarray, g: np.ndarray, cw: np.ndarray, activation: str) -> np.ndarray:
-    """d/d(pred) of −Σ_c cw_c g_c log p_c: softmax p Σ_c cw_c g_c − cw ⊙ g; probabilities −cw g / p."""
-    weighted = cw[None, :, None] * g
-    if activation == "softmax":
-        return p * weighted.sum(axis=1, keepdims=True) - weighted
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(weighted == 0, 0.0, -weighted / p)
-
-
 def voxel_mask_required(prepared: PreparedInputs, loss: str) -> None:
     if prepared.mask is not None and int(prepared.mask.shape[1]) != 1:
         raise ValueError(f"loss {loss!r} takes a per-voxel mask (B, 1, *spatial), not a per-class one")
 
 
+Largest = Callable[[Any, int], Any]
+"""``largest(x, k)``: indices of the k largest entries of the 1-D array x (any order)."""
+
+
+def topk_ce_value(xp: Any, v: Voxel, w: Any, params: Params, largest: Largest) -> Any:
+    """Top-k CE from v.p, v.log_p, v.g (B, C, N) and the voxel weights w (B, 1, N).
+
+    ce_x = −Σ_c cw_c g_c log p_c · w_x; pool = every voxel (``pool="all"``) or those with w > 0;
+    loss = mean (or sum) of the k = max(1, ⌊|pool|·k/100⌋) largest ce_x; 0 for an empty pool.
+    """
+    g = v.g
+    if params.class_weights is not None:
+        g = g * xp.reshape(constant_vector(xp, v.g, params.class_weights), (1, -1, 1))
+    weight = w[:, 0, :]
+    ce = -xp.sum(xlogy(xp, g, v.log_p), axis=1)  # (B, N)
+    ce = xp.where(weight == 0, xp.zeros_like(ce), ce * weight)
+    pool = xp.reshape(ce, (-1,))
+    if params.pool == "valid":
+        pool = pool[xp.reshape(weight, (-1,)) > 0]
+    size = int(pool.shape[0])
+    if size == 0:
+        return xp.sum(ce) * 0.0
+    k = topk_count(size, params.k)
+    total = xp.sum(xp.take(pool, largest(pool, k), axis=0))
+    return total / k if params.reduction == "mean" else total
+
+
+def lovasz_softmax_value(xp: Any, v: Voxel, w: Any, params: Params) -> Any:
+    """Lovász-softmax from v.p, v.g (B, C, N) and the voxel weights w (B, 1, N) (mask values act as 0/1).
+
+    Per class and image (or the batch pooled): errors e = |g − p| of the valid voxels sorted
+    decreasingly, loss_c = ⟨e_sorted, ΔJ(g_sorted)⟩ (Berman et al. alg. 1); invalid voxels get
+    e = 0 and no truth and count in no union, so they change nothing. Mean over the counted
+    classes (present ones with ``present_only``), then over images.
+    """
+    channels = int(v.p.shape[1])
+    columns = xp.asarray(included_classes(params, channels), device=device(v.g))
+    p, g = xp.take(v.p, columns, axis=1), xp.take(v.g, columns, axis=1)
+    batch, classes, voxels = (int(n) for n in p.shape)
+    errors = xp.abs(g - p)  # (B, K, N)
+    keep = xp.broadcast_to(xp.expand_dims(w[:, 0, :] > 0, axis=1), tuple(errors.shape))
+    truth = g
+    if not params.per_image:  # one pooled "image": (1, K, B·N)
+        errors, truth, keep = (
+            xp.reshape(xp.permute_dims(x, (1, 0, 2)), (1, classes, batch * voxels)) for x in (errors, truth, keep)
+        )
+    errors = xp.where(keep, errors, xp.zeros_like(errors))
+    truth = xp.where(keep, truth, xp.zeros_like(truth))
+    order = xp.argsort(errors, axis=-1, descending=True, stable=True)
+    sorted_errors = xp.take_along_axis(errors, order, axis=-1)
+    sorted_truth = xp.take_along_axis(truth, order, axis=-1)
+    valid_sorted = xp.astype(xp.take_along_axis(keep, order, axis=-1), sorted_truth.dtype)
+    total = xp.sum(sorted_truth, axis=-1, keepdims=True)
+    intersection = total - xp.cumulative_sum(sorted_truth, axis=-1)
+    union = total + xp.cumulative_sum((1.0 - sorted_truth) * valid_sorted, axis=-1)
+    jaccard = 1.0 - safe_ratio(xp, intersection, union, 0.0)
+    gradient = xp.concat([jaccard[..., :1], jaccard[..., 1:] - jaccard[..., :-1]], axis=-1)
+    per_class = xp.sum(sorted_errors * gradient, axis=-1)  # (images, K)
+    counted = xp.any(keep, axis=-1)
+    if params.present_only:
+        counted = xp.logical_and(counted, total[..., 0] > 0)
+    n_counted = xp.sum(xp.astype(counted, per_class.dtype), axis=-1)
+    per_image = xp.sum(xp.where(counted, per_class, xp.zeros_like(per_class)), axis=-1) / xp.maximum(
+        n_counted, xp.ones_like(n_counted)
+    )
+    return xp.sum(per_image) / int(per_image.shape[0])
+
+
+def _largest_stable(x: Any, k: int) -> Any:
+    """The reference's selection: a stable sort, so among equal values the first voxels win."""
+    raw = x.value if isinstance(x, Var) else x
+    xp = get_namespace(raw)
+    return xp.argsort(raw, descending=True, stable=True)[:k]
+
+
+def _tape_reference(loss: str, value: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
+    """The float64 reference of a voxelwise definition: its value and exact gradient (the tape
+    differentiates it w.r.t. p and log p, then the activation's VJP gives d/d pred)."""
+
+    def reference(
+        prepared: PreparedInputs, params: Params, inputs: Mapping[str, Any], *, with_grad: bool = True
+    ) -> tuple[Any, Any]:
+        voxel_mask_required(prepared, loss)
+        t = voxel_terms(prepared)
+        tape = TapeNamespace(get_namespace(t.p))
+        p, log_p = tape.variable(t.p), tape.variable(t.log_p)
+        w = xp_broadcast_weights(t)
+        out = value(tape, Voxel(p=p, g=t.g, log_p=log_p), w, params)
+        raw = out.value if isinstance(out, Var) else out
+        if not with_grad:
+            return raw, None
+        d_p, d_logp = gradients(out, [p, log_p]) if isinstance(out, Var) else (t.p * 0.0, t.p * 0.0)
+        return raw, activation_backward(t, d_p, d_logp, None, tuple(prepared.pred.shape))
+
+    return reference
+
+
+def xp_broadcast_weights(t: Any) -> Any:
+    """The reference's voxel weights as (B, 1, N) (a per-voxel mask or none: checked before)."""
+    xp = get_namespace(t.w)
+    return xp.broadcast_to(t.w, (t.p.shape[0], 1, t.p.shape[2]))
+
+
 def topk_reference(
     prepared: PreparedInputs, params: Params, inputs: Mapping[str, Any], *, with_grad: bool = True
-) -> tuple[np.ndarray, np.ndarray | None]:
-    voxel_mask_required(prepared, "topk_ce")
-    t = voxel_terms(prepared)
-    batch, channels, n = t.p.shape
-    cw = np.ones(channels) if params.class_weights is None else np.asarray(params.class_weights, dtype=np.float64)
-    # per-voxel CE, times the voxel weight (labels: −cw_y log p_y; soft: −Σ cw_c g_c log p_c)
-    weight = np.broadcast_to(t.w, (batch, 1, n))[:, 0]
-    with np.errstate(invalid="ignore"):
-        ce = -(cw[None, :, None] * np.where(t.g == 0, 0.0, t.g * t.log_p)).sum(axis=1)
-    ce = np.where(weight == 0, 0.0, ce * weight)
-    flat = ce.reshape(-1)
-    pool = np.arange(flat.size) if params.pool == "all" else np.flatnonzero(weight.reshape(-1) > 0)
-    if pool.size == 0:
-        return np.asarray(0.0), np.zeros_like(t.z).reshape(prepared.pred.shape) if with_grad else None
-    k = topk_count(pool.size, params.k)
-    order = pool[np.argsort(-flat[pool], kind="stable")][:k]
-    share = 1.0 / k if params.reduction == "mean" else 1.0
-    value = np.asarray(flat[order].sum() * share)
-    if not with_grad:
-        return value, None
-    selected = np.zeros(flat.size)
-    selected[order] = share
-    scale = (selected.reshape(batch, n) * weight)[:, None, :]
-    grad = scale * _grad_of_ce(t.p, t.g, cw, prepared.activation)
-    return value, grad.reshape(prepared.pred.shape)
+) -> tuple[Any, Any]:
+    """Top-k CE on the tape (float64): :func:`topk_ce_value` with a stable selection."""
+    value = _tape_reference("topk_ce", lambda xp, v, w, prm: topk_ce_value(xp, v, w, prm, _largest_stable))
+    return value(prepared, params, inputs, with_grad=with_grad)
+
+
+def lovasz_reference(
+    prepared: PreparedInputs, params: Params, inputs: Mapping[str, Any], *, with_grad: bool = True
+) -> tuple[Any, Any]:
+    """Lovász-softmax on the tape (float64): :func:`lovasz_softmax_value`."""
+    return _tape_reference("lovasz_softmax", lovasz_softmax_value)(prepared, params, inputs, with_grad=with_grad)
 
 
 TOPK_CE = LossSpec(
@@ -119,63 +203,6 @@ TOPK_CE = LossSpec(
 )
 
 
-def lovasz_gradient(sorted_truth: np.ndarray) -> np.ndarray:
-    """Gradient of the Lovász extension of the Jaccard loss w.r.t. sorted errors (Berman et al. alg. 1)."""
-    total = sorted_truth.sum()
-    intersection = total - np.cumsum(sorted_truth)
-    union = total + np.cumsum(1.0 - sorted_truth)
-    jaccard = 1.0 - intersection / union
-    jaccard[1:] = jaccard[1:] - jaccard[:-1]
-    return jaccard
-
-
-def lovasz_reference(
-    prepared: PreparedInputs, params: Params, inputs: Mapping[str, Any], *, with_grad: bool = True
-) -> tuple[np.ndarray, np.ndarray | None]:
-    voxel_mask_required(prepared, "lovasz_softmax")
-    t = voxel_terms(prepared)
-    batch, channels, n = t.p.shape
-    valid = np.broadcast_to(t.w, (batch, 1, n))[:, 0] > 0  # (B, N); mask values act as 0/1
-    columns = included_classes(params, channels)
-    groups = [[b] for b in range(batch)] if params.per_image else [list(range(batch))]
-    d_p = np.zeros_like(t.p)
-    losses = []
-    for group in groups:
-        class_losses = []
-        class_grads = []
-        for c in columns:
-            truth = np.concatenate([t.g[b, c][valid[b]] for b in group])
-            prob = np.concatenate([t.p[b, c][valid[b]] for b in group])
-            if truth.size == 0 or (params.present_only and truth.sum() == 0):
-                continue
-            errors = np.abs(truth - prob)
-            order = np.argsort(-errors, kind="stable")
-            grad_sorted = lovasz_gradient(truth[order])
-            class_losses.append(float(errors[order] @ grad_sorted))
-            grad_errors = np.empty_like(errors)
-            grad_errors[order] = grad_sorted
-            class_grads.append((c, grad_errors * np.sign(prob - truth)))
-        if not class_losses:
-            losses.append(0.0)
-            continue
-        losses.append(float(np.mean(class_losses)))
-        scale = 1.0 / len(class_losses) / len(groups)
-        for c, g_c in class_grads:
-            start = 0
-            for b in group:
-                count = int(valid[b].sum())
-                d_p[b, c][valid[b]] += scale * g_c[start : start + count]
-                start += count
-    value = np.asarray(float(np.mean(losses)))
-    if not with_grad:
-        return value, None
-    if prepared.activation == "softmax":
-        grad = t.p * (d_p - (t.p * d_p).sum(axis=1, keepdims=True))
-    else:
-        grad = d_p
-    return value, grad.reshape(prepared.pred.shape)
-
-
 LOVASZ_SOFTMAX = LossSpec(
     name="lovasz_softmax",
     family="region",
@@ -205,13 +232,8 @@ LOVASZ_SOFTMAX = LossSpec(
         ),
     ),
     reference=lovasz_reference,
-    check=lambda params: _check_lovasz(params),
+    check=common.check_class_selection,
 )
-
-
-def _check_lovasz(params: Params) -> None:
-    if params.classes is not None and not params.include_background:
-        raise ValueError("loss 'lovasz_softmax': give either classes= or include_background=False, not both")
 
 
 SPECS = (TOPK_CE, LOVASZ_SOFTMAX)

@@ -132,6 +132,11 @@ class TapeNamespace:
         """A leaf to differentiate with respect to."""
         return Var(self, value)
 
+    def external(self, value: Array, parent: Var, vjp: _VJP) -> Var:
+        """A value computed outside the tape from ``parent``, with its vector-Jacobian product
+        ``vjp(d/d value) → d/d parent`` (the reference's statistics, a fused kernel's backward)."""
+        return self._node(value, (parent, vjp))
+
     def _node(self, value: Array, *parents: tuple[Any, _VJP]) -> Var:
         return Var(self, value, [(p, fn) for p, fn in parents if isinstance(p, Var)])
 
@@ -342,6 +347,29 @@ class TapeNamespace:
             start += size
         return self._node(xp.concat([_raw(x) for x in arrays], axis=axis), *parents)
 
+    def permute_dims(self, a: Any, axes: tuple[int, ...]) -> Var:
+        inverse = tuple(sorted(range(len(axes)), key=lambda i: axes[i]))
+        return self._node(self.xp.permute_dims(_raw(a), axes), (a, lambda g: self.xp.permute_dims(g, inverse)))
+
+    def take_along_axis(self, a: Any, indices: Array, axis: int = -1) -> Var:
+        """Gather along ``axis``; differentiable when ``indices`` is a permutation along it (a sort order)."""
+        xp = self.xp
+        va, idx = _raw(a), _raw(indices)
+        if tuple(idx.shape) != tuple(va.shape):
+            raise ValueError("the tape differentiates take_along_axis for permutations (indices of a's shape) only")
+        return self._node(
+            xp.take_along_axis(va, idx, axis=axis),
+            (a, lambda g: xp.take_along_axis(g, xp.argsort(idx, axis=axis), axis=axis)),
+        )
+
+    def cumulative_sum(self, a: Any, axis: int = -1) -> Var:
+        xp = self.xp
+
+        def vjp(g: Array) -> Array:  # the reversed cumulative sum: Σ_{j ≥ i} g_j
+            return xp.sum(g, axis=axis, keepdims=True) - xp.cumulative_sum(g, axis=axis) + g
+
+        return self._node(xp.cumulative_sum(_raw(a), axis=axis), (a, vjp))
+
     def getitem(self, a: Any, key: Any) -> Var:
         xp = self.xp
         va = _raw(a)
@@ -389,6 +417,9 @@ class TapeNamespace:
 
     def arange(self, *args: Any, **kwargs: Any) -> Array:
         return self.xp.arange(*args, **kwargs)
+
+    def argsort(self, a: Any, axis: int = -1, descending: bool = False, stable: bool = True) -> Array:
+        return self.xp.argsort(_raw(a), axis=axis, descending=descending, stable=stable)
 
 
 def gradients(output: Var, wrt: Sequence[Var], seed: Array | None = None) -> list[Array]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from .. import statistics as stat_names
 from ..arrays import get_namespace
+from ..statistics import Voxel
 from ..validation import PreparedInputs
 
 Array = Any
@@ -111,7 +112,8 @@ class _quiet:
 
 def _weighted(xp: Any, w: Array, term: Array) -> Array:
     """w·term with 0 wherever w == 0 (so 0·inf and 0·nan do not leak from ignored voxels)."""
-    return xp.where(xp.broadcast_to(w, term.shape) == 0, xp.zeros_like(term), w * term)
+    weighted = w * term
+    return xp.where(w == 0, xp.zeros_like(weighted), weighted)
 
 
 def activation_backward(
@@ -140,95 +142,39 @@ def _field(inputs: PreparedInputs, name: str, shape: tuple[int, ...], xp: Any) -
     return xp.reshape(xp.astype(inputs.fields[name], xp.float64), shape)
 
 
-def _xlogy(xp: Any, x: Array, log_y: Array) -> Array:
-    """x·log y with 0 where x == 0 (the convention of scipy.special.xlogy)."""
-    return xp.where(x == 0, xp.zeros_like(log_y), x * log_y)
+def _voxel(xp: Any, t: VoxelTerms, inputs: PreparedInputs, name: str) -> tuple[stat_names.Statistic, Voxel]:
+    """The table entry of statistic ``name`` and the per-voxel values its term reads."""
+    base, arg = stat_names.parse(name)
+    entry = stat_names.TABLE[base]
+    if entry.sigmoid_only and t.activation == "softmax":
+        raise ValueError(f"statistic {name!r} needs activation 'sigmoid' or 'none'")
+    field = _field(inputs, arg, tuple(t.p.shape), xp) if "field" in entry.reads else None
+    return entry, Voxel(p=t.p, g=t.g, log_p=t.log_p, log_1mp=t.log_1mp, field=field, arg=arg)
 
 
 def compute(
     inputs: PreparedInputs, names: Iterable[str]
 ) -> tuple[dict[str, Array], Callable[[Mapping[str, Array]], Array]]:
-    """Statistics ``names`` (each (B, C), float64) and their VJP to d/d(pred)."""
+    """Statistics ``names`` (each (B, C), float64) and their VJP to d/d(pred), both from
+    :data:`segloss_core.statistics.TABLE`."""
     xp = get_namespace(inputs.pred)
     t = voxel_terms(inputs)
-    names = sorted(set(names))
-    p, g, w = t.p, t.g, t.w
-    sigmoid_like = t.activation != "softmax"
+    channels = int(t.p.shape[1])
     out: dict[str, Array] = {}
     with _quiet(xp):
-        for name in names:
-            base, gamma = stat_names.parse(name)
-            if base in stat_names.SIGMOID_ONLY and not sigmoid_like:
-                raise ValueError(f"statistic {name!r} needs activation 'sigmoid' or 'none'")
-            if base == "intersection":
-                term = p * g
-            elif base == "pred_sum":
-                term = p
-            elif base == "target_sum":
-                term = g
-            elif base == "pred_sq_sum":
-                term = p * p
-            elif base == "target_sq_sum":
-                term = g * g
-            elif base == "abs_diff_sum":
-                term = xp.abs(p - g)
-            elif base == "count":
-                term = xp.ones_like(p)
-            elif base == "ce_pos":
-                term = -_xlogy(xp, g, t.log_p)
-            elif base == "ce_neg":
-                term = -_xlogy(xp, 1 - g, t.log_1mp)
-            elif base == "neg_log_pred_sum":
-                term = -t.log_p
-            elif base == "focal_pos":
-                term = -_xlogy(xp, g * (1 - p) ** gamma, t.log_p)
-            elif base == "focal_neg":
-                term = -_xlogy(xp, (1 - g) * p**gamma, t.log_1mp)
-            elif base == "field_pred_sum":
-                term = p * _field(inputs, gamma, p.shape, xp)
-            elif base == "field_sq_err_sum":
-                term = (p - g) ** 2 * _field(inputs, gamma, p.shape, xp)
-            else:  # pragma: no cover - parse() rejects unknown names
-                raise AssertionError(name)
-            out[name] = xp.sum(_weighted(xp, w, term), axis=2)
+        for name in sorted(set(names)):
+            entry, v = _voxel(xp, t, inputs, name)
+            out[name] = stat_names.weighted_sum(xp, entry.term(xp, v), t.w, channels, finite=False)
 
     def vjp(upstream: Mapping[str, Array]) -> Array:
-        d_p = xp.zeros_like(p)
-        d_logp = xp.zeros_like(p)
-        d_log1mp = xp.zeros_like(p)
+        d = [xp.zeros_like(t.p), xp.zeros_like(t.p), xp.zeros_like(t.p)]  # d/dp, d/dlog p, d/dlog(1 − p)
         with _quiet(xp):
             for name, u in upstream.items():
-                base, gamma = stat_names.parse(name)
-                u = xp.reshape(xp.astype(u, xp.float64), (p.shape[0], p.shape[1], 1))
-                uw = u * w
-                if base == "intersection":
-                    d_p = d_p + uw * g
-                elif base == "pred_sum":
-                    d_p = d_p + uw
-                elif base == "pred_sq_sum":
-                    d_p = d_p + uw * 2 * p
-                elif base == "abs_diff_sum":
-                    d_p = d_p + uw * xp.sign(p - g)
-                elif base == "ce_pos":
-                    d_logp = d_logp - uw * g
-                elif base == "ce_neg":
-                    d_log1mp = d_log1mp - uw * (1 - g)
-                elif base == "neg_log_pred_sum":
-                    d_logp = d_logp - uw * xp.ones_like(p)
-                elif base == "focal_pos":
-                    # d/dlog p of (1−p)^γ (−log p): −(1−p)^γ + γ (1−p)^(γ−1) · p · log p
-                    one_m = 1 - p
-                    slope = xp.where(one_m > 0, gamma * one_m ** (gamma - 1) * p * t.log_p, xp.zeros_like(p))
-                    d_logp = d_logp + _weighted(xp, w, u * g * (slope - one_m**gamma))
-                elif base == "field_pred_sum":
-                    d_p = d_p + uw * _field(inputs, gamma, p.shape, xp)
-                elif base == "field_sq_err_sum":
-                    d_p = d_p + uw * 2 * (p - g) * _field(inputs, gamma, p.shape, xp)
-                elif base == "focal_neg":
-                    # d/dlog(1−p) of p^γ (−log(1−p)): −p^γ + γ p^(γ−1) (1−p) log(1−p)
-                    slope = xp.where(p > 0, gamma * p ** (gamma - 1) * (1 - p) * t.log_1mp, xp.zeros_like(p))
-                    d_log1mp = d_log1mp + _weighted(xp, w, u * (1 - g) * (slope - p**gamma))
-                # target_sum, target_sq_sum, count: no dependence on pred
-        return activation_backward(t, d_p, d_logp, d_log1mp, tuple(inputs.pred.shape))
+                entry, v = _voxel(xp, t, inputs, name)
+                u = xp.reshape(xp.astype(u, xp.float64), (t.p.shape[0], t.p.shape[1], 1))
+                for index, partial in enumerate(entry.partials(xp, v)):
+                    if partial is not None:
+                        d[index] = d[index] + _weighted(xp, t.w, u * partial)
+        return activation_backward(t, d[0], d[1], d[2], tuple(inputs.pred.shape))
 
     return out, vjp

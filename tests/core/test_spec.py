@@ -49,6 +49,22 @@ def test_bad_parameters_raise_before_any_data(kwargs, error, pattern):
         get_loss("dice", backend="numpy", **kwargs)
 
 
+def test_classes_and_include_background_false_rejected_by_every_loss_with_both():
+    from segloss_core import list_losses
+    from segloss_core.registry import registry
+
+    names = [
+        name
+        for name in list_losses()
+        if registry().loss(name).kind != "compound"
+        and {"classes", "include_background"} <= {p.name for p in registry().loss(name).params}
+    ]
+    assert {"dice", "focal", "generalized_dice", "lovasz_softmax", "boundary", "hausdorff_dt"} <= set(names)
+    for name in names:
+        with pytest.raises(ValueError, match=rf"loss '{name}': give either classes= or include_background"):
+            get_loss(name, backend="numpy", classes=[1], include_background=False)
+
+
 def test_parameter_values_are_canonicalised():
     loss = get_loss("dice", backend="numpy", class_weights=np.array([1, 2, 3]), smooth_nr=1)
     params = loss.plan.terms[0].params

@@ -1,9 +1,10 @@
-"""The JAX loss: validated inputs → per-voxel terms → statistics → the core's formulas, jit-compiled.
+"""The JAX loss: the core's plan executor with JAX kernels, jit-compiled.
 
-The per-voxel stage mirrors ``segloss_core/reference/statistics.py`` (the float64 oracle)
-term by term, with the statistic names and definitions of ``segloss_core/statistics.py``;
-the formulas are the core's own (``spec.from_statistics(jax.numpy, stats, params)``) and
-``array_forward`` losses get :class:`JaxOperators`. ``jax.vjp`` differentiates all of it.
+The kernels compute the activation, target and voxel weights (as
+``segloss_core/reference/statistics.py``), each statistic's per-voxel term from the core's table
+(``segloss_core.statistics.TABLE``), and ``array_forward`` losses with :class:`JaxOperators`; the
+executor (``segloss_core.executor.run_plan``) applies the core's formulas and term weights.
+``jax.vjp`` differentiates all of it.
 
 >>> import jax.numpy as jnp
 >>> from segloss_core import get_loss
@@ -17,7 +18,7 @@ the formulas are the core's own (``spec.from_statistics(jax.numpy, stats, params
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import jax
@@ -25,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from segloss_core import statistics as stat_names
-from segloss_core.reference.evaluate import required_statistics, with_fields
+from segloss_core.executor import Kernels, TermWeights, run_plan, with_fields
 from segloss_core.spec import LossPlan
+from segloss_core.statistics import Voxel
 from segloss_core.validation import PreparedInputs, validate_inputs
 
 Array = Any
@@ -61,18 +63,6 @@ class JaxOperators:
 # ---------------------------------------------------------------------------------------
 # the per-voxel stage (mirrors segloss_core.reference.statistics)
 # ---------------------------------------------------------------------------------------
-@dataclass
-class VoxelTerms:
-    """Per-voxel quantities in the compute dtype, flattened to (B, C, N); weights (B, 1|C, N)."""
-
-    p: Array
-    log_p: Array
-    log_1mp: Array | None
-    g: Array
-    w: Array
-    fields: dict[str, Array] | None = None  # per-voxel constants (B, C, N) of the field statistics
-
-
 def compute_dtype(dtype: Any) -> Any:
     """float64 stays float64; everything else (float32, float16, bfloat16) is computed in float32."""
     return jnp.float64 if dtype == jnp.float64 else jnp.float32
@@ -85,15 +75,10 @@ def _safe_log(x: Array) -> Array:
 
 
 def voxel_terms(
-    pred: Array,
-    labels: Array | None,
-    target: Array | None,
-    mask: Array | None,
-    activation: str,
-    ignore_index: Any,
-    fields: dict[str, Array] | None = None,
-) -> VoxelTerms:
-    """Activation, target and voxel weights, as ``segloss_core.reference.statistics.voxel_terms``."""
+    pred: Array, labels: Array | None, target: Array | None, mask: Array | None, activation: str, ignore_index: Any
+) -> tuple[Voxel, Array]:
+    """(p, log p, log(1 − p), g) flattened to (B, C, N) in the compute dtype, and the voxel weights
+    (B, 1|C, N), as ``segloss_core.reference.statistics.voxel_terms``."""
     batch, channels = int(pred.shape[0]), int(pred.shape[1])
     dtype = compute_dtype(pred.dtype)
     z = jnp.reshape(pred.astype(dtype), (batch, channels, -1))
@@ -126,75 +111,50 @@ def voxel_terms(
         g = jnp.reshape(target, (batch, channels, n)).astype(dtype)
     if mask is not None:
         weight = weight * jnp.reshape(mask.astype(dtype), (mask.shape[0], mask.shape[1], n))
-    if fields:
-        fields = {name: jnp.reshape(f.astype(dtype), (batch, channels, n)) for name, f in fields.items()}
-    return VoxelTerms(p=p, log_p=log_p, log_1mp=log_1mp, g=g, w=weight, fields=fields)
+    return Voxel(p=p, g=g, log_p=log_p, log_1mp=log_1mp), weight
 
 
-def _xlogy(x: Array, log_y: Array) -> Array:
-    """x·log y with 0 where x == 0 (scipy.special.xlogy's convention, as the reference)."""
-    return jnp.where(x == 0, 0.0, x * log_y)
-
-
-def _power(x: Array, gamma: float) -> Array:
-    """x**gamma for x in [0, 1], with a finite gradient at x == 0 for gamma < 1 (the reference's rule)."""
-    if gamma == 0:
-        return jnp.ones_like(x)
-    positive = x > 0
-    return jnp.where(positive, jnp.where(positive, x, 1.0) ** gamma, 0.0)
-
-
-def _abs(x: Array) -> Array:
-    """|x| whose derivative is sign(x) (0 at 0, as the reference's VJP; jnp.abs gives 1 there)."""
-    return x * jax.lax.stop_gradient(jnp.sign(x))
-
-
-def voxel_statistic(name: str, t: VoxelTerms) -> Array:
-    """The per-voxel term of statistic ``name`` (segloss_core.statistics), before weighting."""
-    base, gamma = stat_names.parse(name)
-    p, g = t.p, t.g
-    if base in stat_names.SIGMOID_ONLY and t.log_1mp is None:
-        raise ValueError(f"statistic {name!r} needs activation 'sigmoid' or 'none'")
-    if base == "intersection":
-        return p * g
-    if base == "pred_sum":
-        return p
-    if base == "target_sum":
-        return g
-    if base == "pred_sq_sum":
-        return p * p
-    if base == "target_sq_sum":
-        return g * g
-    if base == "abs_diff_sum":
-        return _abs(p - g)
-    if base == "count":
-        return jnp.ones_like(p)
-    if base == "ce_pos":
-        return -_xlogy(g, t.log_p)
-    if base == "ce_neg":
-        return -_xlogy(1.0 - g, t.log_1mp)
-    if base == "neg_log_pred_sum":
-        return -t.log_p
-    if base == "focal_pos":
-        return -_xlogy(g * _power(1.0 - p, gamma), t.log_p)
-    if base == "focal_neg":
-        return -_xlogy((1.0 - g) * _power(p, gamma), t.log_1mp)
-    if base in stat_names.FIELD:
-        if not t.fields or gamma not in t.fields:
-            raise ValueError(f"statistic {name!r} needs the field {gamma!r}, which the loss did not provide")
-        field = jax.lax.stop_gradient(t.fields[gamma])
-        return p * field if base == "field_pred_sum" else (p - g) ** 2 * field
-    raise ValueError(f"the jax backend does not compute statistic {name!r}")
-
-
-def compute_statistics(t: VoxelTerms, names: frozenset[str]) -> dict[str, Array]:
-    """Each statistic Σ_x w·term, shape (B, C); 0 wherever w == 0, even if the term is not finite there."""
+def compute_statistics(
+    v: Voxel, w: Array, names: frozenset[str], fields: dict[str, Array] | None = None
+) -> dict[str, Array]:
+    """Each statistic Σ_x w·term, shape (B, C), its term from ``segloss_core.statistics.TABLE``; 0
+    wherever w == 0, even if the term is not finite there. ``fields`` (B, C, *S) are constants."""
     out = {}
     for name in sorted(names):
-        term = voxel_statistic(name, t)
-        weighted = jnp.where(jnp.broadcast_to(t.w, term.shape) == 0, 0.0, t.w * term)
-        out[name] = jnp.sum(weighted, axis=2)
+        base, arg = stat_names.parse(name)
+        entry = stat_names.TABLE[base]
+        if entry.sigmoid_only and v.log_1mp is None:
+            raise ValueError(f"statistic {name!r} needs activation 'sigmoid' or 'none'")
+        field = None
+        if "field" in entry.reads:
+            if not fields or arg not in fields:
+                raise ValueError(f"statistic {name!r} needs the field {arg!r}, which the loss did not provide")
+            field = jax.lax.stop_gradient(jnp.reshape(fields[arg].astype(v.p.dtype), v.p.shape))
+        term = entry.term(jnp, replace(v, field=field, arg=arg))
+        out[name] = stat_names.weighted_sum(jnp, term, w, int(v.p.shape[1]), finite=False)
     return out
+
+
+class JaxKernels(Kernels):
+    """The kernels of the core's executor on JAX arrays (traced inside ``jax.jit``)."""
+
+    namespace = jnp
+    operators = JaxOperators
+
+    def with_fields(self, plan: LossPlan, prepared: PreparedInputs, activation: str, inputs: Any) -> PreparedInputs:
+        return prepared  # computed outside jit (JaxLoss._fields) and passed in
+
+    def statistics(self, prepared: PreparedInputs, names: frozenset[str]) -> dict[str, Array]:
+        return compute_statistics(*_voxel_terms(prepared), names, prepared.fields)
+
+    def voxels(self, prepared: PreparedInputs) -> tuple[Array, Array, Array]:
+        v, w = _voxel_terms(prepared)  # computed again if statistics need it too: XLA merges the two
+        return v.p, v.g, w
+
+
+def _voxel_terms(prepared: PreparedInputs) -> tuple[Voxel, Array]:
+    x = prepared
+    return voxel_terms(x.pred, x.labels, x.target, x.mask, x.activation, x.ignore_index)
 
 
 # ---------------------------------------------------------------------------------------
@@ -214,7 +174,7 @@ def _stand_in(x: Array | None) -> np.ndarray | None:
     return np.lib.stride_tricks.as_strided(np.zeros(1, dtype=dtype), shape=tuple(x.shape), strides=(0,) * x.ndim)
 
 
-class JaxLoss:
+class JaxLoss(TermWeights):
     """A segloss loss on JAX arrays.
 
     ``loss(pred, target, mask=None)`` returns the value; ``loss.value_and_grad(...)`` the value
@@ -224,10 +184,10 @@ class JaxLoss:
     """
 
     def __init__(self, plan: LossPlan, *, jit: bool = True):
-        self.plan = plan
+        self._init_weights(plan)
         self._jit = jit
-        self._call = self._compile(self._forward)
-        self._vag = self._compile(self._forward_and_grad, static_argnames=("ones",))
+        self._call = self._compile(self._forward, static_argnames=("weights",))
+        self._vag = self._compile(self._forward_and_grad, static_argnames=("weights", "ones"))
 
     def _compile(self, fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
         return jax.jit(fn, **kwargs) if self._jit else fn
@@ -295,29 +255,15 @@ class JaxLoss:
         labels: Array | None,
         target: Array | None,
         mask: Array | None,
-        fields: dict[str, dict[str, Array]] | None = None,
+        fields: dict[str, dict[str, Array]],
+        weights: tuple[float, ...],
     ) -> Array:
         plan = self.plan
-        total = None
-        spatial = tuple(pred.shape[2:])
-        for activation in plan.activations:
-            group_fields = (fields or {}).get(activation)
-            t = voxel_terms(pred, labels, target, mask, activation, plan.ignore_index, group_fields)
-            names = required_statistics(plan, activation)
-            stats = compute_statistics(t, names) if names else {}
-            for term in plan.terms:
-                if term.params.get("activation", "none") != activation:
-                    continue
-                if term.spec.kind == "statistics":
-                    value = term.spec.from_statistics(jnp, stats, term.params)
-                else:
-                    shape = (t.p.shape[0], t.p.shape[1], *spatial)
-                    w = jnp.reshape(t.w, (t.w.shape[0], t.w.shape[1], *spatial))
-                    p, g = jnp.reshape(t.p, shape), jnp.reshape(t.g, shape)
-                    value = term.spec.array_forward(jnp, JaxOperators, p, g, w, term.params)
-                contribution = value if term.weight == 1.0 else value * term.weight
-                total = contribution if total is None else total + contribution
-        return total
+        prepared = {
+            act: PreparedInputs(pred, labels, target, mask, int(pred.shape[1]), plan.ignore_index, act, fields.get(act))
+            for act in plan.activations
+        }
+        return run_plan(plan, prepared, JaxKernels(), weights=weights)
 
     def _forward_and_grad(
         self,
@@ -326,10 +272,11 @@ class JaxLoss:
         target: Array | None,
         mask: Array | None,
         fields: dict[str, dict[str, Array]],
+        weights: tuple[float, ...],
         seed: Array | None,
         ones: bool,
     ) -> tuple[Array, Array]:
-        value, pullback = jax.vjp(lambda x: self._forward(x, labels, target, mask, fields), pred)
+        value, pullback = jax.vjp(lambda x: self._forward(x, labels, target, mask, fields, weights), pred)
         if ones:
             seed = jnp.ones_like(value)
         elif seed is None:
@@ -347,7 +294,8 @@ class JaxLoss:
         """The loss value; ``inputs`` are the extra inputs of some losses (``distance_map=`` of ``boundary``)."""
         prepared = self._prepare(pred, target, mask)
         fields = self._fields(prepared, inputs)
-        return self._call(prepared.pred, prepared.labels, prepared.target, prepared.mask, fields)
+        x = prepared
+        return self._call(x.pred, x.labels, x.target, x.mask, fields, tuple(self.term_weights))
 
     def value_and_grad(
         self,
@@ -360,9 +308,10 @@ class JaxLoss:
         """(value, d value / d pred); with ``reduction="none"`` pass ``grad_output`` (the value's shape, or
         ``"ones"``): the gradient is then that of Σ grad_output·value."""
         prepared = self._prepare(pred, target, mask)
-        fields = self._fields(prepared, inputs)
         ones = isinstance(grad_output, str)
         if ones and grad_output != "ones":
             raise ValueError(f"grad_output must be an array, None or 'ones', got {grad_output!r}")
         seed = None if ones else grad_output
-        return self._vag(prepared.pred, prepared.labels, prepared.target, prepared.mask, fields, seed, ones=ones)
+        fields = self._fields(prepared, inputs)
+        x, weights = prepared, tuple(self.term_weights)
+        return self._vag(x.pred, x.labels, x.target, x.mask, fields, weights, seed, ones=ones)
