@@ -351,6 +351,9 @@ class LossSpec:
     on the inputs' device and framework (no gradient flows into them)."""
     api_version: int = API_VERSION
     """The plugin API this spec was written for (a loss plugin needing a newer segloss sets it)."""
+    min_spatial_dims: int = 1
+    """Fewest spatial dims ``pred`` may have: 0 for losses defined per voxel (cross-entropy, focal),
+    which then take classification-style (B, C) logits and (B,) labels."""
 
     def __post_init__(self) -> None:
         defined = [

@@ -1,7 +1,8 @@
 """The input contract, shared by every backend: checked before any computation.
 
 ``pred``
-    (B, C, *spatial) floating point, 1–3 spatial dims: logits for ``activation="softmax"``
+    (B, C, *spatial) floating point, 1–3 spatial dims (0–3 for the voxelwise losses whose spec
+    sets ``min_spatial_dims=0``: cross-entropy, BCE, focal, top-k CE): logits for ``activation="softmax"``
     (mutually exclusive classes) or ``"sigmoid"`` (independent channels; C = 1 is binary
     foreground), probabilities for ``"none"``.
 ``target``
@@ -154,8 +155,13 @@ def validate_inputs(
             f"pred must be floating point (logits or probabilities), got dtype {_dtype_name(pred)}; "
             "integer predictions usually mean argmax labels were passed instead of the network output"
         )
-    if len(shape) < 3 or len(shape) > 5:
-        raise ValueError(f"pred must have shape (B, C, *spatial) with 1 to 3 spatial dims, got shape {shape}")
+    min_spatial = max(term.spec.min_spatial_dims for term in plan.terms)
+    if len(shape) < 2 + min_spatial or len(shape) > 5:
+        hint = "" if min_spatial == 0 or len(shape) != 2 else f" (loss {plan.name!r} needs a spatial dim; (B, C) "
+        hint += "inputs suit the voxelwise losses: cross_entropy, bce, focal, topk_ce)" if hint else ""
+        raise ValueError(
+            f"pred must have shape (B, C, *spatial) with {min_spatial} to 3 spatial dims, got shape {shape}{hint}"
+        )
     if any(s == 0 for s in shape):
         raise ValueError(f"pred is empty (shape {shape}); every dimension must be at least 1")
     batch, channels, spatial = shape[0], shape[1], shape[2:]

@@ -130,6 +130,10 @@ def compute_statistics(prepared: PreparedInputs, names: Iterable[str]) -> dict[s
         mask = mask.reshape(mask.shape[0], -1)  # the op casts it to the accumulation dtype
     labels = prepared.labels
     target = prepared.target
+    if pred.dim() == 2:  # (B, C) classification-style inputs: one voxel per sample for the kernels
+        pred = pred.unsqueeze(-1)
+        labels = None if labels is None else labels.unsqueeze(-1)
+        target = None if target is None else target.unsqueeze(-1)
     ignore = prepared.ignore_index
     stats = torch.ops.segloss.region_stats(
         pred,

@@ -132,6 +132,7 @@ CROSS_ENTROPY = LossSpec(
     required_statistics=_statistics,
     from_statistics=cross_entropy_from_statistics,
     check=_check,
+    min_spatial_dims=0,
 )
 
 BCE = replace(
@@ -246,6 +247,7 @@ FOCAL = LossSpec(
     required_statistics=_focal_statistics,
     from_statistics=focal_from_statistics,
     check=common.check_class_selection,
+    min_spatial_dims=0,
 )
 
 SPECS = (CROSS_ENTROPY, BCE, FOCAL)

@@ -9,7 +9,8 @@ each:
    p = g for soft targets (Wang & Blaschko, JDT losses; MONAI ``soft_label``).
 2. ``batch`` sums I, P, G over the batch (one row) instead of one row per sample.
 3. classes are selected (``include_background``/``classes``); ``average="micro"`` sums
-   them into one pooled class (Keras/ivadomed flatten everything).
+   them into one pooled class (Keras/ivadomed flatten everything); there ``class_weights``
+   scale each class's p and g before pooling (kornia's micro weights: Σp·g by w², Σp, Σg by w).
 4. score = numerator / max(denominator, ``clamp_dr``); where the denominator is exactly 0
    the score is ``zero_division`` (and the gradient 0).
 5. loss = 1 − score, −score or −log(max(score, 1e-7)) (``loss_form``); focal_tversky raises
@@ -60,7 +61,8 @@ AVERAGE = Param(
     "average",
     "choice",
     "macro",
-    "macro: one score per class, then averaged; micro: classes pooled into one score (Keras/ivadomed flatten)",
+    "macro: one score per class, then averaged; micro: classes pooled into one score (Keras/ivadomed flatten; "
+    "class_weights then scale p and g of each class before pooling, as kornia)",
     choices=("macro", "micro"),
 )
 CLASS_WEIGHT_NORMALIZATION = Param(
@@ -170,6 +172,28 @@ def overlap_terms(xp: Any, stats: Mapping[str, Array], params: Params) -> tuple[
     return intersection, pred, target
 
 
+_MICRO_WEIGHT_POWER = {
+    "intersection": 2,
+    "pred_sum": 1,
+    "target_sum": 1,
+    "pred_sq_sum": 2,
+    "target_sq_sum": 2,
+    "abs_diff_sum": 1,
+}
+
+
+def micro_class_weighted(xp: Any, stats: Mapping[str, Array], weights: tuple[float, ...]) -> dict[str, Array]:
+    """Class weights under ``average="micro"``, as kornia's ``dice_loss(average="micro", weight=w)``:
+    w_c multiplies p_c and g_c before the classes are pooled, so Σp·g (and Σp², Σg²) scale by w_c²
+    and Σp, Σg, Σ|p − g| by w_c (kornia/losses/dice.py, v0.9.0rc1 b4f5a78)."""
+    out = dict(stats)
+    for name, power in _MICRO_WEIGHT_POWER.items():
+        if name in stats:
+            w = xp.reshape(constant_vector(xp, stats[name], [float(v) ** power for v in weights]), (1, -1))
+            out[name] = stats[name] * w
+    return out
+
+
 def loss_from_score(xp: Any, score: Array, params: Params) -> Array:
     form = "negative_log" if params.get("log_loss") else params.loss_form
     if form == "one_minus":
@@ -228,6 +252,8 @@ def region_formula(
     """Build a ``from_statistics`` function from a (numerator, denominator) rule."""
 
     def formula(xp: Any, stats: Mapping[str, Array], params: Params) -> Array:
+        if params.average == "micro" and params.get("class_weights") is not None:
+            stats = micro_class_weighted(xp, stats, params.class_weights)
         intersection, pred, target = overlap_terms(xp, stats, params)
         num_classes = int(intersection.shape[1])
         columns = included_classes(params, num_classes)
@@ -278,10 +304,6 @@ def check_region(params: Params) -> None:
         raise ValueError(
             f"loss {params.loss!r}: log_loss=True means loss_form='negative_log', but loss_form="
             f"{params.loss_form!r} was given; set only one of them"
-        )
-    if params.average == "micro" and params.class_weights is not None:
-        raise ValueError(
-            f"loss {params.loss!r}: class_weights need average='macro' (micro pools the classes into one score)"
         )
     if params.average == "micro" and params.absent_classes != "smooth":
         raise ValueError(f"loss {params.loss!r}: absent_classes applies to average='macro' only")

@@ -72,7 +72,8 @@ def lovasz_softmax_value(xp: Any, v: Voxel, w: Any, params: Params) -> Any:
     Per class and image (or the batch pooled): errors e = |g − p| of the valid voxels sorted
     decreasingly, loss_c = ⟨e_sorted, ΔJ(g_sorted)⟩ (Berman et al. alg. 1); invalid voxels get
     e = 0 and no truth and count in no union, so they change nothing. Mean over the counted
-    classes (present ones with ``present_only``), then over images.
+    classes (present ones with ``present_only``), weighted by ``class_weights`` (Σ w_c·L_c / Σ w_c
+    over the counted classes), then over images.
     """
     channels = int(v.p.shape[1])
     columns = xp.asarray(included_classes(params, channels), device=device(v.g))
@@ -100,10 +101,12 @@ def lovasz_softmax_value(xp: Any, v: Voxel, w: Any, params: Params) -> Any:
     counted = xp.any(keep, axis=-1)
     if params.present_only:
         counted = xp.logical_and(counted, total[..., 0] > 0)
-    n_counted = xp.sum(xp.astype(counted, per_class.dtype), axis=-1)
-    per_image = xp.sum(xp.where(counted, per_class, xp.zeros_like(per_class)), axis=-1) / xp.maximum(
-        n_counted, xp.ones_like(n_counted)
-    )
+    weight = xp.astype(counted, per_class.dtype)
+    if params.class_weights is not None:
+        chosen = [params.class_weights[c] for c in included_classes(params, channels)]
+        weight = weight * xp.reshape(constant_vector(xp, per_class, chosen), (1, -1))
+    numerator = xp.sum(xp.where(counted, per_class * weight, xp.zeros_like(per_class)), axis=-1)
+    per_image = safe_ratio(xp, numerator, xp.sum(weight, axis=-1), 0.0)
     return xp.sum(per_image) / int(per_image.shape[0])
 
 
@@ -200,6 +203,7 @@ TOPK_CE = LossSpec(
         ),
     ),
     reference=topk_reference,
+    min_spatial_dims=0,
 )
 
 
@@ -212,13 +216,18 @@ LOVASZ_SOFTMAX = LossSpec(
         common.INCLUDE_BACKGROUND,
         common.CLASSES,
         common.IGNORE_INDEX,
+        replace(
+            common.CLASS_WEIGHTS,
+            doc="one non-negative weight per channel: the classes' Lovász terms are averaged as Σ w_c·L_c / Σ w_c "
+            "over the counted classes (kornia's lovasz_softmax_loss weight instead averages w_c·L_c over all C)",
+        ),
         Param("per_image", "bool", False, "one Lovász loss per image, then the mean (default: the batch pooled)"),
         Param("present_only", "bool", True, "average over classes present in the target only (Berman's 'present')"),
         MEAN_ONLY,
     ),
     formula="per class c: errors e = |g_c − p_c| over valid voxels, sorted decreasingly; loss_c = ⟨e_sorted, "
-    "Δ J(g_sorted)⟩ with J_i = 1 − (G − Σ_{j≤i} g_j)/(G + Σ_{j≤i}(1 − g_j)); mean over (present) classes; mask "
-    "values act as 0/1.",
+    "Δ J(g_sorted)⟩ with J_i = 1 − (G − Σ_{j≤i} g_j)/(G + Σ_{j≤i}(1 − g_j)); mean over (present) classes, "
+    "Σ w_c·loss_c / Σ w_c with class_weights; mask values act as 0/1.",
     references=(
         "Berman, Rannen Triki, Blaschko. The Lovász-Softmax loss. CVPR 2018. arXiv:1705.08790",
         "bermanmaxim/LovaszSoftmax pytorch/lovasz_losses.py",
