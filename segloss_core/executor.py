@@ -7,6 +7,8 @@ them) the executor
 2. asks the backend's :class:`Kernels` once for every statistic the group's terms need;
 3. lets the backend share them (:meth:`Kernels.share`: the all-gather of ``distributed=True``);
 4. calls each term's ``spec.from_statistics(kernels.namespace, stats, params)``, times its weight;
+   a term with ``reduction="none"`` and an ``element_map`` (cross-entropy, focal) gets its
+   per-element values instead, from the per-voxel terms (:meth:`Kernels.elements`), not from sums;
 
 then adds the voxelwise terms (:meth:`Kernels.voxelwise`), times their weights. A backend supplies
 only the kernels; differentiation is the framework's (torch, JAX autograd) or the tape's
@@ -22,25 +24,47 @@ static structure, so ``torch.compile(fullgraph=True)`` and ``jax.jit`` trace it 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from .spec import LossPlan, LossSpec, Params
+from .spec import LossPlan, LossSpec, Params, PlanTerm
+from .statistics import SHAPE_STATISTICS
 from .validation import PreparedInputs
 
 Array = Any
 
-__all__ = ["Kernels", "TermWeights", "required_statistics", "run_plan", "with_fields"]
+__all__ = ["Kernels", "TermWeights", "required_elements", "required_statistics", "run_plan", "with_fields"]
+
+
+def _in_group(term: PlanTerm, activation: str | None) -> bool:
+    return term.spec.kind == "statistics" and activation in (None, term.params.get("activation", "none"))
+
+
+def _term_statistics(plan: LossPlan, activation: str | None) -> frozenset[str]:
+    names: set[str] = set()
+    for term in plan.terms:
+        if _in_group(term, activation) and not term.spec.uses_element_map(term.params):
+            assert term.spec.required_statistics is not None
+            names |= term.spec.required_statistics(term.params)
+    return frozenset(names)
 
 
 def required_statistics(plan: LossPlan, activation: str | None = None) -> frozenset[str]:
-    """Statistics the plan's terms need (those with ``activation`` only, when given)."""
+    """Statistics the plan's terms ask the kernels for (those with ``activation`` only, when given);
+    terms that return an element map (``reduction="none"``) need per-voxel terms instead
+    (:func:`required_elements`), and the executor adds ``statistics.SHAPE_STATISTICS`` itself."""
+    return frozenset(n for n in _term_statistics(plan, activation) if n not in SHAPE_STATISTICS)
+
+
+def required_elements(plan: LossPlan, activation: str | None = None) -> frozenset[str]:
+    """Statistics whose per-voxel terms the plan's element-map terms need (:class:`~segloss_core.spec.ElementMap`)."""
     names: set[str] = set()
     for term in plan.terms:
-        if term.spec.kind == "statistics" and activation in (None, term.params.get("activation", "none")):
-            assert term.spec.required_statistics is not None
-            names |= term.spec.required_statistics(term.params)
+        if _in_group(term, activation) and term.spec.uses_element_map(term.params):
+            assert term.spec.element_map is not None
+            names |= term.spec.element_map.statistics(term.params)
     return frozenset(names)
 
 
@@ -86,6 +110,12 @@ class Kernels:
         a backend that traces (``jax.jit``) computes them beforehand and returns ``prepared``."""
         return with_fields(plan, prepared, activation, inputs)
 
+    def elements(self, prepared: PreparedInputs, names: frozenset[str]) -> Mapping[str, Array]:
+        """The per-voxel terms of the statistics in ``names``, each w·term of shape (B, C, N) with an
+        exact 0 where w == 0 (what :meth:`statistics` sums over N): the element maps of
+        ``reduction="none"``."""
+        raise NotImplementedError("these kernels do not compute element maps (reduction='none')")
+
     def share(self, stats: Mapping[str, Array]) -> Mapping[str, Array]:
         """The statistics the formulas see: these by default; the global batch's under DDP."""
         return stats
@@ -112,6 +142,31 @@ def _weighted(value: Array, weight: float) -> Array:
     return value if weight == 1.0 else value * weight
 
 
+def _add(xp: Any, plan: LossPlan, total: Array, value: Array) -> Array:
+    """total + value; with ``reduction="none"`` a term's (B, C) values broadcast over the spatial
+    axes of another's (B, C, *spatial) map, as MONAI's DiceFocalLoss(reduction="none") adds them."""
+    if total is None:
+        return value
+    a, b = tuple(int(n) for n in total.shape), tuple(int(n) for n in value.shape)
+    if a != b:
+        short, long = (a, b) if len(a) < len(b) else (b, a)
+        if len(short) == len(long) or long[: len(short)] != short:
+            raise ValueError(
+                f"loss {plan.name!r}: its terms' reduction='none' values have shapes {a} and {b}, which do not "
+                "add up element by element; use reduction='mean' or 'sum'"
+            )
+        pad = (1,) * (len(long) - len(short))
+        total, value = (xp.reshape(total, a + pad), value) if len(a) < len(b) else (total, xp.reshape(value, b + pad))
+    return total + value
+
+
+def _element_map(term: PlanTerm, kernels: Kernels, group: PreparedInputs, elements: Mapping[str, Array]) -> Array:
+    """A term's ``reduction="none"`` map, (B, [K,] *spatial)."""
+    assert term.spec.element_map is not None
+    value = term.spec.element_map.combine(kernels.namespace, elements, term.params)
+    return kernels.namespace.reshape(value, (*(int(n) for n in value.shape[:-1]), *group.spatial_shape))
+
+
 def run_plan(
     plan: LossPlan,
     prepared: Mapping[str, PreparedInputs],
@@ -126,25 +181,37 @@ def run_plan(
     (one per term) default to the plan's (see :class:`TermWeights`).
     """
     inputs = inputs or {}
+    xp = kernels.namespace
     weights = [t.weight for t in plan.terms] if weights is None else weights
     total: Array = None
     for activation, group in prepared.items():
         names = required_statistics(plan, activation)
-        if not names:
+        element_names = required_elements(plan, activation)
+        assert names or not _term_statistics(plan, activation), "shape statistics come with kernel ones"
+        if not names and not element_names:
             continue
-        stats = kernels.share(kernels.statistics(kernels.with_fields(plan, group, activation, inputs), names))
+        group = kernels.with_fields(plan, group, activation, inputs)
+        stats = dict(kernels.statistics(group, names)) if names else {}
+        if "voxels" in _term_statistics(plan, activation):
+            like = stats[min(names)]
+            stats["voxels"] = xp.full_like(like, float(math.prod(group.spatial_shape)))
+        stats = kernels.share(stats) if stats else stats
+        elements = kernels.elements(group, element_names) if element_names else {}
         for index, term in enumerate(plan.terms):
-            if term.spec.kind != "statistics" or term.params.get("activation", "none") != activation:
+            if not _in_group(term, activation):
                 continue
-            assert term.spec.from_statistics is not None
-            value = _weighted(term.spec.from_statistics(kernels.namespace, stats, term.params), weights[index])
-            total = value if total is None else total + value
+            if term.spec.uses_element_map(term.params):
+                value = _element_map(term, kernels, group, elements)
+            else:
+                assert term.spec.from_statistics is not None
+                value = term.spec.from_statistics(xp, stats, term.params)
+            total = _add(xp, plan, total, _weighted(value, weights[index]))
     for index, term in enumerate(plan.terms):
         if term.spec.kind != "voxelwise":
             continue
         group = prepared[term.params.get("activation", "none")]
         value = _weighted(kernels.voxelwise(term.spec, group, term.params, inputs), weights[index])
-        total = value if total is None else total + value
+        total = _add(xp, plan, total, value)
     assert total is not None, f"loss {plan.name!r} has no terms"
     return total
 

@@ -228,11 +228,16 @@ class Params(Mapping[str, Any]):
 
 @dataclass(frozen=True)
 class Term:
-    """A component of a compound loss: a registered loss and the parameter holding its weight."""
+    """A component of a compound loss: a registered loss and the parameter holding its weight.
+
+    ``fixed`` values always go to the component; ``switches`` maps a boolean parameter of the
+    compound to the component values it sets when true (e.g. dice_focal's ``sigmoid_focal`` sets
+    the focal term's ``activation`` to ``"sigmoid"``)."""
 
     loss: str
     weight_param: str
     fixed: Mapping[str, Any] = field(default_factory=dict)
+    switches: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -307,6 +312,21 @@ API_VERSION = 1
 plugin states the version it was written for in ``api_version``; the registry refuses losses and
 backends written for a newer one."""
 
+
+@dataclass(frozen=True)
+class ElementMap:
+    """``reduction="none"`` of a loss that is a (weighted) mean over elements: the elements themselves.
+
+    ``statistics(params)`` names the statistics whose per-voxel terms the map is made of (each
+    ``w·term`` of :data:`segloss_core.statistics.TABLE`, shape (B, C, N), from
+    :meth:`segloss_core.executor.Kernels.elements`); ``combine(xp, elements, params)`` is the same
+    linear combination that makes the loss's numerator from the statistics, without the sum over
+    voxels: it returns (B, K, N) or (B, N), which the executor reshapes to (B, [K,] *spatial)."""
+
+    statistics: Callable[[Params], frozenset[str]]
+    combine: Callable[[Any, Mapping[str, Any], Params], Any]
+
+
 ReferenceFn = Callable[..., tuple[Any, Any]]
 FieldsFn = Callable[[Any, Params, Mapping[str, Any]], dict[str, Any]]
 ArrayForwardFn = Callable[[Any, Any, Any, Any, Any, Params], Any]
@@ -354,6 +374,13 @@ class LossSpec:
     min_spatial_dims: int = 1
     """Fewest spatial dims ``pred`` may have: 0 for losses defined per voxel (cross-entropy, focal),
     which then take classification-style (B, C) logits and (B,) labels."""
+    element_map: ElementMap | None = None
+    """A statistics loss whose ``reduction="none"`` returns per-element values (cross-entropy, focal):
+    computed by :class:`ElementMap` from per-voxel terms, not from the statistics."""
+
+    def uses_element_map(self, params: Params) -> bool:
+        """Whether these parameters ask for the element map (``reduction="none"``)."""
+        return self.element_map is not None and params.get("reduction") == "none"
 
     def __post_init__(self) -> None:
         defined = [
@@ -427,6 +454,9 @@ class LossSpec:
             component = registry.loss(term.loss)
             shared = {k: v for k, v in params.items() if k in {p.name for p in component.params}}
             shared.update(term.fixed)
+            for switch, values in term.switches.items():
+                if params[switch]:
+                    shared.update(values)
             sub = component.resolve(None, **shared)
             out.append(PlanTerm(float(params[term.weight_param]), component, sub))
         return LossPlan(self.name, tuple(out), params.preset)

@@ -17,12 +17,17 @@ abs_diff_sum        w·|p − g|                         soft-label intersection
 count               w                                 means over voxels (BCE, focal)
 ce_pos              w·g·(−log p)                      cross-entropy / BCE positive part
 ce_neg              w·(1−g)·(−log(1−p))               BCE negative part (sigmoid only)
-neg_log_pred_sum    w·(−log p)                        label smoothing (softmax)
+neg_log_pred_sum    w·(−log p)                        label smoothing
+neg_log_1mp_sum     w·(−log(1−p))                     binary label smoothing (sigmoid only)
 focal_pos:γ         w·g·(1−p)^γ·(−log p)              focal loss
 focal_neg:γ         w·(1−g)·p^γ·(−log(1−p))           focal loss, negative part (sigmoid only)
 field_pred_sum:F    w·p·F                             boundary loss (F = signed distance map)
 field_sq_err_sum:F  w·(p − g)²·F                      Hausdorff-DT loss (F = d_p^α + d_g^α)
 ==================  ===============================  ==========================================
+
+One more name, ``voxels``, is not a sum over voxels: it is N, the number of voxels of a sample
+(every voxel, whatever its weight), shape (B, C); the plan executor supplies it from the shape
+(:data:`SHAPE_STATISTICS`), so kernels never compute it.
 
 :data:`TABLE` declares each of them once — its per-voxel term, the partial derivatives a
 hand-written VJP needs and its split for one-hot targets — and every Python implementation (the
@@ -206,11 +211,22 @@ TABLE: dict[str, Statistic] = {
         Statistic(
             "neg_log_pred_sum",
             "Σ w·(−log p)",
-            "label smoothing (softmax)",
+            "label smoothing",
             lambda xp, v: -v.log_p,
             lambda xp, v: (None, -xp.ones_like(v.p), None),
             (lambda xp, v: -v.log_p, None),
             reads=frozenset({"log_p"}),
+            finite=False,
+        ),
+        Statistic(
+            "neg_log_1mp_sum",
+            "Σ w·(−log(1−p))",
+            "binary label smoothing (sigmoid only)",
+            lambda xp, v: -v.log_1mp,
+            lambda xp, v: (None, None, -xp.ones_like(v.p)),
+            None,
+            reads=frozenset({"log_1mp"}),
+            sigmoid_only=True,
             finite=False,
         ),
         Statistic(
@@ -268,7 +284,12 @@ TABLE: dict[str, Statistic] = {
 
 PARAMETRIC = frozenset({"focal_pos", "focal_neg"})  # name:γ
 FIELD = frozenset({"field_pred_sum", "field_sq_err_sum"})  # name:F, F a per-voxel constant field
-STATISTICS: dict[str, str] = {name: s.meaning for name, s in TABLE.items() if name not in PARAMETRIC | FIELD}
+SHAPE_STATISTICS: dict[str, str] = {"voxels": "N: voxels per sample, every voxel whatever its weight"}
+"""Statistics the executor supplies from the inputs' shape (kernels never see them)."""
+STATISTICS: dict[str, str] = {
+    **{name: s.meaning for name, s in TABLE.items() if name not in PARAMETRIC | FIELD},
+    **SHAPE_STATISTICS,
+}
 SIGMOID_ONLY = frozenset(name for name, s in TABLE.items() if s.sigmoid_only)
 
 
@@ -285,6 +306,16 @@ def weighted_sum(xp: Any, term: Array, w: Array | None, channels: int, finite: b
     if total.shape[1] != channels:
         total = xp.broadcast_to(total, (total.shape[0], channels))
     return total
+
+
+def weighted_elements(xp: Any, term: Array, w: Array | None, channels: int) -> Array:
+    """w·term per voxel, shape (B, C, N): the summands of :func:`weighted_sum`, with an exact 0 where
+    w == 0 (even where ``term`` is not finite there); the element maps of ``reduction="none"``."""
+    if w is not None:
+        weighted = w * term
+        term = xp.where(w == 0, xp.zeros_like(weighted), weighted)
+    shape = (int(term.shape[0]), channels, int(term.shape[2]))
+    return term if tuple(int(n) for n in term.shape) == shape else xp.broadcast_to(term, shape)
 
 
 def focal_statistic(kind: str, gamma: float) -> str:
@@ -318,6 +349,8 @@ def parse(name: str) -> tuple[str, Any]:
 
 def describe(name: str) -> str:
     base, arg = parse(name)
+    if base in SHAPE_STATISTICS:
+        return SHAPE_STATISTICS[base]
     text = TABLE[base].meaning
     if base in FIELD:
         return text.replace("F", arg)

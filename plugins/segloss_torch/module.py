@@ -19,7 +19,7 @@ from segloss_core.executor import Kernels, TermWeights, required_statistics, run
 from segloss_core.spec import LossPlan, LossSpec, Params
 from segloss_core.validation import PreparedInputs, validate_inputs
 
-from . import distributed, fused, native, voxelwise
+from . import distributed, elements, fused, native, voxelwise
 
 get_namespace(torch.empty(0))  # memoise the namespace: torch.compile then traces a dict lookup only
 
@@ -133,6 +133,9 @@ class _TorchKernels(Kernels):
 
     def statistics(self, prepared: PreparedInputs, names: frozenset[str]) -> dict[str, torch.Tensor]:
         return self.loss._compute_statistics(prepared, names)
+
+    def elements(self, prepared: PreparedInputs, names: frozenset[str]) -> dict[str, torch.Tensor]:
+        return elements.compute_elements(prepared, names)  # element maps: native under every impl
 
     def share(self, stats: Any) -> Any:
         return distributed.gather_statistics(stats, self.loss.process_group) if self.shared else stats

@@ -25,6 +25,12 @@ from .region import DICE, GENERALIZED_DICE
 from .voxelwise import TOPK_CE
 
 COMPOUND_REDUCTION = replace(common.REDUCTION, choices=("mean", "sum"), doc="mean or sum, applied to every term")
+VOXELWISE_COMPOUND_REDUCTION = replace(
+    common.REDUCTION,
+    doc="mean or sum, applied to every term; none: the focal map (B, K, *spatial) plus the Dice (B, K) values "
+    "broadcast over it, as MONAI DiceFocalLoss(reduction='none') (focal with activation='sigmoid' or "
+    "channel_mean)",
+)
 
 
 def build_compound(
@@ -105,25 +111,62 @@ DICE_CE = build_compound(
     references=("Isensee et al. nnU-Net. Nature Methods 2021", "MONAI DiceCELoss"),
 )
 
-DICE_FOCAL = build_compound(
+SIGMOID_FOCAL = Param(
+    "sigmoid_focal",
+    "bool",
+    False,
+    "the focal term applies a sigmoid to the logits whatever the Dice term's activation (MONAI "
+    "DiceFocalLoss(softmax=True) does: softmax Dice + sigmoid focal on the same logits)",
+)
+
+_DICE_FOCAL = build_compound(
     "dice_focal",
-    "Dice + focal (MONAI DiceFocalLoss with one shared activation)",
+    "Dice + focal (MONAI DiceFocalLoss)",
     [
         (DICE, "lambda_dice", 1.0, "weight of the Dice term"),
         (FOCAL, "lambda_focal", 1.0, "weight of the focal term"),
     ],
+    references=("Zhu et al. AnatomyNet. Medical Physics 2019 (Dice + focal)", "MONAI DiceFocalLoss"),
+    overrides={"gamma": FOCAL.param("gamma"), "reduction": VOXELWISE_COMPOUND_REDUCTION},
+)
+
+
+def _check_dice_focal(params: Params) -> None:
+    assert _DICE_FOCAL.check is not None
+    _DICE_FOCAL.check(params)
+    if params.reduction == "none":
+        softmax_focal = params.activation == "softmax" and not params.sigmoid_focal
+        if softmax_focal and not params.channel_mean:
+            raise ValueError(
+                "loss 'dice_focal': reduction='none' adds the Dice (B, K) values to the focal map (B, K, *spatial), "
+                "which a softmax focal term has only with channel_mean=True (or use sigmoid_focal=True, or "
+                "activation='sigmoid')"
+            )
+        if params.batch:
+            raise ValueError("loss 'dice_focal': reduction='none' needs batch=False (one Dice value per sample)")
+
+
+DICE_FOCAL = replace(
+    _DICE_FOCAL,
+    check=_check_dice_focal,
+    params=(*_DICE_FOCAL.params, SIGMOID_FOCAL),
+    terms=(_DICE_FOCAL.terms[0], replace(_DICE_FOCAL.terms[1], switches={"sigmoid_focal": {"activation": "sigmoid"}})),
+    formula=_DICE_FOCAL.formula + "; sigmoid_focal=True: the focal term uses activation='sigmoid'",
     presets=(
         Preset(
+            "monai",
+            {"activation": "softmax", "sigmoid_focal": True, "sum_of_means": True},
+            "MONAI DiceFocalLoss(softmax=True, to_onehot_y=True) defaults: softmax Dice (smoothing 1e-5) + the "
+            "sigmoid focal term (γ = 2) MONAI applies to the same logits",
+            "Project-MONAI/MONAI monai/losses/dice.py, DiceFocalLoss (FocalLoss built without use_softmax), v1.5.0",
+        ),
+        Preset(
             "monai_sigmoid",
-            {"activation": "sigmoid"},
-            "MONAI DiceFocalLoss(sigmoid=True) defaults (γ = 2, smoothing 1e-5). MONAI's DiceFocalLoss(softmax=True) "
-            "applies a sigmoid focal term to the same logits; reproduce it with segloss_core.compound([('dice', 1, "
-            "{'activation': 'softmax'}), ('focal', 1, {'activation': 'sigmoid'})])",
+            {"activation": "sigmoid", "sum_of_means": True},
+            "MONAI DiceFocalLoss(sigmoid=True) defaults (γ = 2, smoothing 1e-5)",
             "Project-MONAI/MONAI monai/losses/dice.py, DiceFocalLoss, v1.5.0",
         ),
     ),
-    references=("Zhu et al. AnatomyNet. Medical Physics 2019 (Dice + focal)", "MONAI DiceFocalLoss"),
-    overrides={"gamma": FOCAL.param("gamma")},
 )
 
 DICE_TOPK = build_compound(

@@ -58,9 +58,10 @@ def included_classes(params: Any, num_classes: int) -> list[int]:
 
 
 def reduce_voxel_mean(xp: Any, numerator: Array, normaliser: Array, reduction: str) -> Array:
-    """Per-sample sums (B,) → ``none``: per-sample means, ``sum``: Σ numerator, ``mean``: the
-    weighted mean over every voxel of the batch (0 where nothing counts)."""
-    if reduction == "none":
+    """Per-sample sums (B,) → ``per_sample`` (and the distance losses' ``none``): per-sample means,
+    ``sum``: Σ numerator, ``mean``: the weighted mean over every voxel of the batch (0 where
+    nothing counts)."""
+    if reduction in ("per_sample", "none"):
         return safe_ratio(xp, numerator, normaliser, 0.0)
     if reduction == "sum":
         return xp.sum(numerator)

@@ -53,6 +53,10 @@ class TapeKernels(Kernels):
         values, vjp = reference_statistics.compute(prepared, names)
         return self.record(values, vjp)
 
+    def elements(self, prepared: PreparedInputs, names: frozenset[str]) -> Mapping[str, Array]:
+        values, vjp = reference_statistics.compute(prepared, names, elements=True)
+        return self.record(values, vjp)
+
     def voxelwise(self, spec: LossSpec, prepared: PreparedInputs, params: Params, inputs: Mapping[str, Array]) -> Array:
         if spec.reference is not None:
             value, grad = spec.reference(prepared, params, inputs, with_grad=self.with_grad)

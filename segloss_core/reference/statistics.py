@@ -153,10 +153,11 @@ def _voxel(xp: Any, t: VoxelTerms, inputs: PreparedInputs, name: str) -> tuple[s
 
 
 def compute(
-    inputs: PreparedInputs, names: Iterable[str]
+    inputs: PreparedInputs, names: Iterable[str], *, elements: bool = False
 ) -> tuple[dict[str, Array], Callable[[Mapping[str, Array]], Array]]:
     """Statistics ``names`` (each (B, C), float64) and their VJP to d/d(pred), both from
-    :data:`segloss_core.statistics.TABLE`."""
+    :data:`segloss_core.statistics.TABLE`; with ``elements`` their per-voxel terms w·f instead
+    (each (B, C, N), the element maps of ``reduction="none"``) and the VJP of those."""
     xp = get_namespace(inputs.pred)
     t = voxel_terms(inputs)
     channels = int(t.p.shape[1])
@@ -164,14 +165,19 @@ def compute(
     with _quiet(xp):
         for name in sorted(set(names)):
             entry, v = _voxel(xp, t, inputs, name)
-            out[name] = stat_names.weighted_sum(xp, entry.term(xp, v), t.w, channels, finite=False)
+            term = entry.term(xp, v)
+            if elements:
+                out[name] = stat_names.weighted_elements(xp, term, t.w, channels)
+            else:
+                out[name] = stat_names.weighted_sum(xp, term, t.w, channels, finite=False)
+    upstream_shape = tuple(t.p.shape) if elements else (t.p.shape[0], t.p.shape[1], 1)
 
     def vjp(upstream: Mapping[str, Array]) -> Array:
         d = [xp.zeros_like(t.p), xp.zeros_like(t.p), xp.zeros_like(t.p)]  # d/dp, d/dlog p, d/dlog(1 − p)
         with _quiet(xp):
             for name, u in upstream.items():
                 entry, v = _voxel(xp, t, inputs, name)
-                u = xp.reshape(xp.astype(u, xp.float64), (t.p.shape[0], t.p.shape[1], 1))
+                u = xp.reshape(xp.astype(u, xp.float64), upstream_shape)
                 for index, partial in enumerate(entry.partials(xp, v)):
                     if partial is not None:
                         d[index] = d[index] + _weighted(xp, t.w, u * partial)

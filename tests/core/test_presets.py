@@ -294,6 +294,7 @@ PRESET_TESTS = {
     ("tversky", "monai"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
     ("focal", "monai"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
     ("focal", "monai_softmax"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
+    ("dice_focal", "monai"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
     ("dice_focal", "monai_sigmoid"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
     ("hausdorff_dt", "monai"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
     ("log_hausdorff_dt", "monai"): "tests/oracles/test_monai.py::test_monai_presets_are_monai_defaults",
@@ -306,6 +307,11 @@ PRESET_TESTS = {
     ("focal_tversky", "abraham2019"): "tests/core/test_presets.py::test_focal_tversky_abraham2019",
     ("cross_entropy", "torch"): "tests/core/test_presets.py::test_cross_entropy_torch",
     ("bce", "torch"): "tests/core/test_presets.py::test_bce_torch",
+    ("bce", "smp"): "tests/oracles/test_peer_parity.py::test_bce_smp_preset_matches_soft_bce",
+    ("cross_entropy", "smp"): (
+        "tests/oracles/test_peer_parity.py::test_cross_entropy_smp_preset_matches_soft_cross_entropy"
+    ),
+    ("focal", "smp"): "tests/oracles/test_peer_parity.py::test_focal_smp_preset_matches_smp",
     ("lovasz_softmax", "berman2018"): "tests/torch_backend/test_voxelwise.py::test_lovasz_matches_berman",
     ("boundary", "kervadec2019"): "tests/torch_backend/test_distance_losses.py::test_boundary_matches_liviaets",
     (

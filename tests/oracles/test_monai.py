@@ -323,6 +323,7 @@ PRESET_CASES = [
     ("tversky", "monai", lambda: monai_losses.TverskyLoss(softmax=True, to_onehot_y=True)),
     ("focal", "monai", lambda: monai_losses.FocalLoss(to_onehot_y=True)),
     ("focal", "monai_softmax", lambda: monai_losses.FocalLoss(to_onehot_y=True, use_softmax=True)),
+    ("dice_focal", "monai", lambda: monai_losses.DiceFocalLoss(softmax=True, to_onehot_y=True)),
     ("dice_focal", "monai_sigmoid", lambda: monai_losses.DiceFocalLoss(sigmoid=True, to_onehot_y=True)),
     ("hausdorff_dt", "monai", lambda: monai_losses.HausdorffDTLoss(softmax=True, to_onehot_y=True)),
     ("log_hausdorff_dt", "monai", lambda: monai_losses.LogHausdorffDTLoss(softmax=True, to_onehot_y=True)),

@@ -98,7 +98,9 @@ def test_reduction_none_shapes():
     assert get_loss("dice", backend="torch", reduction="none")(x, y).shape == (2, 3)
     assert get_loss("dice", backend="torch", reduction="none", batch=True)(x, y).shape == (3,)
     assert get_loss("dice", backend="torch", reduction="none", include_background=False)(x, y).shape == (2, 2)
-    assert get_loss("cross_entropy", backend="torch", reduction="none")(x, y).shape == (2,)
+    assert get_loss("cross_entropy", backend="torch", reduction="per_sample")(x, y).shape == (2,)
+    assert get_loss("cross_entropy", backend="torch", reduction="none")(x, y).shape == y.shape  # as torch
+    assert get_loss("bce", backend="torch", reduction="none")(x, x.sigmoid()).shape == x.shape
 
 
 def test_sum_of_none_equals_sum():

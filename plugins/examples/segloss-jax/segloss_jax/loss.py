@@ -135,6 +135,15 @@ def compute_statistics(
     return out
 
 
+def compute_elements(v: Voxel, w: Array, name: str) -> Array:
+    """The per-voxel term w·f of statistic ``name``, (B, C, N), 0 wherever w == 0 (element maps)."""
+    base, arg = stat_names.parse(name)
+    entry = stat_names.TABLE[base]
+    if entry.sigmoid_only and v.log_1mp is None:
+        raise ValueError(f"statistic {name!r} needs activation 'sigmoid' or 'none'")
+    return stat_names.weighted_elements(jnp, entry.term(jnp, replace(v, arg=arg)), w, int(v.p.shape[1]))
+
+
 class JaxKernels(Kernels):
     """The kernels of the core's executor on JAX arrays (traced inside ``jax.jit``)."""
 
@@ -146,6 +155,10 @@ class JaxKernels(Kernels):
 
     def statistics(self, prepared: PreparedInputs, names: frozenset[str]) -> dict[str, Array]:
         return compute_statistics(*_voxel_terms(prepared), names, prepared.fields)
+
+    def elements(self, prepared: PreparedInputs, names: frozenset[str]) -> dict[str, Array]:
+        v, w = _voxel_terms(prepared)
+        return {name: compute_elements(v, w, name) for name in names}
 
     def voxels(self, prepared: PreparedInputs) -> tuple[Array, Array, Array]:
         v, w = _voxel_terms(prepared)  # computed again if statistics need it too: XLA merges the two
