@@ -74,6 +74,9 @@ SLOW = (
     "cli/test_examples.py::",
     "kernels/test_emulated_cuda.py::",
     "kernels/test_cuda_sources.py::",
+    "test_build.py::test_two_venvs_and_checkouts_share_one_cpu_build_without_nvcc",  # a fresh venv and a build
+    "plugins/test_example_plugins.py::test_jax_passes_the_quick_conformance_kit_on_core_losses",  # XLA per case
+    "cli/test_cli.py::test_demo_runs_every_available_backend",  # the whole demo on every backend
 )
 
 
