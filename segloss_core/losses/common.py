@@ -87,7 +87,9 @@ CLASSES = Param(
 def check_class_selection(params: Params) -> None:
     """``classes`` lists exactly the channels to include, so it excludes ``include_background=False``.
 
-    The one check of that combination, for every loss with both parameters."""
+    The one check of that combination, for every loss with both parameters whose
+    ``include_background`` defaults to True; where it defaults to False (boundary, hausdorff_dt),
+    ``classes=`` alone selects the channels and the check would refuse that."""
     if params.get("classes") is not None and not params.get("include_background", True):
         raise ValueError(
             f"loss {params.loss!r}: give either classes= or include_background=False, not both "

@@ -57,11 +57,18 @@ def test_classes_and_include_background_false_rejected_by_every_loss_with_both()
         for name in list_losses()
         if registry().loss(name).kind != "compound"
         and {"classes", "include_background"} <= {p.name for p in registry().loss(name).params}
+        and registry().loss(name).param("include_background").default
     ]
-    assert {"dice", "focal", "generalized_dice", "lovasz_softmax", "boundary", "hausdorff_dt"} <= set(names)
+    assert {"dice", "focal", "generalized_dice", "lovasz_softmax"} <= set(names)
     for name in names:
         with pytest.raises(ValueError, match=rf"loss '{name}': give either classes= or include_background"):
             get_loss(name, backend="numpy", classes=[1], include_background=False)
+
+
+def test_classes_alone_selects_channels_where_include_background_defaults_to_false():
+    """boundary / hausdorff_dt exclude the background by default: classes= alone overrides that."""
+    for name in ("boundary", "hausdorff_dt", "log_hausdorff_dt"):
+        assert get_loss(name, backend="numpy", classes=[1]).plan.terms[0].params.classes == (1,)
 
 
 def test_parameter_values_are_canonicalised():
