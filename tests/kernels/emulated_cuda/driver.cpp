@@ -9,9 +9,9 @@
 #include <cstring>
 #include <vector>
 
-#include "../../csrc/cuda/edt.h"
-#include "../../csrc/cuda/region_stats.h"
-#include "../../csrc/kernels/region_stats.cuh"  // kNumSlots
+#include "../../../csrc/cuda/edt.h"
+#include "../../../csrc/cuda/region_stats.h"
+#include "../../../csrc/kernels/region_stats.cuh"  // kNumSlots
 
 namespace {
 
