@@ -185,14 +185,21 @@ class Preset:
 
 
 class Params(Mapping[str, Any]):
-    """Resolved, checked, immutable parameter values; also readable as attributes."""
+    """Resolved, checked, immutable parameter values; also readable as attributes.
 
-    __slots__ = ("_values", "loss", "preset")
+    ``explicit`` names the parameters the caller gave (to ``get_loss``, ``compound``, ``explain``,
+    or to a compound loss that routes them to its components); a value that came from the default
+    or from the preset is not explicit. A ``check`` uses it where giving two parameters together is
+    the mistake, whatever their values (``classes`` with ``include_background``). It is not part of
+    equality or the hash: the same values make the same loss."""
 
-    def __init__(self, values: Mapping[str, Any], loss: str, preset: str | None):
+    __slots__ = ("_values", "explicit", "loss", "preset")
+
+    def __init__(self, values: Mapping[str, Any], loss: str, preset: str | None, explicit: Iterable[str] = ()) -> None:
         object.__setattr__(self, "_values", dict(values))
         object.__setattr__(self, "loss", loss)
         object.__setattr__(self, "preset", preset)
+        object.__setattr__(self, "explicit", frozenset(explicit))
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
@@ -213,7 +220,7 @@ class Params(Mapping[str, Any]):
         raise AttributeError("Params are immutable; use .replace(**changes)")
 
     def replace(self, **changes: Any) -> Params:
-        return Params({**self._values, **changes}, self.loss, self.preset)
+        return Params({**self._values, **changes}, self.loss, self.preset, self.explicit)
 
     def __hash__(self) -> int:
         return hash((self.loss, tuple(sorted(self._values.items()))))
@@ -281,7 +288,10 @@ class LossPlan:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # specs hold functions (closures) that pickle cannot carry: rebuild from registered names
-        terms = tuple((t.weight, t.spec.name, dict(t.params), t.params.preset) for t in self.terms)
+        terms = tuple(
+            (t.weight, t.spec.name, dict(t.params), t.params.preset, tuple(sorted(t.params.explicit)))
+            for t in self.terms
+        )
         return (_plan_from_names, (self.name, terms, self.preset))
 
     def describe(self) -> str:
@@ -291,14 +301,16 @@ class LossPlan:
         return " + ".join(parts)
 
 
-def _plan_from_names(name: str, terms: tuple[tuple[float, str, dict[str, Any], str | None], ...], preset: str | None):
+def _plan_from_names(
+    name: str, terms: tuple[tuple[float, str, dict[str, Any], str | None, tuple[str, ...]], ...], preset: str | None
+):
     from .registry import registry
 
     reg = registry()
     rebuilt = []
-    for weight, loss_name, values, term_preset in terms:
+    for weight, loss_name, values, term_preset, explicit in terms:
         spec = reg.loss(loss_name)
-        params = Params(values, loss_name, term_preset)
+        params = Params(values, loss_name, term_preset, explicit)
         if spec.check is not None:
             spec.check(params)
         rebuilt.append(PlanTerm(weight, spec, params))
@@ -425,7 +437,14 @@ class LossSpec:
 
     # -- resolution ------------------------------------------------------------------
     def resolve(self, preset: str | None = None, /, **values: Any) -> Params:
-        """Defaults, then ``preset``, then ``values``; every value checked."""
+        """Defaults, then ``preset``, then ``values``; every value checked.
+
+        The names in ``values`` are the result's :attr:`Params.explicit` (a preset's values are not)."""
+        return self.resolve_given(preset, values, explicit=values)
+
+    def resolve_given(self, preset: str | None, values: Mapping[str, Any], *, explicit: Iterable[str]) -> Params:
+        """:meth:`resolve` with the caller's parameter names given apart from ``values`` (a compound
+        routes its resolved values to a component; only those its own caller gave are explicit)."""
         owner = f"loss {self.name!r}"
         by_name = {p.name: p for p in self.params}
         unknown = [k for k in values if k not in by_name]
@@ -440,7 +459,7 @@ class LossSpec:
             merged.update(self.preset(preset).values)
         for key, value in values.items():
             merged[key] = by_name[key].convert(value, owner)
-        params = Params(merged, self.name, preset)
+        params = Params(merged, self.name, preset, explicit)
         if self.check is not None:
             self.check(params)
         return params
@@ -453,11 +472,16 @@ class LossSpec:
         for term in self.terms:
             component = registry.loss(term.loss)
             shared = {k: v for k, v in params.items() if k in {p.name for p in component.params}}
+            # a routed value is explicit for the component where the compound's caller gave it; its defaults,
+            # preset, fixed values and switches are the compound's choice
+            explicit = params.explicit & set(shared)
             shared.update(term.fixed)
+            explicit -= set(term.fixed)
             for switch, values in term.switches.items():
                 if params[switch]:
                     shared.update(values)
-            sub = component.resolve(None, **shared)
+                    explicit -= set(values)
+            sub = component.resolve_given(None, shared, explicit=explicit)
             out.append(PlanTerm(float(params[term.weight_param]), component, sub))
         return LossPlan(self.name, tuple(out), params.preset)
 

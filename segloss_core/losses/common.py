@@ -77,7 +77,8 @@ CLASSES = Param(
     "classes",
     "int_seq",
     None,
-    "explicit channels to include (overrides include_background), e.g. (1, 3)",
+    "explicit channels to include, e.g. (1, 3): overrides include_background's default or preset value "
+    "(giving both is an error)",
     optional=True,
     low=0,
     examples=((1,),),
@@ -85,13 +86,28 @@ CLASSES = Param(
 
 
 def check_class_selection(params: Params) -> None:
-    """``classes`` lists exactly the channels to include, so it excludes ``include_background=False``.
+    """``classes`` lists exactly the channels to include, so an ``include_background`` the caller gave
+    with it is a mistake (ignored, or contradicting it): raise ``ValueError`` naming both.
 
-    The one check of that combination, for every loss with both parameters whose
-    ``include_background`` defaults to True; where it defaults to False (boundary, hausdorff_dt),
-    ``classes=`` alone selects the channels and the check would refuse that."""
-    if params.get("classes") is not None and not params.get("include_background", True):
+    The one check of that combination; every loss with both parameters calls it (dice and the region
+    family, focal, lovasz_softmax, boundary, hausdorff_dt, and the compounds through their components).
+    Only an explicit ``include_background`` (:attr:`~segloss_core.spec.Params.explicit`: given to
+    ``get_loss``, ``compound`` or a compound that routes it) conflicts; its default (True for dice,
+    False for boundary and hausdorff_dt) and a preset's value (nnU-Net's ``include_background=False``)
+    give way to ``classes=``, which overrides ``include_background`` wherever both are set.
+
+    >>> from segloss_core.spec import Params
+    >>> values = {"classes": (1,), "include_background": False}
+    >>> check_class_selection(Params(values, "boundary", None))  # the default
+    >>> check_class_selection(Params(values, "dice", "nnunet"))  # the preset's value
+    >>> check_class_selection(Params(values, "dice", None, explicit=["include_background"]))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: loss 'dice': give either classes= or include_background=, not both (classes=(1,) ...
+    """
+    if params.get("classes") is not None and "include_background" in params.explicit:
         raise ValueError(
-            f"loss {params.loss!r}: give either classes= or include_background=False, not both "
-            "(classes lists exactly the channels to include)"
+            f"loss {params.loss!r}: give either classes= or include_background=, not both (classes="
+            f"{params.classes!r} lists exactly the channels to include; it overrides "
+            f"include_background={params.include_background!r})"
         )

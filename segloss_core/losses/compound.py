@@ -54,7 +54,7 @@ def build_compound(
     def check(resolved: Params) -> None:
         for spec in specs:
             own = {p.name for p in spec.params}
-            sub = Params({k: v for k, v in resolved.items() if k in own}, spec.name, None)
+            sub = Params({k: v for k, v in resolved.items() if k in own}, spec.name, None, resolved.explicit & own)
             if spec.check is not None:
                 spec.check(sub)
 

@@ -217,6 +217,7 @@ BOUNDARY = LossSpec(
     required_statistics=_boundary_statistics,
     from_statistics=_boundary_formula,
     fields=_boundary_fields,
+    check=common.check_class_selection,
     call_inputs=("mask", "distance_map"),
     tolerance_floor=1e-6,  # backends may compute φ in float32 (exact to float32 rounding)
 )
@@ -253,6 +254,7 @@ HAUSDORFF_DT = LossSpec(
     required_statistics=_hausdorff_statistics,
     from_statistics=_hausdorff_formula(log=False),
     fields=_hausdorff_fields,
+    check=common.check_class_selection,
     tolerance_floor=1e-6,
 )
 

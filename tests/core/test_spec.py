@@ -48,27 +48,63 @@ def test_bad_parameters_raise_before_any_data(kwargs, error, pattern):
         get_loss("dice", backend="numpy", **kwargs)
 
 
-def test_classes_and_include_background_false_rejected_by_every_loss_with_both():
-    from segloss_core import list_losses
+def _losses_with_classes_and_include_background(kind: str | None = None) -> list[str]:
     from segloss_core.registry import registry
 
-    names = [
+    return [
         name
         for name in list_losses()
-        if registry().loss(name).kind != "compound"
-        and {"classes", "include_background"} <= {p.name for p in registry().loss(name).params}
-        and registry().loss(name).param("include_background").default
+        if {"classes", "include_background"} <= {p.name for p in registry().loss(name).params}
+        and (kind is None or (registry().loss(name).kind == "compound") == (kind == "compound"))
     ]
-    assert {"dice", "focal", "generalized_dice", "lovasz_softmax"} <= set(names)
-    for name in names:
-        with pytest.raises(ValueError, match=rf"loss '{name}': give either classes= or include_background"):
-            get_loss(name, backend="numpy", classes=[1], include_background=False)
 
 
-def test_classes_alone_selects_channels_where_include_background_defaults_to_false():
-    """boundary / hausdorff_dt exclude the background by default: classes= alone overrides that."""
-    for name in ("boundary", "hausdorff_dt", "log_hausdorff_dt"):
-        assert get_loss(name, backend="numpy", classes=[1]).plan.terms[0].params.classes == (1,)
+def test_every_loss_with_classes_and_include_background_is_covered():
+    names = set(_losses_with_classes_and_include_background())
+    assert {"dice", "focal", "generalized_dice", "lovasz_softmax", "boundary", "hausdorff_dt", "dice_ce"} <= names
+
+
+@pytest.mark.parametrize("name", _losses_with_classes_and_include_background())
+def test_classes_alone_selects_the_channels(name):
+    """classes= overrides include_background's default, True (dice) or False (boundary, hausdorff_dt)."""
+    plan = get_loss(name, backend="numpy", classes=[1]).plan
+    assert all(term.params.classes == (1,) for term in plan.terms if "classes" in term.params)
+
+
+@pytest.mark.parametrize("include_background", [False, True])
+@pytest.mark.parametrize("name", _losses_with_classes_and_include_background())
+def test_classes_with_an_explicit_include_background_is_refused_before_any_kernel(
+    name, include_background, monkeypatch
+):
+    """Both given is the mistake, whatever the values (classes lists the channels; it would override the other)."""
+    from segloss_core.registry import Registry
+
+    def build(*args, **kwargs):
+        raise AssertionError("the backend was asked to build a loss")
+
+    monkeypatch.setattr(Registry, "build", build)
+    with pytest.raises(ValueError, match=r"give either classes= or include_background=, not both \(classes=\(1,\)"):
+        get_loss(name, backend="torch", classes=[1], include_background=include_background)
+
+
+@pytest.mark.parametrize(("name", "preset"), [("dice", "nnunet"), ("boundary", "kervadec2019"), ("dice_ce", "nnunet")])
+def test_a_presets_include_background_gives_way_to_classes(name, preset):
+    """A preset's include_background=False is the preset's choice, not the caller's: classes= overrides it."""
+    plan = get_loss(name, backend="numpy", preset=preset, classes=[2]).plan
+    selected = [term.params for term in plan.terms if "classes" in term.params]
+    assert selected and all(p.classes == (2,) and p.include_background is False for p in selected)
+
+
+def test_explicit_parameters_are_the_callers_and_survive_pickling():
+    import pickle
+
+    from segloss_core import compound
+
+    plan = get_loss("dice_ce", backend="numpy", preset="nnunet", smooth_nr=0.5).plan
+    assert [term.params.explicit for term in plan.terms] == [{"smooth_nr"}, set()]
+    assert [term.params.explicit for term in pickle.loads(pickle.dumps(plan)).terms] == [{"smooth_nr"}, set()]
+    with pytest.raises(ValueError, match=r"loss 'dice': give either classes= or include_background="):
+        compound([("dice", 1.0, {"preset": "nnunet", "classes": [1], "include_background": False})], backend="numpy")
 
 
 def test_parameter_values_are_canonicalised():
