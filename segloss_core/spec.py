@@ -35,7 +35,7 @@ __all__ = [
     "close_matches",
 ]
 
-PARAM_KINDS = ("bool", "int", "float", "choice", "float_seq", "int_seq", "object")
+PARAM_KINDS = ("bool", "int", "float", "choice", "float_seq", "int_seq", "regions", "object")
 
 
 def close_matches(word: str, candidates: Iterable[str]) -> str:
@@ -57,7 +57,8 @@ class Param:
     """One parameter of a loss: type, default, allowed values and a one-line meaning.
 
     ``kind`` is one of ``bool``, ``int``, ``float``, ``choice`` (one of ``choices``),
-    ``float_seq`` / ``int_seq`` (a sequence, e.g. one weight per class). ``low``/``high``
+    ``float_seq`` / ``int_seq`` (a sequence, e.g. one weight per class), ``regions`` (a sequence of
+    label sequences, :func:`segloss_core.regions.check_regions`). ``low``/``high``
     bound numbers (and every element of a sequence); ``low_open``/``high_open`` make a bound
     strict. ``optional`` admits ``None``. ``examples`` are non-default values the
     conformance suite tries (choices are tried automatically).
@@ -95,6 +96,7 @@ class Param:
                 "float": "float",
                 "float_seq": "sequence of float",
                 "int_seq": "sequence of int",
+                "regions": "sequence of label sequences",
             }[self.kind]
             if self.low is not None or self.high is not None:
                 lo = "(" if self.low_open or self.low is None else "["
@@ -122,6 +124,10 @@ class Param:
         kind = self.kind
         if kind == "object":  # backend options only (e.g. a torch process group): passed through
             return value
+        if kind == "regions":
+            from .regions import check_regions
+
+            return check_regions(value, owner, self.name)
         if kind == "bool":
             if hasattr(value, "dtype") and getattr(value, "shape", None) == () and str(value.dtype) == "bool":
                 value = bool(value)
@@ -274,6 +280,16 @@ class LossPlan:
     @property
     def ignore_index(self) -> int | None:
         return self.terms[0].params.get("ignore_index")
+
+    @property
+    def regions(self) -> tuple[tuple[int, ...], ...] | None:
+        """The regions of region-based training (every term shares them; checked when the plan is made)."""
+        return next((t.params["regions"] for t in self.terms if t.params.get("regions") is not None), None)
+
+    def __post_init__(self) -> None:
+        from .regions import check_plan_regions
+
+        check_plan_regions(self)
 
     @property
     def call_inputs(self) -> tuple[str, ...]:

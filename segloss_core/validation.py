@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .arrays import device, get_namespace, library_name
+from .regions import largest_label
 from .spec import LossPlan
 
 Array = Any
@@ -45,6 +46,7 @@ class PreparedInputs:
     ignore_index: int | None
     activation: str
     fields: dict[str, Array] | None = None  # per-voxel constant fields (B, C, *S), see statistics.FIELD
+    regions: tuple[tuple[int, ...], ...] | None = None  # region-based training: g_r = [label ∈ regions[r]]
 
     @property
     def batch_size(self) -> int:
@@ -171,6 +173,14 @@ def validate_inputs(
             f"segmentation with one output channel (pred shape {shape})"
         )
 
+    regions = plan.regions
+    if regions is not None and channels != len(regions):
+        raise ValueError(
+            f"loss {plan.name!r}: regions names {len(regions)} region{'s' if len(regions) != 1 else ''} {regions} but "
+            f"pred has {channels} channel{'s' if channels != 1 else ''} (shape {shape}); give one output channel per "
+            "region"
+        )
+
     # target ------------------------------------------------------------------------------
     _namespace("target", target)
     _same_library_and_device("target", target, pred)
@@ -190,15 +200,25 @@ def validate_inputs(
         if xp.isdtype(labels.dtype, "bool"):
             labels = xp.astype(labels, xp.int64)
         valid_max = 2 if (activation != "softmax" and channels == 1) else channels
+        if regions is not None:
+            valid_max = largest_label(regions) + 1
         if check_label_values:
             problem = label_range_error(labels, xp, valid_max, ignore_index)
             if problem is not None:
                 extra = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
-                raise ValueError(
-                    f"target has labels outside [0, {valid_max}){extra}: found {problem} "
-                    f"(pred has {channels} channel{'s' if channels > 1 else ''})"
+                what = (
+                    f"the largest label regions= names is {valid_max - 1}"
+                    if regions is not None
+                    else f"pred has {channels} channel{'s' if channels > 1 else ''}"
                 )
+                raise ValueError(f"target has labels outside [0, {valid_max}){extra}: found {problem} ({what})")
     elif xp.isdtype(target.dtype, "real floating"):
+        if regions is not None:
+            raise ValueError(
+                f"loss {plan.name!r}: regions= computes each channel's target from an integer label map; got a "
+                f"floating target of dtype {_dtype_name(target)} (pass the labels (B, *spatial), or drop regions= "
+                "and pass the region one-hot target itself)"
+            )
         if tshape == shape:
             probabilities = target
         elif channels == 1 and tshape == (batch, *spatial):
@@ -268,4 +288,5 @@ def validate_inputs(
         num_classes=channels,
         ignore_index=ignore_index,
         activation=activation,
+        regions=regions,
     )

@@ -58,7 +58,8 @@ class CupyLoss(TermWeights):
         self._check(pred=pred, target=target, mask=mask)
         prepared = prepare_all(pred, target, mask, self.plan)
         per_class_mask = any(p.mask is not None and int(p.mask.shape[1]) != 1 for p in prepared.values())
-        kernels_type = FusedKernels if self._fused and not per_class_mask else TapeKernels
+        regions = self.plan.regions is not None  # region targets: the reference math for now
+        kernels_type = FusedKernels if self._fused and not per_class_mask and not regions else TapeKernels
         kernels = kernels_type(pred, with_grad=with_grad)
         return value_and_grad(self.plan, prepared, kernels, inputs, weights=self.term_weights, grad_output=grad_output)
 

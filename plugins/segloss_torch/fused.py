@@ -91,6 +91,8 @@ def _unsupported_reason(names: Iterable[str], prepared: PreparedInputs | None) -
     if extra:
         return f"statistics {extra} are not fused (native only)"
     if prepared is not None:
+        if prepared.regions is not None:
+            return "regions= (region-based training) is not fused yet (native only)"
         if prepared.mask is not None and int(prepared.mask.shape[1]) != 1:
             return "per-class masks (B, C, ...) are not fused (native only)"
         if prepared.pred.device.type not in ("cpu", "cuda"):
@@ -112,6 +114,8 @@ def applicable(names: Iterable[str], plan: Any, prepared: PreparedInputs | None)
 def require(names: Iterable[str], plan: Any) -> None:
     """impl='fused': raise now (at get_loss time) if the fused path cannot serve this loss."""
     reason = _unsupported_reason(names, None)
+    if reason is None and plan.regions is not None:
+        reason = "regions= (region-based training) is not fused yet (native only)"
     if reason is not None:
         raise ValueError(f"impl='fused' cannot compute loss {plan.name!r}: {reason}; use impl='auto' or 'native'")
     state = prepare()

@@ -10,12 +10,14 @@ saved output and autograd's intermediates, about 3–5 copies of the logits beyo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import array_api_compat.torch as xp_torch
 import torch
 import torch.nn.functional as F
 
+from segloss_core import regions as regions_module
 from segloss_core import statistics as stat_names
 from segloss_core.validation import PreparedInputs
 
@@ -41,7 +43,9 @@ def target_and_weights(prepared: PreparedInputs, dtype: torch.dtype) -> tuple[to
                 keep = labels != prepared.ignore_index
                 weight = keep.to(dtype).unsqueeze(1)
                 labels = torch.where(keep, labels, torch.zeros_like(labels))
-            if channels == 1 and prepared.activation != "softmax":
+            if prepared.regions is not None:
+                g = region_targets(prepared, labels, dtype)
+            elif channels == 1 and prepared.activation != "softmax":
                 g = (labels == 1).to(dtype).unsqueeze(1)
             else:
                 g = F.one_hot(labels.long(), channels).to(dtype).permute(0, 2, 1)
@@ -54,6 +58,29 @@ def target_and_weights(prepared: PreparedInputs, dtype: torch.dtype) -> tuple[to
             mask = mask.reshape(mask.shape[0], mask.shape[1], -1)
             weight = mask if weight is None else weight * mask
     return g, weight
+
+
+def membership_table(prepared: PreparedInputs) -> torch.Tensor:
+    """The regions' membership table (``segloss_core.regions.membership_table``) as int64 on the
+    labels' device, memoised per (regions, device)."""
+    return _membership_table(prepared.regions, prepared.labels.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _membership_table(regions: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    table = [value - (1 << 64) if value >= 1 << 63 else value for value in regions_module.membership_table(regions)]
+    return torch.tensor(table, dtype=torch.int64, device=device)
+
+
+def region_targets(prepared: PreparedInputs, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """g (B, R, N): bit r of each voxel's membership mask (0 for a label outside the table, which only
+    an ignored voxel can have here)."""
+    table = membership_table(prepared)
+    inside = (labels >= 0) & (labels < table.shape[0])
+    bits = table[torch.where(inside, labels, torch.zeros_like(labels)).long()]
+    bits = torch.where(inside, bits, torch.zeros_like(bits))
+    shifts = torch.arange(len(prepared.regions), device=labels.device, dtype=torch.int64).view(1, -1, 1)
+    return ((bits.unsqueeze(1) >> shifts) & 1).to(dtype)
 
 
 SPARSE = frozenset(name for name, entry in stat_names.TABLE.items() if entry.one_hot is not None)
@@ -129,6 +156,7 @@ def compute_statistics(prepared: PreparedInputs, names: Iterable[str]) -> dict[s
     names = set(names)
     if (
         prepared.labels is not None
+        and prepared.regions is None
         and prepared.activation != "sigmoid"
         and prepared.num_classes > 1
         and (prepared.mask is None or int(prepared.mask.shape[1]) == 1)

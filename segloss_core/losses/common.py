@@ -21,6 +21,7 @@ __all__ = [
     "IGNORE_INDEX",
     "INCLUDE_BACKGROUND",
     "REDUCTION",
+    "REGIONS",
     "check_class_selection",
 ]
 
@@ -82,6 +83,16 @@ CLASSES = Param(
     optional=True,
     low=0,
     examples=((1,),),
+)
+
+REGIONS = Param(
+    "regions",
+    "regions",
+    None,
+    "region-based training (nnU-Net): channel r's target is 'label in regions[r]', e.g. BraTS ((1, 2, 3), (2, 3), "
+    "(3,)); integer label maps in [0, largest region label], activation sigmoid; every channel is a region, so "
+    "include_background has no effect (select channels with classes=); see segloss_core.regions",
+    optional=True,
 )
 
 

@@ -102,6 +102,16 @@ DICE_CE = build_compound(
             "MIC-DKFZ/nnUNet nnunetv2/training/loss/compound_losses.py + nnUNetTrainer._build_loss, v2.8.1",
         ),
         Preset(
+            "nnunet_regions",
+            merge_presets(DICE.preset("nnunet_regions").values, binary_mean="nnunet"),
+            "nnU-Net v2 region-based training, DC_and_BCE_loss as nnUNetTrainer builds it for BraTS/KiTS: "
+            "BCEWithLogits + (−Dice) on sigmoid region channels, Dice smooth 1e-5 with every region; with "
+            "ignore_index the BCE is Σ mask·bce / Σ mask over voxels (use_ignore_label=True). Pass regions= and "
+            "batch=True for batch_dice plans",
+            "MIC-DKFZ/nnUNet nnunetv2/training/loss/compound_losses.py DC_and_BCE_loss + nnUNetTrainer._build_loss, "
+            "v2.8.1 (0e49508)",
+        ),
+        Preset(
             "nnunet_nosmooth",
             merge_presets(DICE.preset("nnunet_nosmooth").values),
             "nnUNetTrainerDiceCELoss_noSmooth: CE + (−2I/max(P + G, 1e-8))",

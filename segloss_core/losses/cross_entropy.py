@@ -65,6 +65,15 @@ IGNORED_IN_MEAN = Param(
     "reduction='mean' divides by every voxel (N per sample and channel), ignore_index voxels and the mask "
     "included, as segmentation_models_pytorch's SoftCrossEntropyLoss / SoftBCEWithLogitsLoss do",
 )
+BINARY_MEAN = Param(
+    "binary_mean",
+    "choice",
+    "elements",
+    "binary (sigmoid) reduction='mean' divides by: elements (voxels × channels, PyTorch BCEWithLogitsLoss), voxels "
+    "(each voxel once, its channels' terms added: nnU-Net's DC_and_BCE_loss with an ignore label) or nnunet "
+    "(elements without ignore_index, voxels with it, exactly as DC_and_BCE_loss)",
+    choices=("elements", "voxels", "nnunet"),
+)
 VOXELWISE_REDUCTION = replace(
     common.REDUCTION,
     choices=("mean", "sum", "none", "per_sample"),
@@ -135,13 +144,23 @@ def cross_entropy_from_statistics(xp: Any, stats: Mapping[str, Array], params: P
     binary = is_binary(params, num_classes)
     if params.ignored_in_mean:
         voxels = stats["voxels"]
-        normaliser = xp.sum(voxels, axis=1) if binary else voxels[:, 0]
+        normaliser = _binary_normaliser(xp, voxels, params) if binary else voxels[:, 0]
     elif binary:
-        normaliser = xp.sum(stats["count"], axis=1)
+        normaliser = _binary_normaliser(xp, stats["count"], params)
     else:
         target_sum = stats["target_sum"]
         normaliser = xp.sum(_scaled(target_sum, per_class(xp, target_sum, params.class_weights)), axis=1)
     return reduce_voxel_mean(xp, numerator, normaliser, params.reduction)
+
+
+def _binary_normaliser(xp: Any, counts: Array, params: Params) -> Array:
+    """Per sample: Σ_c counts (every element) or, per ``binary_mean``, the voxels once (Σ_c counts / C,
+    which is each channel's count where the voxel weights are the same for every channel)."""
+    mode = params.get("binary_mean", "elements")
+    if mode == "nnunet":
+        mode = "elements" if params.ignore_index is None else "voxels"
+    total = xp.sum(counts, axis=1)
+    return total if mode == "elements" else total / float(counts.shape[1])
 
 
 def cross_entropy_elements(xp: Any, elements: Mapping[str, Array], params: Params) -> Array:
@@ -153,6 +172,8 @@ def cross_entropy_elements(xp: Any, elements: Mapping[str, Array], params: Param
 def _check(params: Params) -> None:
     if params.get("pos_weight") is not None and params.activation == "softmax":
         raise ValueError(f"loss {params.loss!r}: pos_weight is for binary (sigmoid) cross-entropy")
+    if params.get("binary_mean", "elements") != "elements" and params.activation == "softmax":
+        raise ValueError(f"loss {params.loss!r}: binary_mean is for binary (sigmoid) cross-entropy")
 
 
 _CE_PARAMS = (
@@ -162,7 +183,9 @@ _CE_PARAMS = (
     LABEL_SMOOTHING,
     POS_WEIGHT,
     IGNORED_IN_MEAN,
+    BINARY_MEAN,
     VOXELWISE_REDUCTION,
+    common.REGIONS,
 )
 
 CROSS_ENTROPY = LossSpec(
@@ -348,6 +371,7 @@ FOCAL = LossSpec(
             doc="mean over voxels (elements for sigmoid), sum, per_sample: one mean per sample (B,), or none: the "
             "elements ((B, K, *spatial) for sigmoid or channel_mean, as MONAI; else (B, *spatial))",
         ),
+        common.REGIONS,
     ),
     formula="softmax: Σ_c a_c Σ_x v g_c (1 − p_c)^γ (−log p_c) / Σ_x v [× K if channel_mean]; "
     "sigmoid: Σ_c a_c Σ_x v [α pw_c g (1 − p)^γ (−log p) + (1 − α)(1 − g) p^γ (−log(1 − p))] / (Σ_x v · K); "

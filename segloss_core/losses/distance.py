@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import distance_maps
 from ..arrays import get_namespace
+from ..regions import region_masks
 from ..spec import LossSpec, Param, Params, Preset
 from ..statistics import field_statistic
 from . import common
@@ -78,8 +79,11 @@ def _detached(x: Array) -> Array:
 
 
 def _target_masks(prepared: Any) -> Array | None:
-    """Binary target masks (B, C, *S) when the target is not a plain label map of C classes."""
+    """Binary target masks (B, C, *S) when the target is not a plain label map of C classes (regions:
+    each region's mask, ``label ∈ regions[r]``)."""
     xp = get_namespace(prepared.pred)
+    if prepared.regions is not None:
+        return region_masks(xp, prepared.labels, prepared.regions)
     if prepared.labels is not None:
         if prepared.num_classes == 1 and prepared.activation != "softmax":
             return xp.expand_dims(prepared.labels == 1, axis=1)
@@ -202,6 +206,7 @@ BOUNDARY = LossSpec(
         CONVENTION,
         NORMALIZE,
         replace(common.REDUCTION, doc="mean over (sample, class, voxel), sum, or none: per-sample means (B,)"),
+        common.REGIONS,
     ),
     formula="L = Σ_{b, c∈classes, x} w·p_c·φ_c / (Σ_{b,x} w · |classes|); φ = signed distance map of the target "
     "(convention, spacing, normalize), or the call-time distance_map=; classes without a boundary have φ = 0.",
@@ -232,6 +237,7 @@ _HD_PARAMS = (
     THRESHOLD,
     SPACING,
     common.REDUCTION,
+    common.REGIONS,
 )
 
 HAUSDORFF_DT = LossSpec(

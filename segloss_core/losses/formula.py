@@ -48,11 +48,13 @@ def select_columns(xp: Any, x: Array, columns: Sequence[int] | None) -> Array:
 
 
 def included_classes(params: Any, num_classes: int) -> list[int]:
-    """The channels a region loss averages over, from ``classes``/``include_background``."""
+    """The channels a loss averages over, from ``classes``/``include_background`` (every channel with
+    ``regions``: none of them is background)."""
     classes = params.get("classes")
     if classes is not None:
         return sorted(set(classes))
-    if num_classes == 1 or params.get("include_background", True):
+    # with regions every channel is a region (none is background): include_background has no effect
+    if num_classes == 1 or params.get("include_background", True) or params.get("regions") is not None:
         return list(range(num_classes))
     return list(range(1, num_classes))
 

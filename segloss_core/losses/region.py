@@ -143,6 +143,7 @@ COMMON = (
     LOSS_FORM,
     LOG_LOSS,
     common.REDUCTION,
+    common.REGIONS,
 )
 
 
@@ -345,6 +346,22 @@ DICE_PRESETS = (
         },
         "nnUNetTrainerDiceCELoss_noSmooth's Dice: −2I/max(P + G, 1e-8)",
         "MIC-DKFZ/nnUNet nnunetv2/training/nnUNetTrainer/variants/loss/nnUNetTrainerDiceLoss.py, v2.8.1",
+    ),
+    Preset(
+        "nnunet_regions",
+        {
+            "activation": "sigmoid",
+            "include_background": True,
+            "smooth_nr": 1e-5,
+            "smooth_dr": 1e-5,
+            "clamp_dr": 1e-8,
+            "loss_form": "negative",
+        },
+        "nnU-Net v2 region-based training (BraTS/KiTS): MemoryEfficientSoftDiceLoss(apply_nonlin=sigmoid, do_bg=True, "
+        "smooth=1e-5) on every region channel, −(2I + 1e-5)/max(P + G + 1e-5, 1e-8); pass regions= (e.g. "
+        "((1, 2, 3), (2, 3), (3,))) and batch=True for batch_dice plans",
+        "MIC-DKFZ/nnUNet nnunetv2/training/loss/dice.py + nnUNetTrainer._build_loss (label_manager.has_regions), "
+        "v2.8.1 (0e49508)",
     ),
     Preset(
         "smp",
@@ -599,6 +616,7 @@ GENERALIZED_DICE = LossSpec(
         LOSS_FORM,
         LOG_LOSS,
         common.REDUCTION,
+        common.REGIONS,
     ),
     formula="w_c = 1/G_c² (square) | 1/G_c (simple) | 1 (uniform), an absent class taking the row's largest weight "
     "(MONAI); score = (2 Σ_c w_c I_c + smooth_nr) / max(Σ_c w_c (P_c + G_c) + smooth_dr, clamp_dr) per sample, "

@@ -23,6 +23,7 @@ from typing import Any
 
 from .. import statistics as stat_names
 from ..arrays import get_namespace
+from ..regions import region_targets
 from ..statistics import Voxel
 from ..validation import PreparedInputs
 
@@ -75,7 +76,9 @@ def voxel_terms(inputs: PreparedInputs) -> VoxelTerms:
         labels = xp.reshape(inputs.labels, (batch, 1, n))
         if inputs.ignore_index is not None:
             weight = weight * xp.astype(labels != inputs.ignore_index, f64)
-        if channels == 1 and inputs.activation != "softmax":
+        if inputs.regions is not None:
+            g = region_targets(xp, labels[:, 0], inputs.regions, f64)
+        elif channels == 1 and inputs.activation != "softmax":
             g = xp.astype(labels == 1, f64)
         else:
             classes = xp.reshape(xp.arange(channels), (1, channels, 1))

@@ -27,6 +27,7 @@ import numpy as np
 
 from segloss_core import statistics as stat_names
 from segloss_core.executor import Kernels, TermWeights, run_plan, with_fields
+from segloss_core.regions import region_targets
 from segloss_core.spec import LossPlan
 from segloss_core.statistics import Voxel
 from segloss_core.validation import PreparedInputs, validate_inputs
@@ -75,7 +76,13 @@ def _safe_log(x: Array) -> Array:
 
 
 def voxel_terms(
-    pred: Array, labels: Array | None, target: Array | None, mask: Array | None, activation: str, ignore_index: Any
+    pred: Array,
+    labels: Array | None,
+    target: Array | None,
+    mask: Array | None,
+    activation: str,
+    ignore_index: Any,
+    regions: Any = None,
 ) -> tuple[Voxel, Array]:
     """(p, log p, log(1 − p), g) flattened to (B, C, N) in the compute dtype, and the voxel weights
     (B, 1|C, N), as ``segloss_core.reference.statistics.voxel_terms``."""
@@ -103,7 +110,9 @@ def voxel_terms(
             labels = labels.astype(jnp.int32)  # uint8/bool labels: compare with a negative ignore_index safely
         if ignore_index is not None:
             weight = weight * (labels != ignore_index).astype(dtype)
-        if channels == 1 and activation != "softmax":
+        if regions is not None:  # region-based training: g_r = [label ∈ regions[r]]
+            g = region_targets(jnp, labels[:, 0], regions, dtype)
+        elif channels == 1 and activation != "softmax":
             g = (labels == 1).astype(dtype)
         else:
             g = (labels == jnp.arange(channels, dtype=labels.dtype).reshape(1, channels, 1)).astype(dtype)
@@ -167,7 +176,7 @@ class JaxKernels(Kernels):
 
 def _voxel_terms(prepared: PreparedInputs) -> tuple[Voxel, Array]:
     x = prepared
-    return voxel_terms(x.pred, x.labels, x.target, x.mask, x.activation, x.ignore_index)
+    return voxel_terms(x.pred, x.labels, x.target, x.mask, x.activation, x.ignore_index, x.regions)
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,7 +282,9 @@ class JaxLoss(TermWeights):
     ) -> Array:
         plan = self.plan
         prepared = {
-            act: PreparedInputs(pred, labels, target, mask, int(pred.shape[1]), plan.ignore_index, act, fields.get(act))
+            act: PreparedInputs(
+                pred, labels, target, mask, int(pred.shape[1]), plan.ignore_index, act, fields.get(act), plan.regions
+            )
             for act in plan.activations
         }
         return run_plan(plan, prepared, JaxKernels(), weights=weights)
