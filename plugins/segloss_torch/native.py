@@ -1,17 +1,32 @@
-"""Native statistics: plain torch ops with autograd (the fallback when no fused kernel runs).
+"""Native statistics: plain torch ops, chunked over voxels (the fallback when no fused kernel runs).
 
-Accumulates in float32 for float16/bfloat16 inputs (float64 stays float64). Integer labels
-take a sparse path: the target-side statistics are gathered at each voxel's label (no one-hot
-is built) and ignored voxels get class 0 with weight 0, so no kernel ever indexes with an
-ignored label; float (one-hot or soft) targets are used as given. Memory: the activation, its
-saved output and autograd's intermediates, about 3–5 copies of the logits beyond the gradient
-(docs/benchmarks.md), which is what the fused path avoids.
+:class:`ChunkedStatistics` is a ``torch.autograd.Function``: its forward walks the voxels in
+chunks under ``no_grad`` — activation, target (one-hot of the chunk's labels, or the given soft
+target), voxel weights and the per-voxel terms of ``segloss_core.statistics.TABLE`` — and adds
+each chunk's sums into the (B, C, K) statistics; it saves only its inputs. Its backward gets
+d(loss)/d(statistics) from autograd of the formulas, recomputes each chunk and writes the
+chunk's VJP (the table's partials, then the activation's chain rule, as the float64 reference)
+straight into a preallocated gradient in the dtype of the logits. Nothing of size B·C·N exists
+besides that gradient: extra memory is the gradient plus a few chunk-sized temporaries.
+
+Integer labels with softmax (or probabilities) and all statistics split for one-hot targets
+take the label path in forward: the g = 0 part of each term is summed over every class, the rest
+gathered at each voxel's label and scatter-added into its class, so no one-hot is built (ignored
+voxels get class 0 with weight 0, so no kernel indexes with an ignored label). Accumulates in
+float32 for float16/bfloat16 logits (float64 stays float64).
+
+Chunk size (:func:`chunk_voxels`): a budget of elements (B·C·voxels) per chunk — 2^18 on the CPU
+(1 MiB per float32 temporary, so a chunk's ~10 temporaries stay in cache) and 2^22 on other
+devices (16 MiB: a 2×4×128³ volume is 4 chunks, so kernel launches stay few), there also at most
+an eighth of the volume (at least 2^20 elements) so the temporaries stay a fraction of the logits;
+at least 512 voxels.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import array_api_compat.torch as xp_torch
 import torch
@@ -21,181 +36,354 @@ from segloss_core import regions as regions_module
 from segloss_core import statistics as stat_names
 from segloss_core.validation import PreparedInputs
 
+CHUNK_ELEMENTS: dict[str, int] = {"cpu": 1 << 18, "default": 1 << 22}
+"""Elements (B·C·voxels) per chunk, by device type ("default": every device but the CPU)."""
+MIN_DEVICE_CHUNK_ELEMENTS = 1 << 20
+MIN_CHUNK_VOXELS = 512
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _field(prepared: PreparedInputs, name: str, like: torch.Tensor) -> torch.Tensor:
-    if not prepared.fields or name not in prepared.fields:
-        raise ValueError(f"statistic needs the field {name!r}, which the loss did not provide")
-    return prepared.fields[name].detach().reshape(like.shape).to(like.dtype)
+def chunk_voxels(batch: int, channels: int, voxels: int, device: torch.device) -> int:
+    """Voxels per chunk for a (batch, channels, voxels) volume on ``device`` (module docstring)."""
+    total = batch * channels * voxels
+    if device.type == "cpu":
+        budget = CHUNK_ELEMENTS["cpu"]
+    else:
+        budget = min(CHUNK_ELEMENTS["default"], max(MIN_DEVICE_CHUNK_ELEMENTS, total // 8))
+    return max(1, min(voxels, max(MIN_CHUNK_VOXELS, budget // (batch * channels))))
 
 
 def target_and_weights(prepared: PreparedInputs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(g, w): target (B, C, N) and voxel weights (B|1, 1|C, N) or None, without gradient."""
+    """(g, w): target (B, C, N) and voxel weights (B|1, 1|C, N) or None, without gradient (the whole
+    volume: the voxelwise losses use it)."""
     batch, channels = prepared.batch_size, prepared.num_classes
+    labels = None if prepared.labels is None else prepared.labels.reshape(batch, -1)
+    target = None if prepared.target is None else prepared.target.reshape(batch, channels, -1)
+    mask = None if prepared.mask is None else prepared.mask.reshape(prepared.mask.shape[0], prepared.mask.shape[1], -1)
     with torch.no_grad():
-        weight = None
-        if prepared.labels is not None:
-            labels = prepared.labels.reshape(batch, -1)
-            if prepared.ignore_index is not None:
-                keep = labels != prepared.ignore_index
-                weight = keep.to(dtype).unsqueeze(1)
-                labels = torch.where(keep, labels, torch.zeros_like(labels))
-            if prepared.regions is not None:
-                g = region_targets(prepared, labels, dtype)
-            elif channels == 1 and prepared.activation != "softmax":
-                g = (labels == 1).to(dtype).unsqueeze(1)
-            else:
-                g = F.one_hot(labels.long(), channels).to(dtype).permute(0, 2, 1)
-            if weight is not None:
-                g = g * weight  # ignored voxels belong to no class, as in the reference
+        return _target_and_weights(
+            labels, target, mask, channels, prepared.activation, prepared.ignore_index, prepared.regions, dtype
+        )
+
+
+def _target_and_weights(
+    labels: torch.Tensor | None,
+    target: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    channels: int,
+    activation: str,
+    ignore_index: int | None,
+    regions: tuple[tuple[int, ...], ...] | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(g, w) of flattened labels (B, n) or target (B, C, n) and mask (B|1, 1|C, n); with ``regions``
+    g (B, R, n) is each voxel's region membership."""
+    weight = None
+    if labels is not None:
+        if ignore_index is not None:
+            keep = labels != ignore_index
+            weight = keep.to(dtype).unsqueeze(1)
+        if regions is not None:
+            hit = region_hits(regions, labels)
+        elif channels == 1 and activation != "softmax":
+            hit = (labels == 1).unsqueeze(1)
         else:
-            g = prepared.target.reshape(batch, channels, -1).to(dtype)
-        if prepared.mask is not None:
-            mask = prepared.mask.to(dtype)
-            mask = mask.reshape(mask.shape[0], mask.shape[1], -1)
-            weight = mask if weight is None else weight * mask
+            classes = torch.arange(channels, device=labels.device).reshape(1, channels, 1)
+            hit = labels.unsqueeze(1) == classes
+        if ignore_index is not None:
+            hit = hit & keep.unsqueeze(1)  # ignored voxels belong to no class, as in the reference
+        g = hit.to(dtype)
+    else:
+        assert target is not None
+        g = target.to(dtype)
+    if mask is not None:
+        m = mask.to(dtype)
+        weight = m if weight is None else weight * m
     return g, weight
-
-
-def membership_table(prepared: PreparedInputs) -> torch.Tensor:
-    """The regions' membership table (``segloss_core.regions.membership_table``) as int64 on the
-    labels' device, memoised per (regions, device)."""
-    return _membership_table(prepared.regions, prepared.labels.device)
 
 
 @functools.lru_cache(maxsize=64)
 def _membership_table(regions: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    """``segloss_core.regions.membership_table`` as int64 on ``device`` (memoised per regions, device)."""
     table = [value - (1 << 64) if value >= 1 << 63 else value for value in regions_module.membership_table(regions)]
     return torch.tensor(table, dtype=torch.int64, device=device)
 
 
-def region_targets(prepared: PreparedInputs, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """g (B, R, N): bit r of each voxel's membership mask (0 for a label outside the table, which only
-    an ignored voxel can have here)."""
-    table = membership_table(prepared)
+def region_hits(regions: tuple[tuple[int, ...], ...], labels: torch.Tensor) -> torch.Tensor:
+    """(B, R, n) bool: bit r of each voxel's membership mask (False for a label outside the table,
+    which only an ignored voxel can have here)."""
+    table = _membership_table(regions, labels.device)
     inside = (labels >= 0) & (labels < table.shape[0])
     bits = table[torch.where(inside, labels, torch.zeros_like(labels)).long()]
     bits = torch.where(inside, bits, torch.zeros_like(bits))
-    shifts = torch.arange(len(prepared.regions), device=labels.device, dtype=torch.int64).view(1, -1, 1)
-    return ((bits.unsqueeze(1) >> shifts) & 1).to(dtype)
+    shifts = torch.arange(len(regions), device=labels.device, dtype=torch.int64).view(1, -1, 1)
+    return ((bits.unsqueeze(1) >> shifts) & 1).bool()
 
 
-SPARSE = frozenset(name for name, entry in stat_names.TABLE.items() if entry.one_hot is not None)
-"""Statistics the label path computes without a one-hot (their table entry splits them for one)."""
+@dataclass(frozen=True)
+class Layout:
+    """What :class:`ChunkedStatistics` computes: the statistics (in output order), how the inputs
+    read and the chunk size; static for a call, so ``torch.compile`` traces a fixed chunk loop."""
+
+    names: tuple[str, ...]
+    activation: str
+    channels: int
+    ignore_index: int | None
+    regions: tuple[tuple[int, ...], ...] | None  # region-based targets (g_r = [label ∈ regions[r]])
+    fields: tuple[str, ...]  # names of the field tensors passed after the mask
+    step: int  # voxels per chunk
+    label_path: bool  # forward without a one-hot (the table's one-hot split)
+
+    def entries(self) -> list[tuple[stat_names.Statistic, Any]]:
+        return [_entry(name) for name in self.names]
+
+    def reads(self) -> frozenset[str]:
+        return frozenset().union(*(entry.reads for entry, _ in self.entries()))
 
 
-def _per_class(values: torch.Tensor, labels: torch.Tensor, channels: int) -> torch.Tensor:
-    """Σ over voxels of ``values`` (B, N) into the class of each voxel: (B, C)."""
-    out = values.new_zeros(values.shape[0], channels)
-    return out.scatter_add(1, labels, values)
+def _entry(name: str) -> tuple[stat_names.Statistic, Any]:
+    base, arg = stat_names.parse(name)
+    return stat_names.TABLE[base], arg
 
 
-def _reads(names: Iterable[str]) -> frozenset[str]:
-    return frozenset().union(*(stat_names.TABLE[stat_names.parse(n)[0]].reads for n in names))
-
-
-def _sparse_statistics(prepared: PreparedInputs, names: set[str]) -> dict[str, torch.Tensor]:
-    """Integer labels with softmax (or probabilities): the one-hot is never built. Each statistic
-    is its table entry's one-hot split: the g = 0 part summed over all classes (einsum with the
-    weights), the rest gathered at each voxel's label and scatter-added into its class (B, N
-    tensors); memory is the activation (and log-activation)."""
-    batch, channels = prepared.batch_size, prepared.num_classes
-    dtype = accumulation_dtype(prepared.pred.dtype)
-    z = prepared.pred.reshape(batch, channels, -1).to(dtype)
-    with torch.no_grad():
-        labels = prepared.labels.reshape(batch, -1).long()
-        w = torch.ones(labels.shape, dtype=dtype, device=labels.device)
-        if prepared.ignore_index is not None:
-            keep = labels != prepared.ignore_index
-            w = keep.to(dtype)
-            labels = torch.where(keep, labels, torch.zeros_like(labels))
-        if prepared.mask is not None:
-            w = w * prepared.mask.reshape(prepared.mask.shape[0], -1).to(dtype)
-        index = labels.unsqueeze(1)
-    needs_log = "log_p" in _reads(names)
-    if prepared.activation == "softmax":
-        log_p = torch.log_softmax(z, dim=1) if needs_log else None
-        p = log_p.exp() if log_p is not None else torch.softmax(z, dim=1)
-    else:
-        p = z
-        log_p = torch.log(p) if needs_log else None
-    p_y = p.gather(1, index)  # (B, 1, N): at each voxel's label
-    log_p_y = None if log_p is None else log_p.gather(1, index)
-    out: dict[str, torch.Tensor] = {}
-    for name in names:
-        base, arg = stat_names.parse(name)
-        entry = stat_names.TABLE[base]
-        background, foreground = entry.one_hot
-        value = None
-        if background is not None:
-            term = background(xp_torch, stat_names.Voxel(p=p, g=None, log_p=log_p, arg=arg))
-            if not entry.finite:
-                term = torch.where(w.unsqueeze(1) == 0, torch.zeros_like(term), term)
-            if term.shape[1] == channels:
-                value = torch.einsum("bcn,bn->bc", term, w)
-            else:
-                value = torch.einsum("bcn,bn->bc", term, w).expand(batch, channels)
-        if foreground is not None:
-            term = foreground(xp_torch, stat_names.Voxel(p=p_y, g=None, log_p=log_p_y, arg=arg))
-            term = term.expand(batch, 1, -1).squeeze(1)
-            weighted = term * w
-            if not entry.finite:
-                weighted = torch.where(w == 0, torch.zeros_like(weighted), weighted)
-            scattered = _per_class(weighted, labels, channels)
-            value = scattered if value is None else value + scattered
-        out[name] = value
-    return out
-
-
-def compute_statistics(prepared: PreparedInputs, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The requested statistics, each (B, C) in the accumulation dtype, differentiable; each one's
-    per-voxel term is its entry of ``segloss_core.statistics.TABLE``."""
-    names = set(names)
-    if (
-        prepared.labels is not None
-        and prepared.regions is None
-        and prepared.activation != "sigmoid"
-        and prepared.num_classes > 1
-        and (prepared.mask is None or int(prepared.mask.shape[1]) == 1)
-        and {stat_names.parse(n)[0] for n in names} <= SPARSE
-        and not (prepared.pred.is_cuda and torch.are_deterministic_algorithms_enabled())
-    ):
-        return _sparse_statistics(prepared, names)
-    pred = prepared.pred
-    batch, channels = prepared.batch_size, prepared.num_classes
-    dtype = accumulation_dtype(pred.dtype)
-    z = pred.reshape(batch, channels, -1).to(dtype)
-    g, w = target_and_weights(prepared, dtype)
-
-    activation = prepared.activation
-    reads = _reads(names)
-    needs_log = bool(reads & {"log_p", "log_1mp"})
+def _activation(z: torch.Tensor, activation: str, reads: frozenset[str]) -> tuple[torch.Tensor, ...]:
+    """(p, log p, log(1 − p)) of a chunk's logits, log terms from the logits (None where not read)."""
     log_p = log_1mp = None
     if activation == "softmax":
-        p = torch.softmax(z, dim=1)
-        if needs_log:
+        if "log_p" in reads:
             log_p = torch.log_softmax(z, dim=1)
+            p = log_p.exp()
+        else:
+            p = torch.softmax(z, dim=1)
     elif activation == "sigmoid":
         p = torch.sigmoid(z)
-        if needs_log:
+        if reads & {"log_p", "log_1mp"}:
             log_p = F.logsigmoid(z)
             log_1mp = F.logsigmoid(-z)
     else:
         p = z
-        if needs_log:
+        if reads & {"log_p", "log_1mp"}:
             log_p = torch.log(p)
             log_1mp = torch.log1p(-p)
+    return p, log_p, log_1mp
 
-    out: dict[str, torch.Tensor] = {}
-    for name in names:
-        base, arg = stat_names.parse(name)
-        entry = stat_names.TABLE[base]
-        if entry.sigmoid_only and activation == "softmax":
+
+def _activation_backward(
+    activation: str,
+    p: torch.Tensor,
+    d_p: torch.Tensor | None,
+    d_logp: torch.Tensor | None,
+    d_log1mp: torch.Tensor | None,
+) -> torch.Tensor:
+    """d/dz from d/dp, d/dlog p, d/dlog(1 − p) of a chunk (None = 0): the chain rule of
+    ``segloss_core.reference.statistics.activation_backward`` in torch ops; softmax as
+    p ⊙ (d_p − Σ_c p·d_p − Σ_c d_logp) + d_logp."""
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    if activation == "softmax":
+        inner = None
+        if d_p is not None:
+            inner = d_p - (p * d_p).sum(dim=1, keepdim=True)
+        if d_logp is not None:
+            total = d_logp.sum(dim=1, keepdim=True)
+            inner = -total if inner is None else inner - total
+        if inner is None:
+            return torch.zeros_like(p)
+        grad = p * inner
+        return grad if d_logp is None else grad + d_logp
+    parts = []
+    if activation == "sigmoid":
+        if d_p is not None:
+            parts.append(d_p * p * (1 - p))
+        if d_logp is not None:
+            parts.append(d_logp * (1 - p))
+        if d_log1mp is not None:
+            parts.append(-d_log1mp * p)
+    else:
+        if d_p is not None:
+            parts.append(d_p.expand_as(p))
+        if d_logp is not None:
+            parts.append(torch.where(d_logp == 0, zero, d_logp / p))
+        if d_log1mp is not None:
+            parts.append(-torch.where(d_log1mp == 0, zero, d_log1mp / (1 - p)))
+    if not parts:
+        return torch.zeros_like(p)
+    grad = parts[0]
+    for part in parts[1:]:
+        grad = grad + part
+    return grad
+
+
+class _Chunk:
+    """The per-voxel values of voxels [start, stop): logits in the accumulation dtype, activation,
+    target, weights and fields."""
+
+    def __init__(self, layout: Layout, tensors: tuple[Any, ...], start: int, stop: int, with_target: bool):
+        z, labels, target, mask, *fields = tensors
+        dtype = accumulation_dtype(z.dtype)
+        self.z = z[:, :, start:stop].to(dtype)
+        self.p, self.log_p, self.log_1mp = _activation(self.z, layout.activation, layout.reads())
+        self.labels = None if labels is None else labels[:, start:stop]
+        chunk_mask = None if mask is None else mask[:, :, start:stop]
+        self.g, self.w = None, None
+        if with_target:
+            chunk_target = None if target is None else target[:, :, start:stop]
+            self.g, self.w = _target_and_weights(
+                self.labels,
+                chunk_target,
+                chunk_mask,
+                layout.channels,
+                layout.activation,
+                layout.ignore_index,
+                layout.regions,
+                dtype,
+            )
+        else:  # label path: weights (B, n) or None, ignored voxels' labels set to class 0
+            if layout.ignore_index is not None:
+                keep = self.labels != layout.ignore_index
+                self.w = keep.to(dtype)
+                self.labels = torch.where(keep, self.labels, torch.zeros_like(self.labels))
+            if chunk_mask is not None:
+                m = chunk_mask.reshape(chunk_mask.shape[0], -1).to(dtype)
+                self.w = m if self.w is None else self.w * m
+        self.fields = {name: f[:, :, start:stop].to(dtype) for name, f in zip(layout.fields, fields, strict=True)}
+
+    def voxel(self, entry: stat_names.Statistic, arg: Any) -> stat_names.Voxel:
+        field = self.fields[arg] if "field" in entry.reads else None
+        return stat_names.Voxel(p=self.p, g=self.g, log_p=self.log_p, log_1mp=self.log_1mp, field=field, arg=arg)
+
+
+def _label_sums(layout: Layout, chunk: _Chunk) -> list[torch.Tensor]:
+    """Each statistic of a chunk from its one-hot split: the g = 0 part summed over every class
+    (weights w (B, n), or None: all 1), the rest gathered at each voxel's label and scatter-added into its class."""
+    channels, w = layout.channels, chunk.w
+    batch = int(chunk.p.shape[0])
+    index = chunk.labels.long().unsqueeze(1)
+    p_y = chunk.p.gather(1, index)
+    log_p_y = None if chunk.log_p is None else chunk.log_p.gather(1, index)
+    sums = []
+    for entry, arg in layout.entries():
+        background, foreground = entry.one_hot
+        value = None
+        if background is not None:
+            term = background(xp_torch, stat_names.Voxel(p=chunk.p, g=None, log_p=chunk.log_p, arg=arg))
+            if w is None:
+                value = term.sum(dim=-1)
+            else:
+                if not entry.finite:
+                    term = torch.where(w.unsqueeze(1) == 0, 0.0, term)
+                value = torch.einsum("bcn,bn->bc", term, w)
+            value = value.expand(batch, channels)
+        if foreground is not None:
+            term = foreground(xp_torch, stat_names.Voxel(p=p_y, g=None, log_p=log_p_y, arg=arg))
+            weighted = term.expand(batch, 1, index.shape[2]).squeeze(1)
+            if w is not None:
+                weighted = weighted * w
+                if not entry.finite:
+                    weighted = torch.where(w == 0, 0.0, weighted)
+            scattered = weighted.new_zeros(batch, channels).scatter_add(1, index.squeeze(1), weighted)
+            value = scattered if value is None else value + scattered
+        sums.append(value)
+    return sums
+
+
+def _bounds(layout: Layout, voxels: int) -> list[tuple[int, int]]:
+    return [(start, min(start + layout.step, voxels)) for start in range(0, voxels, layout.step)]
+
+
+class ChunkedStatistics(torch.autograd.Function):
+    """(B, C, K) statistics ``layout.names`` of logits z (B, C, N), chunk by chunk (module docstring).
+
+    ``apply(layout, z, labels (B, N) | None, target (B, C, N) | None, mask (B|1, 1|C, N) | None,
+    *fields (B, C, N))``; only z gets a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, layout: Layout, *tensors: Any) -> torch.Tensor:
+        z = tensors[0]
+        batch, channels, voxels = (int(n) for n in z.shape)
+        out = z.new_zeros((batch, channels, len(layout.names)), dtype=accumulation_dtype(z.dtype))
+        entries = layout.entries()
+        for start, stop in _bounds(layout, voxels):
+            chunk = _Chunk(layout, tensors, start, stop, with_target=not layout.label_path)
+            if layout.label_path:
+                sums = _label_sums(layout, chunk)
+            else:
+                sums = [
+                    stat_names.weighted_sum(
+                        xp_torch, entry.term(xp_torch, chunk.voxel(entry, arg)), chunk.w, channels, finite=entry.finite
+                    )
+                    for entry, arg in entries
+                ]
+            out += torch.stack(sums, dim=-1)
+        ctx.layout = layout
+        ctx.save_for_backward(*tensors)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        layout: Layout = ctx.layout
+        tensors = ctx.saved_tensors
+        z = tensors[0]
+        grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        entries = layout.entries()
+        for start, stop in _bounds(layout, int(z.shape[2])):
+            chunk = _Chunk(layout, tensors, start, stop, with_target=True)
+            d: list[torch.Tensor | None] = [None, None, None]  # d/dp, d/dlog p, d/dlog(1 − p)
+            for k, (entry, arg) in enumerate(entries):
+                partials = entry.partials(xp_torch, chunk.voxel(entry, arg))
+                upstream = grad_out[:, :, k].unsqueeze(-1)
+                for i, partial in enumerate(partials):
+                    if partial is not None:
+                        d[i] = upstream * partial if d[i] is None else d[i] + upstream * partial
+            if chunk.w is not None:  # w·d, 0 wherever w == 0 (no 0·inf from ignored voxels)
+                d = [None if t is None else torch.where(chunk.w == 0, 0.0, chunk.w * t) for t in d]
+            grad[:, :, start:stop] = _activation_backward(layout.activation, chunk.p, *d).to(z.dtype)
+        return (None, grad) + (None,) * (len(tensors) - 1)
+
+
+def compute_statistics(prepared: PreparedInputs, names: Any) -> dict[str, torch.Tensor]:
+    """The requested statistics, each (B, C) in the accumulation dtype, differentiable w.r.t. the
+    logits; each one's per-voxel term is its entry of ``segloss_core.statistics.TABLE``."""
+    ordered = tuple(sorted(set(names)))
+    batch, channels = prepared.batch_size, prepared.num_classes
+    fields: list[str] = []
+    for name in ordered:
+        entry, arg = _entry(name)
+        if entry.sigmoid_only and prepared.activation == "softmax":
             raise ValueError(f"statistic {name!r} needs activation 'sigmoid' or 'none'")
-        field = _field(prepared, arg, p) if "field" in entry.reads else None
-        v = stat_names.Voxel(p=p, g=g, log_p=log_p, log_1mp=log_1mp, field=field, arg=arg)
-        out[name] = stat_names.weighted_sum(xp_torch, entry.term(xp_torch, v), w, channels, finite=entry.finite)
-    return out
+        if "field" in entry.reads:
+            if not prepared.fields or arg not in prepared.fields:
+                raise ValueError(f"statistic needs the field {arg!r}, which the loss did not provide")
+            if arg not in fields:
+                fields.append(arg)
+    z = prepared.pred.reshape(batch, channels, -1)
+    labels = None if prepared.labels is None else prepared.labels.reshape(batch, -1)
+    target = None if prepared.target is None else prepared.target.reshape(batch, channels, -1).detach()
+    mask = prepared.mask
+    if mask is not None:
+        mask = mask.reshape(mask.shape[0], mask.shape[1], -1).detach()
+    field_tensors = [prepared.fields[name].detach().reshape(batch, channels, -1) for name in fields]
+    label_path = (
+        labels is not None
+        and prepared.regions is None
+        and prepared.activation != "sigmoid"
+        and channels > 1
+        and (mask is None or int(mask.shape[1]) == 1)
+        and all(_entry(name)[0].one_hot is not None for name in ordered)
+        and not (z.is_cuda and torch.are_deterministic_algorithms_enabled())  # scatter_add
+    )
+    layout = Layout(
+        names=ordered,
+        activation=prepared.activation,
+        channels=channels,
+        ignore_index=prepared.ignore_index,
+        regions=prepared.regions,
+        fields=tuple(fields),
+        step=chunk_voxels(batch, channels, int(z.shape[2]), z.device),
+        label_path=label_path,
+    )
+    out = ChunkedStatistics.apply(layout, z, labels, target, mask, *field_tensors)
+    return {name: out[:, :, k] for k, name in enumerate(ordered)}
