@@ -2,7 +2,8 @@
 # CI smoke of the asv suite: every benchmark imports and has valid signatures (asv check), and
 # runs once (asv run --quick) in the current environment (--python=same: the active venv, with
 # segloss installed in it). Nothing is saved (--dry-run). Exits non-zero if any benchmark fails;
-# skipped combinations (n/a: no GPU, no such peer loss, size cap) are fine.
+# skipped combinations (n/a: no GPU, no such peer loss, size cap) are fine. Then the memory gate
+# (asv_benchmarks/memory_gate.py) fails it when an implementation exceeds its memory bound.
 #
 #   asv_benchmarks/smoke.sh            # every class and parameter, except the 128³ sizes (~2 min)
 #   asv_benchmarks/smoke.sh --full     # the whole suite, 128³ included (~5-6 min on 2 cores)
@@ -37,5 +38,8 @@ if grep -Eq "[[:space:]]failed[[:space:]]*$|setup_cache failed|Importing benchma
   grep -E "[[:space:]]failed[[:space:]]*$|setup_cache failed|Importing benchmark suite failed" "$log" | head -20
   [ "$status" -ne 0 ] || status=1
 fi
+# the memory gate: every segloss implementation's extra peak memory within its documented bound
+# (docs/benchmarks.md, "Memory bounds"); memory is deterministic, time is never gated
+python -m asv_benchmarks.memory_gate || status=1
 echo "== asv smoke finished in $(( $(date +%s) - start ))s (status $status)"
 exit "$status"

@@ -8,8 +8,9 @@
     python benchmarks/compare.py --threads 1      # one thread: on a machine other processes load
 
 On a loaded machine (load average above the core count) every multi-threaded torch op waits for
-its threads to be scheduled, so an implementation of many small ops pays per op what one of
-few large ops pays once; ``--threads 1`` compares the work itself.
+its threads to be scheduled, so an implementation of many small ops (segloss native: a few dozen
+per chunk of voxels) pays per op what one of few large ops (MONAI) pays once; ``--threads 1``
+compares the work itself.
 
 Every workload is one training step of the loss alone — forward and backward on the same logits
 and labels — plus the forward alone. Times are the median of ``--repeat`` runs after
