@@ -28,7 +28,7 @@ SOFTMAX_STATS = (
     "field_pred_sum:phi",
     "field_sq_err_sum:phi",
 )
-SIGMOID_STATS = (*SOFTMAX_STATS, "ce_neg", "focal_neg:2.0", "focal_neg:0.5")
+SIGMOID_STATS = (*SOFTMAX_STATS, "ce_neg", "neg_log_1mp_sum", "focal_neg:2.0", "focal_neg:0.5")
 
 # (activation, target form): labels, labels with an ignore label, soft targets, a per-class mask
 CASES = [
@@ -149,7 +149,9 @@ def test_label_path_equals_the_one_hot_path(small_chunks):
     z = prepared.pred.reshape(2, 3, -1)
     labels = prepared.labels.reshape(2, -1)
     results = [
-        native.ChunkedStatistics.apply(native.Layout(names, "softmax", 3, 255, None, (), 4, path), z, labels, None, None)
+        native.ChunkedStatistics.apply(
+            native.Layout(names, "softmax", 3, 255, None, (), 4, path), z, labels, None, None
+        )
         for path in (False, True)
     ]
     torch.testing.assert_close(results[0], results[1], rtol=1e-13, atol=1e-13)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from asv_benchmarks.memory_gate import BOUNDS, verdicts
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 
 
 def _documented_bounds() -> dict[tuple[str, str, str], float]:
