@@ -106,3 +106,22 @@ class Backend:
         float64, ``target`` integer labels or float64 probabilities.
         """
         raise NotImplementedError(f"backend {self.name!r} does not implement run_for_conformance")
+
+    def run_on_mismatched_devices(
+        self,
+        loss: Any,
+        pred: np.ndarray,
+        target: np.ndarray,
+        mask: np.ndarray | None,
+        dtype: str,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """As :meth:`run_for_conformance`, but with ``target`` on another device than ``pred``.
+
+        The input contract (``segloss_core.validation``) makes such a call raise ``ValueError``
+        ("target is on device ... but pred is on ..."); the conformance case
+        ``invalid-mismatched-devices`` checks that the backend's loss does. Return None (the
+        default) where this backend cannot offer two devices here: the kit then reports the case
+        "not applicable" instead of passing it. torch puts the target on the ``meta`` device, so
+        the case runs on any machine.
+        """
+        return None

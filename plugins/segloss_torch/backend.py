@@ -125,6 +125,27 @@ class TorchBackend(Backend):
         assert x.grad is not None
         return value.detach().double().cpu().numpy(), x.grad.double().cpu().numpy()
 
+    def run_on_mismatched_devices(
+        self,
+        loss: Any,
+        pred: np.ndarray,
+        target: np.ndarray,
+        mask: np.ndarray | None,
+        dtype: str,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """pred on the conformance device, target (and mask) on ``meta``: a second device every
+        machine has, so the contract's device check is exercised without two GPUs."""
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() and _conformance_on_cuda() else "cpu"
+        x = torch.tensor(pred, dtype=getattr(torch, dtype), device=device, requires_grad=True)
+        y = torch.empty(target.shape, dtype=torch.from_numpy(target[:0]).dtype, device="meta")
+        m = None if mask is None else torch.empty(mask.shape, dtype=torch.float64, device="meta")
+        value = loss(x, y, m)
+        value.sum().backward()
+        assert x.grad is not None
+        return value.detach().double().cpu().numpy(), x.grad.double().cpu().numpy()
+
 
 def _conformance_on_cuda() -> bool:
     import os

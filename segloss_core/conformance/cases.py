@@ -6,10 +6,12 @@ deterministically from that key, so a failing case prints a one-line reproducer.
 Input kinds cover what the rules of the house ask for: 2D and 3D, one sigmoid channel and
 several softmax channels, classes absent from a sample, single-voxel objects, ignored
 voxels, a sample with every voxel ignored, soft targets, voxel masks; one large volume
-(``3d-large``, 2 × 32³ voxels: sums over 32768 voxels per sample, where float16 accumulation
-loses the result, e.g. Dice 0 instead of 0.667); and invalid inputs (``invalid-*``: a label
-equal to C, a negative label, float labels, wrong target and pred shapes, a NaN logit), for
-which a backend must raise what the input contract raises (or, for NaN, return NaN).
+(``3d-large``, 2 × 64³ voxels: sums over 262144 voxels per sample, beyond float16's largest
+value 65504, so a float16 accumulator overflows whatever its summation order; a naive one already
+stalls at 2048, e.g. Dice 0 instead of 0.667); and invalid inputs (``invalid-*``: a label
+equal to C, a negative label, float labels, wrong target and pred shapes, a NaN logit, pred and
+target on different devices), for which a backend must raise what the input contract raises (or,
+for NaN, return NaN; two devices: "not applicable" where the backend cannot offer two).
 """
 
 from __future__ import annotations
@@ -51,10 +53,18 @@ INPUT_KINDS: dict[str, InputKind] = {
         InputKind("2d-all-ignored", (5, 5), 3, "softmax", ignore=True, all_ignored_sample=True),
         InputKind("3d-mask", (4, 4, 4), 3, "softmax", mask=True),
         InputKind("2d-sigmoid-ignore", (6, 6), 1, "sigmoid", ignore=True),
-        InputKind("3d-large", (32, 32, 32), 2, "softmax"),
+        InputKind("3d-large", (64, 64, 64), 2, "softmax"),
         *(
             InputKind(f"invalid-{how}", (7, 6), 4, "softmax", invalid=how)
-            for how in ("label-equals-C", "negative-label", "float-labels", "target-shape", "pred-shape", "nan-logit")
+            for how in (
+                "label-equals-C",
+                "negative-label",
+                "float-labels",
+                "target-shape",
+                "pred-shape",
+                "nan-logit",
+                "mismatched-devices",
+            )
         ),
     )
 }
@@ -63,7 +73,9 @@ LARGE_KINDS = ("3d-large",)
 """Run once per loss (its defaults), in the quick kit too: large enough to expose low-precision sums."""
 INVALID_KINDS = tuple(name for name, kind in INPUT_KINDS.items() if kind.invalid)
 """Broken inputs, once per loss (its defaults), in the quick kit too: the backend must raise the
-reference's exception type with its message (``invalid-nan-logit``: return NaN, as documented)."""
+reference's exception type with its message (``invalid-nan-logit``: return NaN, as documented;
+``invalid-mismatched-devices``: the contract's ValueError, through the backend's
+:meth:`~segloss_core.Backend.run_on_mismatched_devices`, or "not applicable" without one)."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +180,8 @@ def _break(kind: InputKind, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarr
         pred = pred.reshape(pred.shape[0], pred.shape[1], -1)[..., 0]  # (B, C): no spatial axis
     elif kind.invalid == "nan-logit":
         pred[0, 0].reshape(-1)[0] = np.nan
+    elif kind.invalid == "mismatched-devices":
+        pass  # valid arrays: the backend's Backend.run_on_mismatched_devices puts them on two devices
     else:  # pragma: no cover - INPUT_KINDS lists the ways
         raise AssertionError(kind.invalid)
     return {**arrays, "pred": pred, "target": target}
@@ -239,7 +253,7 @@ def generate(spec: LossSpec, *, quick: bool = False, seed: int = 0) -> Iterator[
             yield from emit(Case(spec.name, preset, _kind_params(spec, kind), kind.name, seed))
     for name in once:
         if name in LARGE_KINDS and not _sums_only(spec):
-            continue  # the large case is about forward sums; a 32^3 EDT or skeleton reference would be slow
+            continue  # the large case is about forward sums; a 64^3 EDT or skeleton reference would be slow
         yield from emit(Case(spec.name, None, _kind_params(spec, INPUT_KINDS[name]), name, seed))
     sweep = [INPUT_KINDS[k] for k in PARAM_SWEEP_KINDS]
     for param in spec.params:

@@ -13,6 +13,12 @@ from ..reference.evaluate import evaluate
 from ..registry import registry
 from .cases import INPUT_KINDS, Case, generate, materialise
 
+MISMATCHED_DEVICES_MESSAGE = "target is on device"
+"""What ``validate_inputs`` says when the target is on another device than pred (a ValueError:
+"target is on device meta but pred is on cpu")."""
+NOT_APPLICABLE = "not applicable"
+"""``Outcome.what`` of a skipped case the backend cannot run here (no second device)."""
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -20,7 +26,7 @@ class Outcome:
     backend: str
     dtype: str
     status: str  # "pass", "fail", "skip"
-    what: str = ""  # "value", "gradient", "error", "invalid"
+    what: str = ""  # "value", "gradient", "error", "invalid"; for a skip, why (NOT_APPLICABLE, ...)
     detail: str = ""
     max_abs_error: float = 0.0
 
@@ -45,7 +51,9 @@ class Report:
 
     def summary(self) -> str:
         counts = {s: sum(o.status == s for o in self.outcomes) for s in ("pass", "fail", "skip")}
-        return f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped"
+        text = f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped"
+        not_applicable = sum(o.what == NOT_APPLICABLE for o in self.outcomes)
+        return text + (f" ({not_applicable} not applicable)" if not_applicable else "")
 
     def failure_groups(self, limit: int = 3) -> list[tuple[str, int, int]]:
         """What the failures have in common, most telling first: ``(feature, failed, cases)``.
@@ -194,30 +202,49 @@ def _check_invalid(
     options: Mapping[str, Any] | None,
 ) -> Outcome:
     """A broken input: the backend must raise what the reference raises (the input contract of
-    ``segloss_core.validation``: the same exception type, a message containing the reference's),
+    ``segloss_core.validation``: the same exception type, a message containing the reference's;
+    for pred and target on two devices, ValueError containing :data:`MISMATCHED_DEVICES_MESSAGE`),
     or, where the contract lets the input through (a NaN logit), return what the reference returns
     (NaN where it gives NaN)."""
     pred, target, mask = arrays
     fail = lambda what, detail: Outcome(case, backend_name, tol.name, "fail", what, detail)  # noqa: E731
-    try:
-        want_value, _ = evaluate(plan, pred, target, mask, with_grad=False)
-        want: BaseException | None = None
-    except (TypeError, ValueError) as exc:
-        want = exc
+    devices = INPUT_KINDS[case.kind].invalid == "mismatched-devices"
+    want_type: type[BaseException] | None = None
+    if devices:  # NumPy has one device: the contract's message is known, not computed by the reference
+        want_type, want_text = ValueError, MISMATCHED_DEVICES_MESSAGE
+    else:
+        try:
+            want_value, _ = evaluate(plan, pred, target, mask, with_grad=False)
+        except (TypeError, ValueError) as exc:
+            want_type, want_text = type(exc), str(exc)
     try:
         loss = registry().build(plan, backend_name, options)
     except Exception as exc:  # noqa: BLE001 - any backend error is a failure to report
         return fail("error", f"{type(exc).__name__}: {exc}")
     try:
-        got_value, _ = backend.run_for_conformance(loss, pred, target, mask, tol.name)
+        if devices:
+            ran = backend.run_on_mismatched_devices(loss, pred, target, mask, tol.name)
+            if ran is None:
+                return Outcome(
+                    case,
+                    backend_name,
+                    tol.name,
+                    "skip",
+                    NOT_APPLICABLE,
+                    f"{NOT_APPLICABLE}: backend {backend_name!r} offers no second device here "
+                    "(Backend.run_on_mismatched_devices returned None)",
+                )
+            got_value = ran[0]
+        else:
+            got_value, _ = backend.run_for_conformance(loss, pred, target, mask, tol.name)
         got: BaseException | None = None
     except Exception as exc:  # noqa: BLE001 - compared with what the contract raises
         got = exc
-    if want is not None:
-        contract = f"the input contract raises {type(want).__name__}: {want}"
+    if want_type is not None:
+        contract = f"the input contract raises {want_type.__name__}: {want_text}"
         if got is None:
             return fail("invalid", f"accepted the invalid input ({contract})")
-        if not isinstance(got, type(want)) or str(want) not in str(got):
+        if not isinstance(got, want_type) or want_text not in str(got):
             return fail("invalid", f"raised {type(got).__name__}: {got}; {contract}")
         return Outcome(case, backend_name, tol.name, "pass")
     if got is not None:

@@ -111,7 +111,7 @@ class _Planted(NumpyLoss):
 @contextlib.contextmanager
 def _float16_sums(active):
     """The reference statistics, but each summed voxel by voxel in float16 (the bug: no float32
-    accumulator); over 32768 voxels such a sum stalls at 2048, where the float16 spacing is 2."""
+    accumulator); such a sum stalls at 2048, where the float16 spacing is 2."""
     if not active:
         yield
         return
@@ -143,6 +143,12 @@ def _planted_backend(bug):
 
         def build(self, plan, **options):
             return _Planted(plan, bug)
+
+        def run_on_mismatched_devices(self, loss, pred, target, mask, dtype):
+            if bug != "accepts-mismatched-devices":
+                return None  # one device (NumPy): the kit says "not applicable"
+            # stands for a backend that moves the target to pred's device, or never compares them
+            return self.run_for_conformance(loss, pred, target, mask, dtype)
 
     class Plugin:
         @hookimpl
@@ -178,6 +184,7 @@ def test_planted_bug_is_caught_and_reported(bug):
 # and what disagrees
 PLANTED_BUG_CLASSES = {
     "accepts-label-C": ({"invalid-label-equals-C"}, {"invalid"}),
+    "accepts-mismatched-devices": ({"invalid-mismatched-devices"}, {"invalid"}),
     "float16-sums": ({"3d-large"}, {"value"}),
     "soft-target-gradient": ({"3d-soft", "3d-sigmoid-multilabel"}, {"gradient"}),
     "mask-before-activation": ({"3d-mask"}, {"value", "gradient"}),
@@ -201,6 +208,33 @@ def test_the_quick_kit_rejects_each_bug_class_and_names_its_cause_first(bug):
         assert "the input contract raises ValueError: target has labels outside [0, 4)" in report.failures[0].detail
     if bug == "float16-sums":
         assert {f.dtype for f in report.failures} == {"float16"}
+    if bug == "accepts-mismatched-devices":
+        assert "accepted the invalid input (the input contract raises ValueError: target is on device" in (
+            report.failures[0].detail
+        )
+
+
+def test_a_backend_without_a_second_device_reports_the_device_case_not_applicable():
+    report = check_backend("numpy", losses=["dice"], quick=True)
+    (outcome,) = [o for o in report.outcomes if o.case.kind == "invalid-mismatched-devices"]
+    assert (outcome.status, outcome.what) == ("skip", "not applicable")
+    assert "offers no second device" in outcome.detail
+    assert report.ok and report.summary().endswith("(1 not applicable)")
+
+
+@pytest.mark.skipif("torch" not in AVAILABLE, reason="torch backend not available")
+@pytest.mark.parametrize("options", [{}, {"impl": "native"}], ids=["auto", "native"])
+def test_torch_refuses_a_target_on_another_device(options):
+    """torch's second device is ``meta``: the case runs (and passes) on any machine."""
+    case = Case("dice_ce", None, {"activation": "softmax"}, "invalid-mismatched-devices")
+    outcome = check_case("torch", case, "float32", options)
+    assert outcome.status == "pass", outcome
+    import torch
+
+    from segloss_core import get_loss
+
+    with pytest.raises(ValueError, match="target is on device meta but pred is on cpu"):
+        get_loss("dice", backend="torch", **options)(torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4, device="meta"))
 
 
 def test_the_quick_kit_keeps_every_input_kind():
