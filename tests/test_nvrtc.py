@@ -216,3 +216,48 @@ def test_the_cubin_cache_is_keyed_and_reused(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="no compile"):
         nvrtc.compile_module(names, "sm_90")  # another architecture is another cubin
     assert not list((tmp_path / "nvrtc").glob(".*"))  # no temporary file left behind
+
+
+def test_a_failed_cache_write_leaves_no_cubin_and_the_next_call_compiles(tmp_path, monkeypatch):
+    """csrc/nvrtc.py: the cache is written atomically, the cubin last, so a cubin on disk always has
+    its names; a write that fails leaves no cubin and no temporary file, and is redone next time."""
+    reason = nvrtc.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setenv("SEGLOSS_BUILD_DIR", str(tmp_path))
+    monkeypatch.setattr(nvrtc, "_MEMO", {})
+    compiles = []
+    monkeypatch.setattr(nvrtc, "_compile", lambda names, arch: compiles.append(arch) or (b"cubin", {"k": "_Zk"}))
+    real_fdopen = nvrtc.os.fdopen
+
+    class FailingWrite:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.handle.write(data[:2])  # part of it reached the disk
+            raise OSError(28, "No space left on device")
+
+    names = sorted(nvrtc.edt_names("int32").values())
+    calls = {"n": 0}
+
+    def second_write_fails(fd, mode):
+        calls["n"] += 1
+        handle = real_fdopen(fd, mode)
+        return FailingWrite(handle) if calls["n"] == 2 else handle  # the names are written, the cubin fails
+
+    monkeypatch.setattr(nvrtc.os, "fdopen", second_write_fails)
+    with pytest.raises(OSError, match="No space left"):
+        nvrtc.compile_module(names, "sm_80")
+    left = sorted(p.name for p in (tmp_path / "nvrtc").iterdir())
+    assert len(left) == 1 and left[0].endswith(".json"), left  # names alone; no cubin, no temporary
+    monkeypatch.setattr(nvrtc.os, "fdopen", real_fdopen)
+    compiled = nvrtc.compile_module(names, "sm_80")  # a names file alone is not a cache hit
+    assert compiled.cubin == b"cubin" and compiles == ["sm_80", "sm_80"]
+    assert sorted(p.suffix for p in (tmp_path / "nvrtc").iterdir()) == [".cubin", ".json"]

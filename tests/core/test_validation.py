@@ -140,12 +140,49 @@ def test_target_or_mask_from_another_library_is_named(good):
         validate_inputs(pred, labels, torch.ones(2, 4, 5), plan)
 
 
-@pytest.mark.skipif(not torch.backends.mps.is_available() and not torch.cuda.is_available(), reason="one device")
 def test_target_on_another_device_is_named(good):
+    """A GPU where there is one, else ``meta``: a second device every machine has."""
     pred, labels = good
-    other = "cuda" if torch.cuda.is_available() else "mps"
+    other = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "meta"
     with pytest.raises(ValueError, match=r"target is on device .* but pred is on cpu"):
         get_loss("dice", backend="torch")(torch.from_numpy(pred), torch.from_numpy(labels).to(other))
+    with pytest.raises(ValueError, match=r"mask is on device .* but pred is on cpu"):
+        get_loss("dice", backend="torch")(
+            torch.from_numpy(pred), torch.from_numpy(labels), torch.ones(2, 4, 5, device=other)
+        )
+
+
+BAD_INPUTS = {
+    "label == C": lambda p, t: (p, np.where(t == 0, 3, t)),
+    "negative label": lambda p, t: (p, np.where(t == 0, -1, t)),
+    "float label map": lambda p, t: (p, t.astype(np.float64)),
+    "target shape": lambda p, t: (p, t[:, :-1]),
+    "integer pred": lambda p, t: (p.astype(np.int64), t),
+}
+
+
+@pytest.mark.parametrize("impl", ["auto", "native"])
+@pytest.mark.parametrize("bad", sorted(BAD_INPUTS))
+def test_bad_input_raises_before_any_computation(good, monkeypatch, bad, impl):
+    """README: "Bad input raises a clear error ... before any computation": with every way to compute
+    (the executor, the native statistics, the fused ops, the reference statistics) made to explode,
+    a bad input still gets its ValueError/TypeError, so none of them ran."""
+    import segloss_core.reference.statistics as reference_statistics
+    import segloss_torch.module as torch_module
+    from segloss_torch import native
+
+    def exploded(*args, **kwargs):
+        raise AssertionError("a computation ran before the input was checked")
+
+    monkeypatch.setattr(torch_module, "run_plan", exploded)
+    monkeypatch.setattr(native, "compute_statistics", exploded)
+    monkeypatch.setattr(reference_statistics, "compute", exploded)
+    pred, target = BAD_INPUTS[bad](*good)
+    with pytest.raises((ValueError, TypeError)) as caught:
+        get_loss("dice", backend="torch", impl=impl)(torch.from_numpy(pred), torch.from_numpy(target))
+    assert "pred" in str(caught.value) or "target" in str(caught.value)
+    with pytest.raises((ValueError, TypeError)):
+        get_loss("dice", backend="numpy")(pred, target)
 
 
 @pytest.mark.parametrize(("activation", "bad_value"), [("softmax", np.nan), ("softmax", np.inf), ("sigmoid", np.nan)])

@@ -173,6 +173,28 @@ def test_bad_inputs_fail_alone_with_clear_messages(tmp_path, rng):
         read_label_volume(tmp_path / "range.npy", 3)
 
 
+def test_nan_labels_and_a_zero_voxel_size_fail_that_file_only(tmp_path, rng):
+    """docs/distance_maps_dataset.md: "0.5 or NaN is an error that shows the offending values"; "a header
+    whose voxel size is not a positive finite number ... is reported as a failure of that file"."""
+    nibabel = pytest.importorskip("nibabel")
+    good = _labels(rng, (5, 6, 4))
+    np.save(tmp_path / "good.npy", good)
+    nan = good.astype(np.float32)
+    nan[0, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    image = nibabel.Nifti1Image(good.astype(np.int16), affine=None)
+    image.header["pixdim"][2] = np.nan  # (a zero there nibabel itself turns into 1 when reading)
+    nibabel.save(image, tmp_path / "flat.nii.gz")
+    report = precompute_distance_maps([tmp_path], tmp_path / "out", 3, workers=1, progress=False)
+    assert [p.name for p in report.done] == ["good.npy"]
+    errors = {f.path.name: f.error for f in report.failed}
+    assert "not all values are integers (e.g. nan)" in errors["nan.npy"]
+    assert "invalid voxel size in the NIfTI header" in errors["flat.nii.gz"] and "finite" in errors["flat.nii.gz"]
+    # an explicit --spacing rescues the file whose header has none
+    again = precompute_distance_maps([tmp_path / "flat.nii.gz"], tmp_path / "o2", 3, spacing=1.0, progress=False)
+    assert again.ok
+
+
 def test_argument_and_layout_errors(tmp_path, rng):
     np.save(tmp_path / "a.npy", _labels(rng, (5, 5)))
     np.save(tmp_path / "a2.npy", _labels(rng, (5, 5)))
@@ -488,6 +510,13 @@ def test_each_map_records_its_parameters_and_a_rerun_with_others_refuses_to_skip
     redone = precompute_distance_maps([tmp_path / "a.npy"], out, 3, overwrite=True, convention="signed", **base)
     assert redone.ok and json.loads(parameters_path(out / "a.npy").read_text())["convention"] == "signed"
 
+    # a map of another class count or dtype is refused, and the stored map is kept byte for byte
+    kept = (out / "a.npy").read_bytes()
+    for changed, shown in [({"num_classes": 4}, "expected 4 classes"), ({"dtype": "float16"}, "and float16")]:
+        kwargs = {**base, "num_classes": 3, **changed}
+        report = precompute_distance_maps([tmp_path / "a.npy"], out, convention="signed", **kwargs)
+        assert not report.skipped and shown in report.failed[0].error and "pass --overwrite" in report.failed[0].error
+        assert (out / "a.npy").read_bytes() == kept
     parameters_path(out / "a.npy").unlink()  # a map from an older segloss: no record, not reused
     report = precompute_distance_maps([tmp_path / "a.npy"], out, 3, convention="signed", **base)
     assert "no parameter record" in report.failed[0].error and "pass --overwrite" in report.failed[0].error

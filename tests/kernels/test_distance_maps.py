@@ -210,3 +210,26 @@ def test_cuda_grid_limit_is_checked_before_any_launch():
     ref.check_cuda_volumes(ref.CUDA_MAX_VOLUMES, "labels")  # the limit itself is fine
     with pytest.raises(ValueError, match=r"labels: 65536 maps in one call on the GPU, at most 65535"):
         ref.check_cuda_volumes(65536, "labels")
+
+
+def test_without_the_compiled_ops_the_reference_gives_the_same_maps(monkeypatch):
+    """The module's promise: without the extension the float64 reference runs on the CPU instead,
+    with the same values, dtype and device as the kernels' result."""
+    from segloss_torch import fused
+
+    labels = torch.from_numpy(np.random.default_rng(5).integers(0, 3, (2, 7, 6, 5)))
+    masks = labels[:, None] == 1
+    expected = {
+        "signed": ref.signed_distance_map(labels.numpy(), 3, (1.0, 2.0, 0.5), reference=True),
+        "unsigned": ref.distance_map(labels.numpy(), 3, (1.0, 2.0, 0.5), reference=True),
+        "mask": ref.mask_distance_map(masks.numpy(), (1.0, 2.0, 0.5)),
+    }
+    monkeypatch.setattr(fused, "available_on", lambda device_type: False)
+    got = {
+        "signed": signed_distance_map(labels, 3, (1.0, 2.0, 0.5)),
+        "unsigned": distance_map(labels, 3, (1.0, 2.0, 0.5)),
+        "mask": mask_distance_map(masks, (1.0, 2.0, 0.5)),
+    }
+    for name, value in got.items():
+        assert isinstance(value, torch.Tensor) and value.device == labels.device, name
+        np.testing.assert_allclose(value.double().numpy(), expected[name], rtol=1e-6, atol=1e-6, err_msg=name)
