@@ -108,12 +108,7 @@ class Backend:
         raise NotImplementedError(f"backend {self.name!r} does not implement run_for_conformance")
 
     def run_on_mismatched_devices(
-        self,
-        loss: Any,
-        pred: np.ndarray,
-        target: np.ndarray,
-        mask: np.ndarray | None,
-        dtype: str,
+        self, loss: Any, pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None, dtype: str
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """As :meth:`run_for_conformance`, but with ``target`` on another device than ``pred``.
 

@@ -110,41 +110,42 @@ class TorchBackend(Backend):
         dtype: str,
         inputs: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() and _conformance_on_cuda() else "cpu"
-        torch_dtype = getattr(torch, dtype)
-        x = torch.tensor(pred, dtype=torch_dtype, device=device, requires_grad=True)
-        y = torch.from_numpy(np.ascontiguousarray(target)).to(device)
-        if y.is_floating_point():
-            y = y.to(torch_dtype)
-        m = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask)).to(device)
-        extra = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in (inputs or {}).items()}
-        value = loss(x, y, m, **extra)
-        value.sum().backward()  # reduction="none": the gradient of the sum, as the reference
-        assert x.grad is not None
-        return value.detach().double().cpu().numpy(), x.grad.double().cpu().numpy()
+        return _value_and_grad(loss, pred, target, mask, dtype, inputs)
 
     def run_on_mismatched_devices(
-        self,
-        loss: Any,
-        pred: np.ndarray,
-        target: np.ndarray,
-        mask: np.ndarray | None,
-        dtype: str,
+        self, loss: Any, pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None, dtype: str
     ) -> tuple[np.ndarray, np.ndarray]:
         """pred on the conformance device, target (and mask) on ``meta``: a second device every
         machine has, so the contract's device check is exercised without two GPUs."""
-        import torch
+        return _value_and_grad(loss, pred, target, mask, dtype, None, target_device="meta")
 
-        device = "cuda" if torch.cuda.is_available() and _conformance_on_cuda() else "cpu"
-        x = torch.tensor(pred, dtype=getattr(torch, dtype), device=device, requires_grad=True)
-        y = torch.empty(target.shape, dtype=torch.from_numpy(target[:0]).dtype, device="meta")
-        m = None if mask is None else torch.empty(mask.shape, dtype=torch.float64, device="meta")
-        value = loss(x, y, m)
-        value.sum().backward()
-        assert x.grad is not None
-        return value.detach().double().cpu().numpy(), x.grad.double().cpu().numpy()
+
+def _value_and_grad(
+    loss: Any,
+    pred: np.ndarray,
+    target: np.ndarray,
+    mask: np.ndarray | None,
+    dtype: str,
+    inputs: Mapping[str, np.ndarray] | None,
+    target_device: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The loss's value and d value / d pred as float64 NumPy arrays; pred (cast to ``dtype``) on the
+    conformance device, target and mask there too or on ``target_device``."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and _conformance_on_cuda() else "cpu"
+    other = target_device or device
+    torch_dtype = getattr(torch, dtype)
+    x = torch.tensor(pred, dtype=torch_dtype, device=device, requires_grad=True)
+    y = torch.from_numpy(np.ascontiguousarray(target)).to(other)
+    if y.is_floating_point():
+        y = y.to(torch_dtype)
+    m = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask)).to(other)
+    extra = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in (inputs or {}).items()}
+    value = loss(x, y, m, **extra)
+    value.sum().backward()  # reduction="none": the gradient of the sum, as the reference
+    assert x.grad is not None
+    return value.detach().double().cpu().numpy(), x.grad.double().cpu().numpy()
 
 
 def _conformance_on_cuda() -> bool:
