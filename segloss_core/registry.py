@@ -128,66 +128,56 @@ class Registry:
             if hook_name == "segloss_register_backends" and problem.error is not None:
                 self._broken.setdefault(problem.plugin, problem)
 
-    def _problem(self, problem: PluginProblem) -> None:
+    def _problem(self, problem: PluginProblem, stacklevel: int = 4) -> None:
         self._problems.append(problem)
-        warnings.warn(f"segloss: {problem}", SeglossPluginWarning, stacklevel=4)
+        warnings.warn(f"segloss: {problem}", SeglossPluginWarning, stacklevel=stacklevel)
+
+    def _refuse(self, plugin: str, message: str) -> PluginProblem:
+        """Record (and warn about) a registration refused for ``message``."""
+        problem = PluginProblem(plugin, "register", message)
+        self._problem(problem, stacklevel=5)  # the warning points where _add_loss/_add_backend pointed
+        return problem
+
+    @staticmethod
+    def _too_new(kind: str, name: str, api_version: int) -> str | None:
+        if api_version <= API_VERSION:
+            return None
+        return (
+            f"{kind} {name!r} needs segloss plugin API {api_version}; this segloss provides {API_VERSION} "
+            "(upgrade segloss)"
+        )
+
+    @staticmethod
+    def _taken(kind: str, name: str, origins: Mapping[str, str], override: bool, why: str) -> str | None:
+        if name not in origins or override:
+            return None
+        return f"{kind} {name!r} is already registered by {origins[name]!r}; refused ({why})"
 
     def _add_loss(self, spec: Any, plugin: str, override: bool) -> None:
         if not isinstance(spec, LossSpec):
-            self._problem(
-                PluginProblem(plugin, "register", f"registered a {type(spec).__name__}, not a LossSpec: {spec!r:.60}")
-            )
+            self._refuse(plugin, f"registered a {type(spec).__name__}, not a LossSpec: {spec!r:.60}")
             return
-        if spec.api_version > API_VERSION:
-            self._problem(
-                PluginProblem(
-                    plugin,
-                    "register",
-                    f"loss {spec.name!r} needs segloss plugin API {spec.api_version}; this segloss provides "
-                    f"{API_VERSION} (upgrade segloss)",
-                )
-            )
-            return
-        if spec.name in self._losses and not override:
-            self._problem(
-                PluginProblem(
-                    plugin,
-                    "register",
-                    f"loss {spec.name!r} is already registered by {self._loss_origin[spec.name]!r}; refused "
-                    "(register(spec, override=True) replaces it on purpose)",
-                )
-            )
+        why = "register(spec, override=True) replaces it on purpose"
+        refusal = self._too_new("loss", spec.name, spec.api_version) or self._taken(
+            "loss", spec.name, self._loss_origin, override, why
+        )
+        if refusal is not None:
+            self._refuse(plugin, refusal)
             return
         self._losses[spec.name] = spec
         self._loss_origin[spec.name] = plugin
 
     def _add_backend(self, backend: Any, plugin: str, override: bool) -> None:
         if not isinstance(backend, Backend) or not backend.name:
-            self._problem(
-                PluginProblem(
-                    plugin, "register", f"registered {type(backend).__name__} {backend!r:.60}, not a named Backend"
-                )
-            )
+            self._refuse(plugin, f"registered {type(backend).__name__} {backend!r:.60}, not a named Backend")
             return
-        if backend.api_version > API_VERSION:
-            problem = PluginProblem(
-                plugin,
-                "register",
-                f"backend {backend.name!r} needs segloss plugin API {backend.api_version}; this segloss provides "
-                f"{API_VERSION} (upgrade segloss)",
-            )
-            self._problem(problem)
-            self._broken[backend.name] = problem
+        too_new = self._too_new("backend", backend.name, backend.api_version)
+        if too_new is not None:
+            self._broken[backend.name] = self._refuse(plugin, too_new)
             return
-        if backend.name in self._backends and not override:
-            self._problem(
-                PluginProblem(
-                    plugin,
-                    "register",
-                    f"backend {backend.name!r} is already registered by {self._backend_origin[backend.name]!r}; "
-                    "refused (two plugins claim one name)",
-                )
-            )
+        taken = self._taken("backend", backend.name, self._backend_origin, override, "two plugins claim one name")
+        if taken is not None:
+            self._refuse(plugin, taken)
             return
         self._backends[backend.name] = backend
         self._backend_origin[backend.name] = plugin

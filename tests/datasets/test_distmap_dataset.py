@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -555,10 +557,20 @@ def test_disk_full_is_said_in_words(tmp_path, rng, monkeypatch):
 _CLI = [sys.executable, "-m", "segloss_core.cli", "distmap", "--num-classes", "3", "--engine", "scipy", "--quiet"]
 
 
+def _run_one_worker(source: Path, out: Path, preexec_fn: Callable[[], None]) -> subprocess.CompletedProcess:
+    """``segloss distmap`` with one worker on ``source`` into ``out``, ``preexec_fn`` run in the child."""
+    return subprocess.run(
+        [*_CLI, "--workers", "1", str(source), "--out", str(out)],
+        preexec_fn=preexec_fn,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
 def test_file_size_limit_is_said_in_words(tmp_path, rng):
     import resource
-    import subprocess
 
     np.save(tmp_path / "a.npy", _labels(rng, (20, 20, 20)))  # a map of 3 * 8000 float32: 96 kB
     limit = 16384
@@ -567,13 +579,7 @@ def test_file_size_limit_is_said_in_words(tmp_path, rng):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     out = tmp_path / "out"
-    result = subprocess.run(
-        [*_CLI, "--workers", "1", str(tmp_path / "a.npy"), "--out", str(out)],
-        preexec_fn=limited,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _run_one_worker(tmp_path / "a.npy", out, limited)
     assert result.returncode == 1, result.stderr
     assert f"cannot write {out / 'a.npy'}: the map (96128 bytes) exceeds this process's file-size limit" in (
         result.stdout
@@ -595,8 +601,6 @@ def _without_root_overrides() -> None:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="POSIX permissions, Linux capabilities")
 def test_a_read_only_output_directory_is_said_in_words(tmp_path, rng):
-    import subprocess
-
     np.save(tmp_path / "a.npy", _labels(rng, (5, 5, 5)))
     out = tmp_path / "out"
     out.mkdir()
@@ -609,13 +613,7 @@ def test_a_read_only_output_directory_is_said_in_words(tmp_path, rng):
         )
         if probe.returncode == 0:
             pytest.skip("this user can write into a read-only directory")
-        result = subprocess.run(
-            [*_CLI, "--workers", "1", str(tmp_path / "a.npy"), "--out", str(out)],
-            preexec_fn=_without_root_overrides,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = _run_one_worker(tmp_path / "a.npy", out, _without_root_overrides)
     finally:
         out.chmod(0o755)
     assert result.returncode == 1, result.stderr
@@ -674,7 +672,6 @@ def _running(pid: int) -> bool:
 def test_workers_die_with_a_killed_command(tmp_path, rng):
     """SIGKILL of `segloss distmap --workers 2`: its workers end within seconds and write nothing more."""
     import signal
-    import subprocess
     import time
 
     for i in range(12):

@@ -27,6 +27,18 @@ def _problem(seed, channels=4, spatial=(6, 5, 4), batch=2):
     return x, y
 
 
+def _dc_and_ce(ignore_label=None, batch_dice=False, smooth=1e-5):
+    """DC_and_CE_loss as nnUNetTrainer._build_loss builds it: MemoryEfficientSoftDiceLoss, no background."""
+    return DC_and_CE_loss(
+        {"batch_dice": batch_dice, "smooth": smooth, "do_bg": False, "ddp": False},
+        {},
+        weight_ce=1,
+        weight_dice=1,
+        ignore_label=ignore_label,
+        dice_class=MemoryEfficientSoftDiceLoss,
+    )
+
+
 def _compare(theirs, ours, x, y_theirs, y_ours, rtol=RTOL):
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     va, vb = theirs(xa, y_theirs), ours(xb, y_ours)
@@ -52,14 +64,7 @@ def test_dc_and_ce(ignore):
     x, y = _problem(4)
     if ignore is not None:
         y[:, :, :2] = ignore
-    theirs = DC_and_CE_loss(
-        {"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False},
-        {},
-        weight_ce=1,
-        weight_dice=1,
-        ignore_label=ignore,
-        dice_class=MemoryEfficientSoftDiceLoss,
-    )
+    theirs = _dc_and_ce(ignore_label=ignore)
     ours = get_loss("dice_ce", backend="torch", preset="nnunet", ignore_index=ignore)
     _compare(theirs, ours, x, y, y[:, 0])
 
@@ -67,12 +72,7 @@ def test_dc_and_ce(ignore):
 def test_dc_and_ce_all_ignored():
     x, y = _problem(5)
     y[:] = 255
-    theirs = DC_and_CE_loss(
-        {"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False},
-        {},
-        ignore_label=255,
-        dice_class=MemoryEfficientSoftDiceLoss,
-    )
+    theirs = _dc_and_ce(ignore_label=255)
     ours = get_loss("dice_ce", backend="torch", preset="nnunet", ignore_index=255)
     assert float(ours(x, y[:, 0])) == pytest.approx(float(theirs(x, y)))  # CE skipped, Dice = −1
 
@@ -97,14 +97,7 @@ def test_dc_and_topk():
 def test_dc_and_ce_nosmooth(batch_dice):
     """nnUNetTrainerDiceCELoss_noSmooth: DC_and_CE_loss with MemoryEfficientSoftDiceLoss(smooth=0)."""
     x, y = _problem(8)
-    theirs = DC_and_CE_loss(
-        {"batch_dice": batch_dice, "smooth": 0, "do_bg": False, "ddp": False},
-        {},
-        weight_ce=1,
-        weight_dice=1,
-        ignore_label=None,
-        dice_class=MemoryEfficientSoftDiceLoss,
-    )
+    theirs = _dc_and_ce(batch_dice=batch_dice, smooth=0)
     ours = get_loss("dice_ce", backend="torch", preset="nnunet_nosmooth", batch=batch_dice)
     _compare(theirs, ours, x, y, y[:, 0])
 

@@ -30,14 +30,20 @@ class EchoBackend(Backend):
         return NumpyLoss(plan)
 
 
-class EchoPlugin:
+class BackendsPlugin:
+    """A throwaway plugin registering ``backends`` (pluggy takes each plugin object once: make one per use)."""
+
+    def __init__(self, *backends: Backend) -> None:
+        self.backends = backends
+
     @hookimpl
     def segloss_register_backends(self, register):
-        register(EchoBackend())
+        for backend in self.backends:
+            register(backend)
 
 
 def test_throwaway_backend_through_the_plugin_manager(registered, rng):
-    registered(EchoPlugin(), "echo-plugin")
+    registered(BackendsPlugin(EchoBackend()), "echo-plugin")
     loss = get_loss("dice", backend="echo", include_background=False)
     x = rng.normal(size=(2, 3, 4, 5))
     y = rng.integers(0, 3, size=(2, 4, 5))
@@ -48,7 +54,7 @@ def test_throwaway_backend_through_the_plugin_manager(registered, rng):
 
 def test_unregistering_removes_the_backend(registered):
     pm = plugin_manager()
-    pm.register(EchoPlugin(), name="echo-temp")
+    pm.register(BackendsPlugin(EchoBackend()), name="echo-temp")
     assert "echo" in [b.name for b in list_backends()]
     pm.unregister(name="echo-temp")
     assert "echo" not in [b.name for b in list_backends()]
@@ -139,16 +145,10 @@ def test_loss_for_a_newer_api_is_refused(registered):
         assert "future_dice" not in segloss_core.list_losses()
 
 
-class DuplicateBackendPlugin:
-    @hookimpl
-    def segloss_register_backends(self, register):
-        register(EchoBackend())
-
-
 def test_two_plugins_claiming_one_backend_name_are_reported(registered):
-    registered(EchoPlugin(), "echo-a")
+    registered(BackendsPlugin(EchoBackend()), "echo-a")
     with pytest.warns(plugin_loading.SeglossPluginWarning, match="backend 'echo' is already registered by 'echo-a'"):
-        registered(DuplicateBackendPlugin(), "echo-b")
+        registered(BackendsPlugin(EchoBackend()), "echo-b")
         list_backends()
 
 
@@ -157,15 +157,9 @@ class FutureBackend(EchoBackend):
     api_version = 99
 
 
-class FuturePlugin:
-    @hookimpl
-    def segloss_register_backends(self, register):
-        register(FutureBackend())
-
-
 def test_backend_for_a_newer_api_is_refused(registered):
     with pytest.warns(plugin_loading.SeglossPluginWarning, match="needs segloss plugin API 99"):
-        registered(FuturePlugin(), "future")
+        registered(BackendsPlugin(FutureBackend()), "future")
         states = {b.name: b.state for b in list_backends()}
     assert states["future"] == "broken"
     with pytest.raises(BackendUnavailableError, match="broken"):
@@ -179,14 +173,8 @@ class UnavailableBackend(EchoBackend):
         return "no CUDA device"
 
 
-class UnavailablePlugin:
-    @hookimpl
-    def segloss_register_backends(self, register):
-        register(UnavailableBackend())
-
-
 def test_unavailable_backend_says_why(registered):
-    registered(UnavailablePlugin(), "nogpu")
+    registered(BackendsPlugin(UnavailableBackend()), "nogpu")
     with pytest.raises(BackendUnavailableError, match="'nogpu' is not available here: no CUDA device"):
         get_loss("dice", backend="nogpu")
 
@@ -289,12 +277,6 @@ class DistanceBackend(Backend):
         return DistanceKernels(7.0) if is_numpy(get_namespace(array)) else None
 
 
-class DistancePlugin:
-    @hookimpl
-    def segloss_register_backends(self, register):
-        register(DistanceBackend())
-
-
 def test_distance_maps_dispatch_through_a_registered_backend():
     from segloss_core import distance_map, mask_distance_map, signed_distance_map
 
@@ -303,7 +285,7 @@ def test_distance_maps_dispatch_through_a_registered_backend():
     reference = signed_distance_map(labels, 2)
     assert reference.dtype == np.float64 and reference.max() > 0  # scipy: no backend claims NumPy arrays
     pm = plugin_manager()
-    pm.register(DistancePlugin(), name="distance-plugin")
+    pm.register(BackendsPlugin(DistanceBackend()), name="distance-plugin")
     try:
         assert np.all(signed_distance_map(labels, 2) == 7.0)
         assert np.all(distance_map(labels, 2) == 7.0)
@@ -326,12 +308,7 @@ class CrashingDistanceBackend(Backend):
 def test_a_crashing_distance_probe_is_a_warning_and_the_reference_runs(registered):
     from segloss_core import signed_distance_map
 
-    class Plugin:
-        @hookimpl
-        def segloss_register_backends(self, register):
-            register(CrashingDistanceBackend())
-
-    registered(Plugin(), "crashing-distance")
+    registered(BackendsPlugin(CrashingDistanceBackend()), "crashing-distance")
     labels = np.array([[0, 1, 1, 0]])
     with pytest.warns(segloss_core.SeglossPluginWarning, match=r"distance_maps_for raised RuntimeError: probe failed"):
         phi = signed_distance_map(labels, 2)
