@@ -12,7 +12,7 @@ them) the executor
 
 then adds the voxelwise terms (:meth:`Kernels.voxelwise`), times their weights. A backend supplies
 only the kernels; differentiation is the framework's (torch, JAX autograd) or the tape's
-(``segloss_core.reference.kernels`` for NumPy and CuPy). The loop is plain Python over the plan's
+(:class:`segloss_core.reference.evaluate.TapeKernels` for NumPy and CuPy). The loop is plain Python over the plan's
 static structure, so ``torch.compile(fullgraph=True)`` and ``jax.jit`` trace it without breaks.
 
 >>> import numpy as np
