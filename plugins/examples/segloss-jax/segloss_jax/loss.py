@@ -290,17 +290,10 @@ class JaxLoss(TermWeights):
         return run_plan(plan, prepared, JaxKernels(), weights=weights)
 
     def _forward_and_grad(
-        self,
-        pred: Array,
-        labels: Array | None,
-        target: Array | None,
-        mask: Array | None,
-        fields: dict[str, dict[str, Array]],
-        weights: tuple[float, ...],
-        seed: Array | None,
-        ones: bool,
+        self, pred: Array, operands: tuple[Any, ...], weights: tuple[float, ...], seed: Array | None, ones: bool
     ) -> tuple[Array, Array]:
-        value, pullback = jax.vjp(lambda x: self._forward(x, labels, target, mask, fields, weights), pred)
+        """``operands``: the arguments of :meth:`_forward` between ``pred`` and ``weights``."""
+        value, pullback = jax.vjp(lambda x: self._forward(x, *operands, weights), pred)
         if ones:
             seed = jnp.ones_like(value)
         elif seed is None:
@@ -338,4 +331,4 @@ class JaxLoss(TermWeights):
         seed = None if ones else grad_output
         fields = self._fields(prepared, inputs)
         x, weights = prepared, tuple(self.term_weights)
-        return self._vag(x.pred, x.labels, x.target, x.mask, fields, weights, seed, ones=ones)
+        return self._vag(x.pred, (x.labels, x.target, x.mask, fields), weights, seed, ones=ones)
