@@ -15,7 +15,7 @@ written for clarity (every intermediate is materialised), not speed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ import numpy as np
 from .backend import Backend
 from .executor import TermWeights
 from .hookspecs import hookimpl
-from .reference.evaluate import evaluate
+from .reference.evaluate import TapeBackend, evaluate
 from .spec import LossPlan
 
 
@@ -67,7 +67,7 @@ class NumpyLoss(TermWeights):
         return value, grad
 
 
-class NumpyBackend(Backend):
+class NumpyBackend(TapeBackend):
     name = "numpy"
     description = "float64 NumPy reference: value and analytic gradient (the conformance oracle)"
 
@@ -75,28 +75,8 @@ class NumpyBackend(Backend):
     def voxelwise_losses(self) -> frozenset[str]:  # type: ignore[override]
         return frozenset()  # every voxelwise spec carries a NumPy reference: see supports()
 
-    operators = True
-
-    def supports(self, spec: Any) -> bool:
-        return spec.kind != "voxelwise" or spec.reference is not None or spec.array_forward is not None
-
     def build(self, plan: LossPlan, **options: Any) -> NumpyLoss:
         return NumpyLoss(plan)
-
-    def run_for_conformance(
-        self,
-        loss: Any,
-        pred: np.ndarray,
-        target: np.ndarray,
-        mask: np.ndarray | None,
-        dtype: str,
-        inputs: Mapping[str, np.ndarray] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        cast = pred.astype(dtype)
-        value = loss(cast, target, mask, **(inputs or {}))
-        ones = None if np.ndim(value) == 0 else np.ones_like(value)
-        value, grad = loss.value_and_grad(cast, target, mask, grad_output=ones, **(inputs or {}))
-        return np.asarray(value, dtype=np.float64), np.asarray(grad, dtype=np.float64)
 
 
 @hookimpl

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from segloss_core import Backend, ConformanceDtype, LossPlan
+from segloss_core import ConformanceDtype, LossPlan
 from segloss_core.arrays import get_namespace, is_cupy
 from segloss_core.executor import TermWeights, required_statistics
-from segloss_core.reference.evaluate import TapeKernels, prepare_all, value_and_grad
+from segloss_core.reference.evaluate import TapeBackend, TapeKernels, prepare_all, value_and_grad
 from segloss_core.validation import PreparedInputs
 
 
@@ -77,10 +77,9 @@ class FusedKernels(TapeKernels):
         return {name: node[:, :, fused.SLOTS[name]] for name in names}
 
 
-class CupyBackend(Backend):
+class CupyBackend(TapeBackend):
     name = "cupy"
     description = "CuPy arrays on the current CUDA device: value and gradient w.r.t. the logits (shared kernels)"
-    operators = True
     conformance_dtypes = (
         ConformanceDtype("float64", 1e-7, 1e-9),
         ConformanceDtype("float32", 2e-4, 2e-5),
@@ -108,9 +107,6 @@ class CupyBackend(Backend):
             return None
         return distance_maps
 
-    def supports(self, spec: Any) -> bool:
-        return spec.kind != "voxelwise" or spec.reference is not None or spec.array_forward is not None
-
     def status(self) -> Mapping[str, str]:
         import cupy
 
@@ -132,22 +128,12 @@ class CupyBackend(Backend):
     def build(self, plan: LossPlan, **options: Any) -> CupyLoss:
         return CupyLoss(plan)
 
-    def run_for_conformance(
-        self,
-        loss: Any,
-        pred: np.ndarray,
-        target: np.ndarray,
-        mask: np.ndarray | None,
-        dtype: str,
-        inputs: Mapping[str, np.ndarray] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def to_array(self, array: np.ndarray) -> Any:
         import cupy
 
-        x = cupy.asarray(pred.astype(dtype))
-        y = cupy.asarray(target)
-        m = None if mask is None else cupy.asarray(mask)
-        extra = {k: cupy.asarray(v) for k, v in (inputs or {}).items()}
-        value = loss(x, y, m, **extra)
-        ones = cupy.ones(value.shape, dtype=value.dtype) if value.ndim else None
-        value, grad = loss.value_and_grad(x, y, m, grad_output=ones, **extra)
-        return np.asarray(cupy.asnumpy(value), dtype=np.float64), cupy.asnumpy(grad).astype(np.float64)
+        return cupy.asarray(array)
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        import cupy
+
+        return cupy.asnumpy(array)

@@ -13,7 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from ..arrays import get_namespace
+from ..backend import Backend
 from ..executor import Kernels, run_plan
 from ..spec import LossPlan, LossSpec, Params
 from ..validation import PreparedInputs, validate_inputs
@@ -146,3 +149,45 @@ def evaluate(
     prepared = prepare_all(pred, target, mask, plan)
     kernels = TapeKernels(pred, with_grad=with_grad)
     return value_and_grad(plan, prepared, kernels, inputs, weights=weights, grad_output=grad_output)
+
+
+class TapeBackend(Backend):
+    """A backend whose losses run on the reference's tape (NumPy, CuPy): every voxelwise spec with a
+    ``reference`` or an ``array_forward`` is supported, and one conformance runner serves all of them.
+
+    Subclasses convert NumPy inputs to their arrays and back (:meth:`to_array`, :meth:`to_numpy`); the
+    loss they build is called as ``loss(pred, target, mask, **inputs)`` and has
+    ``value_and_grad(pred, target, mask, grad_output=..., **inputs)``.
+    """
+
+    operators = True
+
+    def supports(self, spec: Any) -> bool:
+        return spec.kind != "voxelwise" or spec.reference is not None or spec.array_forward is not None
+
+    def to_array(self, array: np.ndarray) -> Any:
+        """``array`` as this backend's array (NumPy: itself)."""
+        return array
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        """One of this backend's arrays as a NumPy array."""
+        return np.asarray(array)
+
+    def run_for_conformance(
+        self,
+        loss: Any,
+        pred: np.ndarray,
+        target: np.ndarray,
+        mask: np.ndarray | None,
+        dtype: str,
+        inputs: Mapping[str, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The loss on ``pred`` cast to ``dtype`` (the other inputs as given); the gradient of Σ value
+        (``reduction="none"`` is seeded with ones, as the reference's comparison wants)."""
+        x, y = self.to_array(pred.astype(dtype)), self.to_array(target)
+        m = None if mask is None else self.to_array(mask)
+        extra = {name: self.to_array(value) for name, value in (inputs or {}).items()}
+        value = loss(x, y, m, **extra)
+        ones = get_namespace(value).ones(value.shape, dtype=value.dtype) if np.ndim(value) else None
+        value, grad = loss.value_and_grad(x, y, m, grad_output=ones, **extra)
+        return self.to_numpy(value).astype(np.float64), self.to_numpy(grad).astype(np.float64)
