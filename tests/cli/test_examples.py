@@ -49,3 +49,18 @@ def test_small_lesions_help_is_whole():
     for option in ("--steps", "--batch", "--seed", "--every", "--plot"):
         line = next(ln for ln in result.stdout.splitlines() if ln.strip().startswith(option))
         assert len(line.split()) > 2, f"{option} has no help text: {line!r}"
+
+
+def test_patch_distance_maps_example_runs(tmp_path):
+    """examples/patch_distance_maps.py --quick: the numbers docs/distance_maps.md quotes, on a small volume."""
+    import json
+
+    out = tmp_path / "patch.json"
+    command = [sys.executable, str(ROOT / "examples" / "patch_distance_maps.py"), "--quick", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(out.read_text())
+    assert numbers["patches"] == 20 and numbers["patches_that_differ"] > 0  # a patch's own map is not the crop
+    assert numbers["absent_class_pairs"] > 0 and numbers["gradient_relative_error"] > 0.05
+    assert 0 < numbers["present_class_mean_abs_error_mm"] < numbers["mean_abs_error_mm"]
+    assert "whole-volume map" in result.stdout and "per patch" in result.stdout
