@@ -4,6 +4,7 @@
     python benchmarks/distance_maps.py --quick            # 64³ only
     python benchmarks/distance_maps.py --device cuda      # GPU: segloss vs cupyx per class
     python benchmarks/distance_maps.py --json out.json
+    python benchmarks/distance_maps.py --size 128 --spacing anisotropic --threads 2   # one row set
 
 The volume has K = 4 classes made of smooth blobs (a large organ, two touching structures and
 background), like a medical label map, not noise. Every implementation computes the signed
@@ -11,7 +12,9 @@ maps of all K classes in the boundary-loss convention (LIVIAETS ``one_hot2dist``
 scipy's ``distance_transform_edt`` called per class (twice: inside and outside, as
 ``one_hot2dist``), seung-lab ``edt.edt`` per class (``parallel`` = all cores), cupyx per class
 on the GPU, and ``segloss_torch.signed_distance_map`` (one batched call). Median of
-``--repeat`` runs after one warm-up. Every result is compared with scipy's float64 maps: the
+``--repeat`` runs after one warm-up; the ``cpu ms`` column is the process's CPU time of the same
+runs (all threads), which a loaded machine disturbs less than the wall time, and the header gives
+the load average. Every result is compared with scipy's float64 maps: the
 ``max |error|`` column, and the exit status is 1 when an error exceeds ``--tolerance`` (relative to
 the largest distance; default 1e-5, several float32 roundings), so a fast wrong answer cannot pass.
 """
@@ -39,6 +42,7 @@ class Result:
     ms: float
     max_abs_error: float
     speedup_vs_scipy: float | None = None
+    cpu_ms: float | None = None
 
 
 def blob_volume(size: int, seed: int = 0) -> np.ndarray:
@@ -97,15 +101,23 @@ def segloss_torch_maps(labels_tensor, k: int, spacing: tuple[float, ...]):
 
 
 def median_ms(fn: Callable[[], object], repeat: int, sync: Callable[[], None] = lambda: None) -> tuple[float, object]:
+    return timed(fn, repeat, sync)[::2]
+
+
+def timed(
+    fn: Callable[[], object], repeat: int, sync: Callable[[], None] = lambda: None
+) -> tuple[float, float, object]:
+    """(median wall ms, median process CPU ms, the last result) of ``repeat`` runs after a warm-up."""
     result = fn()
     sync()
-    samples = []
+    walls, cpus = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         result = fn()
         sync()
-        samples.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(samples), result
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return 1e3 * statistics.median(walls), 1e3 * statistics.median(cpus), result
 
 
 def run(sizes: list[int], spacings: list[tuple[float, ...]], device: str, repeat: int) -> list[Result]:
@@ -116,13 +128,13 @@ def run(sizes: list[int], spacings: list[tuple[float, ...]], device: str, repeat
     for size in sizes:
         labels = blob_volume(size)
         for spacing in spacings:
-            ms_ref, reference = median_ms(partial(scipy_one_hot2dist, labels, k, spacing), max(1, repeat // 2))
-            rows = [Result(f"{size}³", str(spacing), "scipy per class (one_hot2dist)", ms_ref, 0.0)]
+            ms_ref, cpu_ref, reference = timed(partial(scipy_one_hot2dist, labels, k, spacing), max(1, repeat // 2))
+            rows = [Result(f"{size}³", str(spacing), "scipy per class (one_hot2dist)", ms_ref, 0.0, cpu_ms=cpu_ref)]
             if device == "cpu":
                 try:
                     import edt  # noqa: F401
 
-                    ms, out = median_ms(partial(seunglab_edt, labels, k, spacing), repeat)
+                    ms, cpu, out = timed(partial(seunglab_edt, labels, k, spacing), repeat)
                     rows.append(
                         Result(
                             f"{size}³",
@@ -130,12 +142,13 @@ def run(sizes: list[int], spacings: list[tuple[float, ...]], device: str, repeat
                             "seung-lab edt per class",
                             ms,
                             float(np.abs(out - reference).max()),
+                            cpu_ms=cpu,
                         )
                     )
                 except ImportError:
                     pass
                 tensor = torch.from_numpy(labels)
-                ms, out = median_ms(partial(segloss_torch_maps, tensor, k, spacing), repeat)
+                ms, cpu, out = timed(partial(segloss_torch_maps, tensor, k, spacing), repeat)
                 rows.append(
                     Result(
                         f"{size}³",
@@ -143,6 +156,7 @@ def run(sizes: list[int], spacings: list[tuple[float, ...]], device: str, repeat
                         "segloss (CPU, one call)",
                         ms,
                         float(np.abs(out.numpy() - reference).max()),
+                        cpu_ms=cpu,
                     )
                 )
             else:
@@ -212,15 +226,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--tolerance", type=float, default=1e-5, help="largest error allowed, relative")
+    parser.add_argument("--size", type=int, action="append", help="volume edge (repeatable; default 128 and 256)")
+    parser.add_argument("--spacing", choices=("isotropic", "anisotropic", "both"), default="both")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
-    sizes = [64] if args.quick else [128, 256]
-    spacings = [(1.0, 1.0, 1.0), (0.8, 0.8, 2.5)]
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = args.size or ([64] if args.quick else [128, 256])
+    spacings = {"isotropic": [(1.0, 1.0, 1.0)], "anisotropic": [(0.8, 0.8, 2.5)]}.get(
+        args.spacing, [(1.0, 1.0, 1.0), (0.8, 0.8, 2.5)]
+    )
     results = run(sizes, spacings, args.device, 2 if args.quick else args.repeat)
-    print("| volume | spacing | implementation | ms | max |error| vs scipy | speed-up vs scipy |")
-    print("|---|---|---|---:|---:|---:|")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"{os.cpu_count()} cores, load average {load}; torch threads {torch.get_num_threads()}")
+    print("| volume | spacing | implementation | ms | cpu ms | max |error| vs scipy | speed-up vs scipy |")
+    print("|---|---|---|---:|---:|---:|---:|")
     for r in results:
         speed = f"{r.speedup_vs_scipy:.1f}×" if r.speedup_vs_scipy else "—"
-        print(f"| {r.shape} | {r.spacing} | {r.implementation} | {r.ms:.0f} | {r.max_abs_error:.1e} | {speed} |")
+        cpu = f"{r.cpu_ms:.0f}" if r.cpu_ms is not None else "—"
+        print(
+            f"| {r.shape} | {r.spacing} | {r.implementation} | {r.ms:.0f} | {cpu} | {r.max_abs_error:.1e} | {speed} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=2)

@@ -1,190 +1,172 @@
-// CPU implementation of the distance-map ops, parallel over lines with at::parallel_for.
-//
-// Label maps (B, *S) with C classes: one multi-label transform per sample gives every class's
-// inside distance; one binary transform per (sample, present class) gives its outside distance
-// (classes absent or filling the sample are skipped and filled); a last pass composes the
-// requested map. Binary masks (B, C, *S): one multi-label transform per mask (a 0/1 map) gives
-// both distances at once. Strided axes are processed kBatch adjacent lines at a time through
-// small row-major buffers, so every read and write touches consecutive memory.
+// CPU implementation of the distance-map ops: one two-label transform per map (a class of a
+// label map, or a binary mask), plane by plane (csrc/torch/edt_planes.h), threads over
+// (map, columns) and (map, plane) taking tasks in turn from one queue (no static split and one
+// join, so a thread that the system holds back on a loaded machine does not hold the others). Maps without a boundary (a class absent from a
+// sample, or filling it) are filled with no_boundary_value and cost nothing else.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <limits>
+#include <thread>
 #include <vector>
 
-#include "../kernels/edt.cuh"
 #include "edt.h"
+#include "edt_planes.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace segloss {
 namespace {
 
-constexpr int64_t kBatch = 16;
+// Spatial sizes as (n0, n1, n2): 1D (n) is (n, 1, 1), 2D (h, w) is (h, 1, w); spacing likewise.
+struct Volume3 {
+  int64_t n0 = 1, n1 = 1, n2 = 1;
+  double spacing[3] = {1.0, 1.0, 1.0};
+  int64_t voxels() const { return n0 * n1 * n2; }
+};
 
-struct Geometry {
-  std::vector<int64_t> sizes;  // spatial sizes
-  int64_t voxels = 1;
-  int ndim() const { return static_cast<int>(sizes.size()); }
-  int64_t stride(int axis) const {
-    int64_t s = 1;
-    for (int a = axis + 1; a < ndim(); ++a) s *= sizes[a];
-    return s;
+Volume3 volume_of(at::IntArrayRef spatial, at::ArrayRef<double> spacing) {
+  Volume3 vol;
+  const int nd = static_cast<int>(spatial.size());
+  TORCH_CHECK(static_cast<int>(spacing.size()) == nd, "segloss distance maps: spacing has ", spacing.size(),
+              " values for ", nd, " spatial dims");
+  for (double s : spacing) TORCH_CHECK(s > 0, "segloss distance maps: spacing must be positive, got ", s);
+  vol.n0 = spatial[0];
+  vol.spacing[0] = spacing[0];
+  if (nd >= 2) {
+    vol.n2 = spatial[nd - 1];
+    vol.spacing[2] = spacing[nd - 1];
   }
-};
+  if (nd == 3) {
+    vol.n1 = spatial[1];
+    vol.spacing[1] = spacing[1];
+  }
+  return vol;
+}
 
-struct Scratch {
-  std::vector<int> v;
-  std::vector<double> z, fk;
-  std::vector<float> g, rows;
-  std::vector<int64_t> label_rows;
-  explicit Scratch(int64_t n)
-      : v(n + 2), z(n + 3), fk(n + 2), g(n + 2), rows(n * kBatch), label_rows(n * kBatch) {}
-};
+// Runs task(i) for i in [0, count) on the intra-op threads, each thread taking the next task.
+template <typename Task>
+void run_tasks(int64_t count, Task task) {
+  if (count <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(count, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) task(i);
+  });
+}
 
-// One transform over `volumes` volumes of geometry `geo`, writing squared distances to
-// out + volume · voxels. label_of(volume, voxel) gives the label (multi-label) and
-// site_of(volume, voxel) the binary site; `multilabel` selects which is used. Volumes listed in
-// `active` are transformed, the others left untouched.
-template <typename LabelOf, typename SiteOf>
-void transform(const Geometry& geo, const std::vector<int64_t>& active, float* out, const std::vector<double>& spacing,
-               bool multilabel, LabelOf label_of, SiteOf site_of) {
-  const int ndim = geo.ndim();
-  const int last = ndim - 1;
-  const int64_t n_last = geo.sizes[last];
-  const int64_t lines_last = geo.voxels / n_last;
+// A fresh output of many MiB costs a page fault per 4 KiB page when it is first written (as much
+// CPU time as a fifth of the transforms at 128³ × 4 classes): ask Linux for huge pages on the
+// part of it that is 2 MiB-aligned (a hint; nothing changes where it is not honoured).
+at::Tensor empty_maps(at::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(shape, options.dtype(at::kFloat));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr<float>());
+  const uintptr_t end = begin + static_cast<uintptr_t>(out.numel()) * sizeof(float);
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return out;
+}
+
+constexpr int64_t kColumns = 1024;  // phase-A task: this many columns of a plane
+
+// The maps of `maps` volumes into out (maps × voxels): inside(m, x) says whether voxel x is in the
+// set of map m; has_boundary(m) whether map m has both sides (else it gets no_boundary).
+template <typename Inside, typename HasBoundary>
+void two_label_maps(const Volume3& vol, int64_t maps, int kind, float no_boundary, Inside inside,
+                    HasBoundary has_boundary, float* out) {
+  const int64_t voxels = vol.voxels(), plane = vol.n1 * vol.n2;
+  std::vector<int64_t> active, flat;
+  for (int64_t m = 0; m < maps; ++m) (has_boundary(m) ? active : flat).push_back(m);
+  run_tasks(static_cast<int64_t>(flat.size()), [&](int64_t i) {
+    std::fill(out + flat[i] * voxels, out + (flat[i] + 1) * voxels, no_boundary);
+  });
+  const int64_t chunks = (plane + kColumns - 1) / kColumns;
   const int64_t count = static_cast<int64_t>(active.size());
-  // pass 1 along the contiguous axis
-  at::parallel_for(0, count * lines_last, std::max<int64_t>(1, 4096 / n_last), [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t vol = active[task / lines_last];
-      const int64_t start = (task % lines_last) * n_last;
-      float* f = out + vol * geo.voxels + start;
-      if (multilabel) {
-        edt_first_pass_multilabel([&](int q) { return label_of(vol, start + q); }, static_cast<int>(n_last), f, 1,
-                                  spacing[last]);
-      } else {
-        edt_first_pass([&](int q) { return site_of(vol, start + q); }, static_cast<int>(n_last), f, 1,
-                       spacing[last]);
-      }
+  // one queue of tasks: map 0's phase-A chunks, then map 1's chunks and map 0's planes, map 2's
+  // chunks and map 1's planes, …, the last map's planes. A plane task of map m waits until m's
+  // chunks are all done: they were all taken before it (so this cannot deadlock) and one map's
+  // chunks earlier (so they have almost always finished, and are still in cache)
+  std::vector<std::atomic<int64_t>> chunks_done(count);
+  for (auto& d : chunks_done) d.store(0);
+  const int64_t group = chunks + vol.n0;
+  run_tasks(count * group, [&](int64_t task) {
+    int64_t i, r;  // task r of map active[i]'s chunks (r < chunks) or planes (r - chunks)
+    if (task < chunks) {
+      i = 0;
+      r = task;
+    } else {
+      const int64_t g = (task - chunks) / group, in_group = (task - chunks) % group;
+      const bool chunk = g + 1 < count && in_group < chunks;
+      i = chunk ? g + 1 : g;
+      r = chunk ? in_group : chunks + in_group - (g + 1 < count ? chunks : 0);
+    }
+    const int64_t m = active[i];
+    if (r < chunks) {  // phase A: along axis 0
+      const int64_t j0 = r * kColumns, j1 = std::min(plane, j0 + kColumns);
+      thread_local std::vector<float> next;
+      if (next.size() < static_cast<size_t>(kColumns)) next.resize(kColumns);
+      edt_planes::axis0_counts(
+          vol.n0, plane, j0, j1, [&](int64_t x) { return inside(m, x); }, out + m * voxels, next.data());
+      chunks_done[i].fetch_add(1, std::memory_order_release);
+      return;
+    }
+    while (chunks_done[i].load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+    thread_local edt_planes::PlaneScratch scratch;  // phase B: plane r − chunks
+    edt_planes::plane_maps(
+        vol.n1, vol.n2, r - chunks, vol.spacing, kind, [&](int64_t x) { return inside(m, x); }, out + m * voxels,
+        scratch);
+  });
+}
+
+// Labels as class codes, one byte (C <= 255) or four, with a code matching no class for
+// ignore_index and labels outside [0, C); voxel counts per (sample, class).
+template <typename Code, typename L>
+void class_codes(const L* lab, int64_t batch, int64_t voxels, int64_t classes, int64_t ignore_index,
+                 bool has_ignore, Code none, Code* codes, int64_t* counts) {
+  run_tasks(batch, [&](int64_t b) {
+    int64_t* cb = counts + b * classes;
+    for (int64_t x = 0; x < voxels; ++x) {
+      const int64_t l = static_cast<int64_t>(lab[b * voxels + x]);
+      const bool counted = l >= 0 && l < classes && !(has_ignore && l == ignore_index);
+      codes[b * voxels + x] = counted ? static_cast<Code>(l) : none;
+      if (counted) ++cb[l];
     }
   });
-  // envelope passes along the other axes
-  for (int axis = last - 1; axis >= 0; --axis) {
-    const int64_t n = geo.sizes[axis];
-    const int64_t stride = geo.stride(axis);
-    const int64_t outer = geo.voxels / (stride * n);
-    const int64_t batches = (stride + kBatch - 1) / kBatch;
-    const double s2 = spacing[axis] * spacing[axis];
-    at::parallel_for(0, count * outer * batches, 1, [&](int64_t begin, int64_t end) {
-      Scratch scratch(n);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t vol = active[task / (outer * batches)];
-        const int64_t rest = task % (outer * batches);
-        const int64_t o = rest / batches, i0 = (rest % batches) * kBatch;
-        const int64_t width = std::min(kBatch, stride - i0);
-        const int64_t base = o * n * stride + i0;
-        float* f = out + vol * geo.voxels + base;
-        for (int64_t q = 0; q < n; ++q) {
-          for (int64_t j = 0; j < width; ++j) scratch.rows[q * kBatch + j] = f[q * stride + j];
-          if (multilabel) {
-            for (int64_t j = 0; j < width; ++j) {
-              scratch.label_rows[q * kBatch + j] = label_of(vol, base + q * stride + j);
-            }
-          }
-        }
-        for (int64_t j = 0; j < width; ++j) {
-          float* line = scratch.rows.data() + j;
-          if (multilabel) {
-            const int64_t* labels = scratch.label_rows.data() + j;
-            edt_parabola_pass_multilabel([&](int q) { return labels[q * kBatch]; }, line, kBatch, static_cast<int>(n),
-                                         s2, scratch.v.data(), scratch.z.data(), scratch.fk.data(), scratch.g.data());
-          } else {
-            edt_parabola_pass(line, kBatch, static_cast<int>(n), s2, scratch.v.data(), scratch.z.data(),
-                              scratch.fk.data());
-          }
-        }
-        for (int64_t q = 0; q < n; ++q) {
-          for (int64_t j = 0; j < width; ++j) f[q * stride + j] = scratch.rows[q * kBatch + j];
-        }
-      }
-    });
-  }
 }
 
-Geometry geometry_of(const at::Tensor& t, int skip) {
-  Geometry geo;
-  geo.sizes.assign(t.sizes().begin() + skip, t.sizes().end());
-  for (int64_t s : geo.sizes) geo.voxels *= s;
-  return geo;
-}
-
-std::vector<double> checked_spacing(at::ArrayRef<double> spacing, int ndim) {
-  TORCH_CHECK(static_cast<int>(spacing.size()) == ndim, "segloss distance maps: spacing has ", spacing.size(),
-              " values for ", ndim, " spatial dims");
-  for (double s : spacing) TORCH_CHECK(s > 0, "segloss distance maps: spacing must be positive, got ", s);
-  return std::vector<double>(spacing.begin(), spacing.end());
+template <typename Code, typename L>
+at::Tensor label_maps_typed(const at::Tensor& labels, int64_t classes, const Volume3& vol, int64_t kind,
+                            double no_boundary, int64_t ignore_index, bool has_ignore, Code none) {
+  const int64_t batch = labels.size(0), voxels = vol.voxels();
+  std::vector<Code> codes(batch * voxels);
+  std::vector<int64_t> counts(batch * classes, 0);
+  class_codes<Code>(labels.data_ptr<L>(), batch, voxels, classes, ignore_index, has_ignore, none, codes.data(),
+                    counts.data());
+  at::Tensor out = empty_maps({batch, classes, voxels}, labels.options());
+  const Code* cd = codes.data();
+  two_label_maps(
+      vol, batch * classes, static_cast<int>(kind), static_cast<float>(no_boundary),
+      [&](int64_t m, int64_t x) { return cd[(m / classes) * voxels + x] == static_cast<Code>(m % classes); },
+      [&](int64_t m) { return counts[m] > 0 && counts[m] < voxels; }, out.data_ptr<float>());
+  std::vector<int64_t> shape = {batch, classes};
+  shape.insert(shape.end(), labels.sizes().begin() + 1, labels.sizes().end());
+  return out.view(shape);
 }
 
 template <typename L>
-at::Tensor label_maps_typed(const at::Tensor& labels, int64_t classes, const std::vector<double>& spacing,
-                            int64_t kind, double no_boundary, int64_t ignore_index, bool has_ignore) {
-  const Geometry geo = geometry_of(labels, 1);
-  const int64_t batch = labels.size(0);
-  const L* lab = labels.data_ptr<L>();
-  at::Tensor out = at::empty({batch, classes, geo.voxels}, labels.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  // class presence: voxel counts per (sample, class), in a fixed order
-  std::vector<int64_t> counts(batch * classes, 0);
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t x = 0; x < geo.voxels; ++x) {
-        const int64_t l = static_cast<int64_t>(lab[b * geo.voxels + x]);
-        if (l >= 0 && l < classes && !(has_ignore && l == ignore_index)) ++counts[b * classes + l];
-      }
-    }
-  });
-  std::vector<int64_t> with_boundary;
-  for (int64_t i = 0; i < batch * classes; ++i) {
-    if (counts[i] > 0 && counts[i] < geo.voxels) with_boundary.push_back(i);
+at::Tensor label_maps_for(const at::Tensor& labels, int64_t classes, const Volume3& vol, int64_t kind,
+                          double no_boundary, int64_t ignore_index, bool has_ignore) {
+  if (classes <= 255) {
+    return label_maps_typed<uint8_t, L>(labels, classes, vol, kind, no_boundary, ignore_index, has_ignore, 255);
   }
-  const bool need_in = kind != kUnsignedOutside;
-  const bool need_out = kind != kUnsignedInside;
-  at::Tensor inside_sq;
-  if (need_in && !with_boundary.empty()) {  // every class's inside distance, one transform per sample
-    inside_sq = at::empty({batch, geo.voxels}, out.options());
-    std::vector<int64_t> samples(batch);
-    for (int64_t b = 0; b < batch; ++b) samples[b] = b;
-    transform(geo, samples, inside_sq.data_ptr<float>(), spacing, true,
-              [&](int64_t b, int64_t x) { return static_cast<int64_t>(lab[b * geo.voxels + x]); },
-              [](int64_t, int64_t) { return false; });
-  }
-  if (need_out && !with_boundary.empty()) {  // outside distance of each class that has a boundary
-    transform(geo, with_boundary, o, spacing, false, [](int64_t, int64_t) { return int64_t(0); },
-              [&](int64_t vol, int64_t x) {
-                const int64_t b = vol / classes, c = vol % classes;
-                return static_cast<int64_t>(lab[b * geo.voxels + x]) == c;
-              });
-  }
-  const float* din = inside_sq.defined() ? inside_sq.data_ptr<float>() : nullptr;
-  at::parallel_for(0, batch * classes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t vol = begin; vol < end; ++vol) {
-      const int64_t b = vol / classes, c = vol % classes;
-      float* dst = o + vol * geo.voxels;
-      const bool boundary = counts[vol] > 0 && counts[vol] < geo.voxels;
-      if (!boundary) {
-        std::fill(dst, dst + geo.voxels, static_cast<float>(no_boundary));
-        continue;
-      }
-      const L* lb = lab + b * geo.voxels;
-      const float* db = din ? din + b * geo.voxels : nullptr;
-      for (int64_t x = 0; x < geo.voxels; ++x) {
-        const bool inside = static_cast<int64_t>(lb[x]) == c;
-        dst[x] = compose_distance(static_cast<int>(kind), inside, db ? db[x] : 0.0f, need_out ? dst[x] : 0.0f);
-      }
-    }
-  });
-  std::vector<int64_t> shape = {batch, classes};
-  shape.insert(shape.end(), geo.sizes.begin(), geo.sizes.end());
-  return out.view(shape);
+  return label_maps_typed<int32_t, L>(labels, classes, vol, kind, no_boundary, ignore_index, has_ignore, -1);
 }
 
 }  // namespace
@@ -195,18 +177,19 @@ at::Tensor label_distance_maps_cpu(const at::Tensor& labels, int64_t num_classes
               "with 1 to 3 spatial dims, got ", labels.sizes());
   TORCH_CHECK(num_classes >= 1, "segloss::label_distance_maps: num_classes must be >= 1");
   TORCH_CHECK(kind >= 0 && kind <= 5, "segloss::label_distance_maps: unknown kind ", kind);
-  const std::vector<double> sp = checked_spacing(spacing, static_cast<int>(labels.dim() - 1));
+  TORCH_CHECK(num_classes < (int64_t(1) << 31), "segloss::label_distance_maps: num_classes too large");
+  const Volume3 vol = volume_of(labels.sizes().slice(1), spacing);
   at::Tensor l = labels.contiguous();
   switch (l.scalar_type()) {
     case at::kLong:
-      return label_maps_typed<int64_t>(l, num_classes, sp, kind, no_boundary_value, ignore_index, has_ignore);
+      return label_maps_for<int64_t>(l, num_classes, vol, kind, no_boundary_value, ignore_index, has_ignore);
     case at::kInt:
-      return label_maps_typed<int32_t>(l, num_classes, sp, kind, no_boundary_value, ignore_index, has_ignore);
+      return label_maps_for<int32_t>(l, num_classes, vol, kind, no_boundary_value, ignore_index, has_ignore);
     case at::kByte:
-      return label_maps_typed<uint8_t>(l, num_classes, sp, kind, no_boundary_value, ignore_index, has_ignore);
+      return label_maps_for<uint8_t>(l, num_classes, vol, kind, no_boundary_value, ignore_index, has_ignore);
     default:
-      return label_maps_typed<int64_t>(l.to(at::kLong), num_classes, sp, kind, no_boundary_value, ignore_index,
-                                       has_ignore);
+      return label_maps_for<int64_t>(l.to(at::kLong), num_classes, vol, kind, no_boundary_value, ignore_index,
+                                     has_ignore);
   }
 }
 
@@ -215,42 +198,21 @@ at::Tensor mask_distance_maps_cpu(const at::Tensor& masks, at::ArrayRef<double> 
   TORCH_CHECK(masks.dim() >= 3 && masks.dim() <= 5, "segloss::mask_distance_maps: masks must be (B, C, *spatial) ",
               "with 1 to 3 spatial dims, got ", masks.sizes());
   TORCH_CHECK(kind >= 0 && kind <= 5, "segloss::mask_distance_maps: unknown kind ", kind);
-  const std::vector<double> sp = checked_spacing(spacing, static_cast<int>(masks.dim() - 2));
+  const Volume3 vol = volume_of(masks.sizes().slice(2), spacing);
   at::Tensor m = masks.to(at::kByte).contiguous();
-  const Geometry geo = geometry_of(m, 2);
-  const int64_t volumes = m.size(0) * m.size(1);
+  const int64_t volumes = m.size(0) * m.size(1), voxels = vol.voxels();
   const uint8_t* mk = m.data_ptr<uint8_t>();
-  at::Tensor out = at::empty(m.sizes(), m.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
   std::vector<int64_t> counts(volumes, 0);
-  at::parallel_for(0, volumes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t v = begin; v < end; ++v) {
-      int64_t c = 0;
-      for (int64_t x = 0; x < geo.voxels; ++x) c += mk[v * geo.voxels + x] != 0;
-      counts[v] = c;
-    }
+  run_tasks(volumes, [&](int64_t v) {
+    int64_t c = 0;
+    for (int64_t x = 0; x < voxels; ++x) c += mk[v * voxels + x] != 0;
+    counts[v] = c;
   });
-  std::vector<int64_t> active;
-  for (int64_t v = 0; v < volumes; ++v) {
-    if (counts[v] > 0 && counts[v] < geo.voxels) active.push_back(v);
-  }
-  // a 0/1 map is a two-label map: the distance to the other label is d_in inside, d_out outside
-  transform(geo, active, o, sp, true,
-            [&](int64_t v, int64_t x) { return static_cast<int64_t>(mk[v * geo.voxels + x] != 0); },
-            [](int64_t, int64_t) { return false; });
-  at::parallel_for(0, volumes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t v = begin; v < end; ++v) {
-      float* dst = o + v * geo.voxels;
-      if (!(counts[v] > 0 && counts[v] < geo.voxels)) {
-        std::fill(dst, dst + geo.voxels, static_cast<float>(no_boundary_value));
-        continue;
-      }
-      const uint8_t* mv = mk + v * geo.voxels;
-      for (int64_t x = 0; x < geo.voxels; ++x) {
-        dst[x] = compose_distance(static_cast<int>(kind), mv[x] != 0, dst[x], dst[x]);
-      }
-    }
-  });
+  at::Tensor out = empty_maps(m.sizes(), m.options());
+  two_label_maps(
+      vol, volumes, static_cast<int>(kind), static_cast<float>(no_boundary_value),
+      [&](int64_t v, int64_t x) { return mk[v * voxels + x] != 0; },
+      [&](int64_t v) { return counts[v] > 0 && counts[v] < voxels; }, out.data_ptr<float>());
   return out;
 }
 

@@ -233,3 +233,78 @@ def test_without_the_compiled_ops_the_reference_gives_the_same_maps(monkeypatch)
     for name, value in got.items():
         assert isinstance(value, torch.Tensor) and value.device == labels.device, name
         np.testing.assert_allclose(value.double().numpy(), expected[name], rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def blob_labels(shape: tuple[int, ...], classes: int, seed: int) -> np.ndarray:
+    """(1, *shape) labels of smooth blobs: the argmax over classes of smoothed noise (long runs,
+    touching objects, as a medical label map; not voxel noise)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal((classes, *shape))
+    smooth = np.stack([gaussian_filter(n, sigma=max(1.0, min(shape) / 6)) for n in noise])
+    return smooth.argmax(0)[None]
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing"),
+    [
+        ((300,), (0.7,)),
+        ((48, 37), (0.8, 2.5)),
+        ((24, 31, 18), (0.8, 0.8, 2.5)),
+        ((20, 16, 26), (2.5, 1.0, 0.6)),
+    ],
+)
+@pytest.mark.parametrize("classes", [2, 4])
+def test_blob_volumes_match_scipy(shape, spacing, classes):
+    labels = blob_labels(shape, classes, seed=len(shape) + classes)
+    for convention in ref.CONVENTIONS:
+        got = signed_distance_map(torch.from_numpy(labels), classes, spacing, convention=convention)
+        _close(got, ref.signed_distance_map(labels, classes, spacing, convention=convention))
+    for region in ref.REGIONS:
+        got = distance_map(torch.from_numpy(labels), classes, spacing, region=region)
+        _close(got, ref.distance_map(labels, classes, spacing, region=region))
+    masks = labels[:, None] == np.arange(classes).reshape(1, classes, *([1] * len(shape)))
+    _close(mask_distance_map(torch.from_numpy(masks), spacing), ref.mask_distance_map(masks, spacing))
+
+
+@given(
+    shape=st.lists(st.integers(1, 30), min_size=1, max_size=3),
+    classes=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_structured_volumes_match_scipy(shape, classes, seed):
+    """Smooth blobs of random shape (long runs, lines of one voxel, classes absent or filling)."""
+    labels = blob_labels(tuple(shape), classes, seed)
+    sp = tuple(np.random.default_rng(seed).uniform(0.4, 3.0, size=len(shape)).round(2))
+    got = signed_distance_map(torch.from_numpy(labels), classes, sp, convention="signed")
+    _close(got, ref.signed_distance_map(labels, classes, sp, convention="signed"))
+
+
+def test_single_voxel_objects_of_several_classes_with_anisotropic_spacing():
+    labels = np.zeros((1, 11, 9, 13), dtype=np.int64)
+    labels[0, 2, 3, 4] = 1
+    labels[0, 8, 1, 11] = 2
+    labels[0, 5, 8, 0] = 3  # on the border
+    spacing = (0.8, 1.7, 2.5)
+    phi = signed_distance_map(torch.from_numpy(labels), 4, spacing, convention="signed")[0].double().numpy()
+    for c in (1, 2, 3):
+        want = brute_force_distance(labels[0] == c, spacing)
+        want[labels[0] == c] = -min(spacing)  # −d_in: the nearest other voxel is one step along the finest axis
+        np.testing.assert_allclose(phi[c], want, rtol=2e-6, atol=2e-6)
+    _close(torch.from_numpy(phi[None]), ref.signed_distance_map(labels, 4, spacing, convention="signed"))
+
+
+def test_labels_outside_the_classes_belong_to_none():
+    labels = np.array([[[0, 1, 7, 1], [-3, 1, 1, 0], [2, 2, 300, 0]]])  # 7, -3, 300: no class of 3
+    got = signed_distance_map(torch.from_numpy(labels), 3, (1.0, 2.0))
+    _close(got, ref.signed_distance_map(np.where((labels >= 0) & (labels < 3), labels, 99), 3, (1.0, 2.0)))
+
+
+def test_more_classes_than_a_byte():
+    rng = np.random.default_rng(11)
+    labels = rng.choice([0, 1, 256, 299], size=(1, 9, 8))
+    got = signed_distance_map(torch.from_numpy(labels), 300)
+    want = ref.signed_distance_map(labels, 300)
+    _close(got, want)
+    assert got[0, 256].abs().sum() > 0 and got[0, 2].abs().sum() == 0
