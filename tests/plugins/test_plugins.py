@@ -358,3 +358,19 @@ def test_public_plugin_surface_is_what_the_examples_use():
                 if any(part.startswith("_") for name in names for part in name.split(".") if name != "__future__"):
                     private.append(f"{path.name}:{number}: {line.strip()}")
     assert not private, private
+
+
+def test_loading_every_plugin_imports_no_framework():
+    """segloss_core.hookspecs: "registering must be cheap and must not import heavy frameworks" (and
+    segloss_torch.plugin: torch is imported only when the backend is used). Every installed plugin is
+    loaded in a fresh interpreter: torch, JAX and CuPy stay unimported until a backend is used."""
+    code = (
+        "import sys\n"
+        "from segloss_core.registry import registry\n"
+        "r = registry(); r.loss_names(); r.backend_names()\n"
+        "print(sorted(m for m in ('torch', 'jax', 'cupy') if m in sys.modules))\n"
+        "from segloss_torch import DeepSupervisionLoss, SeglossLoss, signed_distance_map\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[]", "True"]
