@@ -65,6 +65,8 @@ _REGION = (
     ("ignore_index", "i64"),
     ("has_ignore", "i32"),
     ("want_ce_neg", "i32"),
+    ("regions", "ptr"),
+    ("region_labels", "i64"),
 )
 _DATA = (("logits", "ptr"), ("labels", "ptr"), ("target", "ptr"))
 

@@ -27,6 +27,8 @@ struct RegionStatsArgs {
   int64_t ignore_index = 0;
   bool has_ignore = false;
   bool want_ce_neg = false;
+  const int64_t* regions = nullptr;  // (region_labels,) int64 membership table of region-based training, or null
+  int64_t region_labels = 0;
   // the backward grid has at most this many blocks; its grid-stride loop covers the other voxels
   int64_t max_backward_blocks = 1 << 20;
 };

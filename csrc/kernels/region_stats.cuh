@@ -7,6 +7,8 @@
 //   kIntersection  Σ w p g        kPredSum  Σ w p        kTargetSum  Σ w g
 //   kPredSq        Σ w p²         kTargetSq Σ w g²       kAbsDiff    Σ w |p − g|
 //   kCePos         Σ w g (−log p) kCeNeg    Σ w (1−g)(−log(1−p))     kCount      Σ w
+// With a region membership table g_c = [label ∈ region c] (region_bits below); the valid labels
+// are then [0, table size) instead of [0, C).
 // kInvalid (class 0 only) counts voxels whose label is outside [0, C) and not ignore_index;
 // such voxels contribute nothing else (the glue raises when asked to check).
 //
@@ -51,6 +53,20 @@ SEGLOSS_HD int64_t valid_label_max(int64_t channels, int activation) {
 
 // Voxel weight from its label: 0 for ignore_index and for invalid labels.
 SEGLOSS_HD bool label_is_valid(int64_t label, int64_t valid_max) { return label >= 0 && label < valid_max; }
+
+// Region-based training (segloss_core.regions): table[l] is the bitmask of the regions containing
+// label l, for l in [0, table_size); channel c's target is bit c of the voxel's entry. A label
+// outside the table reads entry 0 and gets no bits (the caller gives it weight 0 as invalid), so
+// no label is ever used as an index out of bounds. Written as selects so CPU loops vectorise.
+SEGLOSS_HD int64_t region_bits(const int64_t* table, int64_t table_size, int64_t label) {
+  const bool inside = (label >= 0) & (label < table_size);
+  const int64_t entry = table[inside ? label : 0];
+  return inside ? entry : 0;
+}
+
+SEGLOSS_HD bool region_member(int64_t bits, int64_t channel) {
+  return ((static_cast<uint64_t>(bits) >> channel) & 1u) != 0;
+}
 
 // Statistics contributions of one element (b, c, x), into acc[s * STRIDE] for each statistic s
 // (STRIDE 1: an array of kNumSlots; the CPU loops keep kLanes independent lanes per statistic and

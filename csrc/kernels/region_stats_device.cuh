@@ -65,25 +65,38 @@ struct KernelArgs {
   int64_t ignore_index;
   bool has_ignore;
   bool want_ce_neg;
+  const int64_t* regions;  // membership table of region-based training (region_bits), or null
+  int64_t region_labels;   // its length
 };
 
 // Weight and label of voxel n of sample b: w = 0 for ignored/invalid labels; *invalid set
-// for labels outside the valid range that are not ignore_index.
+// for labels outside the valid range that are not ignore_index ([0, table size) with regions);
+// *bits the voxel's region membership (0 without regions or with weight 0).
 template <typename L, typename A>
 __device__ __forceinline__ A voxel_weight(const KernelArgs<A>& a, const L* labels, int64_t b, int64_t n,
-                                          int64_t* label, bool* invalid) {
+                                          int64_t* label, bool* invalid, int64_t* bits) {
   A w = a.mask ? a.mask[b * a.mask_batch_stride + n] : A(1);
   *invalid = false;
   *label = -1;
+  *bits = 0;
   if (labels != nullptr) {
     const int64_t value = static_cast<int64_t>(labels[b * a.voxels + n]);
     const bool ignored = a.has_ignore && value == a.ignore_index;
-    const bool valid = label_is_valid(value, valid_label_max(a.channels, a.activation));
+    const int64_t valid_max = a.regions ? a.region_labels : valid_label_max(a.channels, a.activation);
+    const bool valid = label_is_valid(value, valid_max);
     *invalid = !ignored && !valid;
     if (ignored || !valid) w = A(0);
     *label = value;
+    if (a.regions && w != A(0)) *bits = region_bits(a.regions, a.region_labels, value);
   }
   return w;
+}
+
+// The target g of class c at a voxel with this label (and region bits).
+template <typename A>
+__device__ __forceinline__ A label_target(const KernelArgs<A>& a, int64_t label, int64_t bits, int64_t c) {
+  if (a.regions) return region_member(bits, c) ? A(1) : A(0);
+  return label == label_of_channel(c, a.channels, a.activation) ? A(1) : A(0);
 }
 
 // Softmax max and 1/Σexp over the classes of one voxel (NaN propagates).
@@ -127,7 +140,8 @@ __device__ __forceinline__ A warp_sum(A value) {
 template <typename A>
 __device__ __forceinline__ KernelArgs<A> make_kernel_args(const A* mask, int64_t mask_batch_stride, int64_t batch,
                                                           int64_t channels, int64_t voxels, int activation,
-                                                          int64_t ignore_index, int has_ignore, int want_ce_neg) {
+                                                          int64_t ignore_index, int has_ignore, int want_ce_neg,
+                                                          const int64_t* regions, int64_t region_labels) {
   KernelArgs<A> a;
   a.batch = batch;
   a.channels = channels;
@@ -138,15 +152,18 @@ __device__ __forceinline__ KernelArgs<A> make_kernel_args(const A* mask, int64_t
   a.ignore_index = ignore_index;
   a.has_ignore = has_ignore != 0;
   a.want_ce_neg = want_ce_neg != 0;
+  a.regions = regions;
+  a.region_labels = region_labels;
   return a;
 }
 
 // Kernel parameters are scalars and pointers only (no structs), so CuPy can launch them too.
 #define SEGLOSS_REGION_ARGS                                                                                 \
   const A *mask, int64_t mask_batch_stride, int64_t batch, int64_t channels, int64_t voxels, int activation, \
-      int64_t ignore_index, int has_ignore, int want_ce_neg
-#define SEGLOSS_REGION_ARGS_PASS \
-  make_kernel_args<A>(mask, mask_batch_stride, batch, channels, voxels, activation, ignore_index, has_ignore, want_ce_neg)
+      int64_t ignore_index, int has_ignore, int want_ce_neg, const int64_t *regions, int64_t region_labels
+#define SEGLOSS_REGION_ARGS_PASS                                                                                \
+  make_kernel_args<A>(mask, mask_batch_stride, batch, channels, voxels, activation, ignore_index, has_ignore, \
+                      want_ce_neg, regions, region_labels)
 
 // partials: (B, groups, chunks, kGroup, kNumSlots). Grid: (chunks · groups, 1, B) with the class
 // group varying fastest, so that the ⌈C/8⌉ blocks of one chunk of voxels run next to each other
@@ -169,9 +186,10 @@ __global__ void __launch_bounds__(kBlock) region_stats_partials_kernel(const T* 
   }
   const int64_t n_end = min(N, (chunk + 1) * static_cast<int64_t>(kChunkVoxels));
   for (int64_t n = chunk * kChunkVoxels + threadIdx.x; n < n_end; n += kBlock) {
-    int64_t label;
+    int64_t label, bits;
     bool invalid;
-    const A w = voxel_weight<L, A>(a, LABELS ? labels : static_cast<const L*>(nullptr), b, n, &label, &invalid);
+    const A w =
+        voxel_weight<L, A>(a, LABELS ? labels : static_cast<const L*>(nullptr), b, n, &label, &invalid, &bits);
     if (invalid && group == 0) acc[0][kInvalid] += A(1);
     if (w == A(0)) continue;  // contributes exactly 0, whatever its logits
     const T* z = logits + b * C * N + n;
@@ -183,8 +201,7 @@ __global__ void __launch_bounds__(kBlock) region_stats_partials_kernel(const T* 
       if (c < C) {
         A p, nlp, nl1mp;
         element_terms<T, A>(a.activation, to_acc(z[c * N]), m, inv, lse, &p, &nlp, &nl1mp);
-        const A g = LABELS ? (label == label_of_channel(c, C, a.activation) ? A(1) : A(0))
-                           : to_acc(target[(b * C + c) * N + n]);
+        const A g = LABELS ? label_target(a, label, bits, c) : to_acc(target[(b * C + c) * N + n]);
         accumulate_element(p, g, w, nlp, nl1mp, a.want_ce_neg, acc[j]);
       }
     }
@@ -236,9 +253,10 @@ __global__ void __launch_bounds__(kBlock) region_stats_backward_kernel(const T* 
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
        index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = index / N, n = index % N;
-    int64_t label;
+    int64_t label, bits;
     bool invalid;
-    const A w = voxel_weight<L, A>(a, LABELS ? labels : static_cast<const L*>(nullptr), b, n, &label, &invalid);
+    const A w =
+        voxel_weight<L, A>(a, LABELS ? labels : static_cast<const L*>(nullptr), b, n, &label, &invalid, &bits);
     const T* z = logits + b * C * N + n;
     T* out = grad + b * C * N + n;
     const A* u = upstream + b * C * kNumSlots;
@@ -249,7 +267,7 @@ __global__ void __launch_bounds__(kBlock) region_stats_backward_kernel(const T* 
       for (int64_t c = 0; c < C; ++c) {
         A p, nlp, nl1mp, dp, dl, dl1m;
         element_terms<T, A>(a.activation, to_acc(z[c * N]), m, inv, lse, &p, &nlp, &nl1mp);
-        const A g = LABELS ? (label == c ? A(1) : A(0)) : to_acc(target[(b * C + c) * N + n]);
+        const A g = LABELS ? label_target(a, label, bits, c) : to_acc(target[(b * C + c) * N + n]);
         element_gradient(p, g, w, load_stat_gradient(u + c * kNumSlots), &dp, &dl, &dl1m);
         dot += p * dp;
         sum_dlogp += dl;
@@ -258,8 +276,7 @@ __global__ void __launch_bounds__(kBlock) region_stats_backward_kernel(const T* 
     for (int64_t c = 0; c < C; ++c) {
       A p, nlp, nl1mp, dp, dl, dl1m;
       element_terms<T, A>(a.activation, to_acc(z[c * N]), m, inv, lse, &p, &nlp, &nl1mp);
-      const A g = LABELS ? (label == label_of_channel(c, C, a.activation) ? A(1) : A(0))
-                         : to_acc(target[(b * C + c) * N + n]);
+      const A g = LABELS ? label_target(a, label, bits, c) : to_acc(target[(b * C + c) * N + n]);
       element_gradient(p, g, w, load_stat_gradient(u + c * kNumSlots), &dp, &dl, &dl1m);
       out[c * N] = from_acc<T>(activation_backward(a.activation, p, dp, dl, dl1m, dot, sum_dlogp));
     }

@@ -16,7 +16,7 @@ at::ScalarType accumulation_type(at::ScalarType dtype) {
 
 RegionStatsInputs canonical_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& labels,
                                    const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
-                                   int64_t activation) {
+                                   int64_t activation, const std::optional<at::Tensor>& regions) {
   TORCH_CHECK(logits.dim() >= 3 && logits.dim() <= 5, "segloss::region_stats: logits must be (B, C, *spatial) with ",
               "1 to 3 spatial dims, got ", logits.sizes());
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "segloss::region_stats: logits must be floating, got ",
@@ -58,7 +58,22 @@ RegionStatsInputs canonical_inputs(const at::Tensor& logits, const std::optional
                 "segloss::region_stats: mask must be (B or 1, 1, *spatial), got ", m.sizes());
     out.mask = m.to(accumulation_type(logits.scalar_type())).contiguous().view({mb, out.voxels});
   }
+  if (regions.has_value()) {
+    const at::Tensor& r = *regions;
+    TORCH_CHECK(labels.has_value(), "segloss::region_stats: regions need integer labels");
+    TORCH_CHECK(r.device() == logits.device(), "segloss::region_stats: regions on ", r.device(), ", logits on ",
+                logits.device());
+    TORCH_CHECK(r.scalar_type() == at::kLong && r.dim() == 1 && r.numel() >= 1,
+                "segloss::region_stats: regions must be a non-empty 1-D int64 membership table, got ", r.sizes(), " ",
+                r.scalar_type());
+    TORCH_CHECK(out.channels <= 64, "segloss::region_stats: at most 64 regions, got ", out.channels, " channels");
+    out.regions = r.contiguous();
+  }
   return out;
+}
+
+int64_t valid_label_count(const RegionStatsInputs& in, int64_t activation) {
+  return in.regions.defined() ? in.regions.numel() : valid_label_max(in.channels, static_cast<int>(activation));
 }
 
 void check_invalid_labels(const at::Tensor& stats, const at::Tensor& labels, int64_t valid_max, bool has_ignore,

@@ -12,6 +12,7 @@ struct RegionStatsInputs {
   at::Tensor labels;  // (B, N) contiguous int64/int32/uint8, or undefined
   at::Tensor target;  // (B, C, N) contiguous, logits' dtype, or undefined
   at::Tensor mask;    // (Mb, N) contiguous, accumulation dtype, Mb in {1, B}, or undefined
+  at::Tensor regions;  // (L + 1,) contiguous int64 membership table of region-based training, or undefined
   int64_t batch = 0;
   int64_t channels = 0;
   int64_t voxels = 0;
@@ -21,19 +22,23 @@ struct RegionStatsInputs {
 // brings every input to the canonical contiguous layout above.
 RegionStatsInputs canonical_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& labels,
                                    const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
-                                   int64_t activation);
+                                   int64_t activation, const std::optional<at::Tensor>& regions);
+
+// Labels 0..valid_max-1 are valid: the membership table's length with regions, else
+// valid_label_max(channels, activation).
+int64_t valid_label_count(const RegionStatsInputs& in, int64_t activation);
 
 at::ScalarType accumulation_type(at::ScalarType dtype);
 
 at::Tensor region_stats_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& labels,
                             const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
                             int64_t activation, int64_t ignore_index, bool has_ignore, bool want_ce_neg,
-                            bool check_labels);
+                            bool check_labels, const std::optional<at::Tensor>& regions);
 
 at::Tensor region_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
                                      const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& target,
                                      const std::optional<at::Tensor>& mask, int64_t activation, int64_t ignore_index,
-                                     bool has_ignore);
+                                     bool has_ignore, const std::optional<at::Tensor>& regions);
 
 // Raise, naming the offending label values and their count, if the kInvalid slot of ``stats`` is
 // non-zero (the values are looked up in ``labels`` only then).

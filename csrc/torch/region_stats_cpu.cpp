@@ -37,6 +37,8 @@ struct Problem {
   const void* mask;  // accumulation dtype (float or double), or null
   int64_t mask_batch_stride;
   bool want_ce_neg;
+  const int64_t* regions;  // membership table of region-based training, or null
+  int64_t region_labels;   // its length: labels [0, region_labels) are valid with regions
 };
 
 template <typename A>
@@ -44,21 +46,25 @@ struct Tile {
   std::vector<A> z, e, t, dp, dl;  // C × kTile
   std::vector<A> m, inv, lse, w, dot, sdl;
   std::vector<A> label;  // the label as A (exact below 2^24), −1 for weight-0 voxels
+  std::vector<int64_t> bits;  // regions: each voxel's membership bits (0 for weight-0 voxels)
   explicit Tile(int64_t channels)
       : z(channels * kTile), e(channels * kTile), t(channels * kTile), dp(channels * kTile), dl(channels * kTile),
-        m(kTile), inv(kTile), lse(kTile), w(kTile), dot(kTile), sdl(kTile), label(kTile) {}
+        m(kTile), inv(kTile), lse(kTile), w(kTile), dot(kTile), sdl(kTile), label(kTile), bits(kTile) {}
 };
 
 // Loads logits (and soft targets, weights, labels) of voxels [n0, n0 + len) of sample b into the
 // tile, padded to a multiple of kLanes with weight 0. A voxel of weight 0 (padding, ignored,
 // invalid label, mask 0) is loaded as logits 0, label −1 and target 0, so every term it adds is
-// an exact 0 whatever its real logits are. Computes the activation: for softmax
+// an exact 0 whatever its real logits are. With regions (LABELS false, pb.regions set) the labels
+// are read as well and each class's target g_c = [label ∈ region c] is written into the tile's
+// target rows (kTile voxels: no (B, C, N) target exists). Computes the activation: for softmax
 // e = exp(z − m), inv = 1/Σe, lse = m + log Σe. Returns the number of invalid labels.
 template <int ACT, bool LABELS, typename T, typename L, typename A>
 int64_t load_tile(const Problem& pb, const T* logits, const L* labels, const T* target, int64_t b, int64_t n0,
                   int len, int padded, Tile<A>& tile) {
   const int64_t C = pb.channels, N = pb.voxels;
-  const int64_t valid_max = valid_label_max(C, ACT);
+  const bool regions = !LABELS && pb.regions != nullptr;
+  const int64_t valid_max = regions ? pb.region_labels : valid_label_max(C, ACT);
   int64_t invalid = 0;
   A* __restrict w = tile.w.data();
   A* __restrict lab = tile.label.data();
@@ -69,7 +75,7 @@ int64_t load_tile(const Problem& pb, const T* logits, const L* labels, const T* 
     for (int i = 0; i < len; ++i) w[i] = A(1);
   }
   for (int i = len; i < padded; ++i) w[i] = A(0);
-  if (LABELS) {
+  if (LABELS || regions) {
     const L* __restrict src = labels + b * N + n0;
     const bool has_ignore = pb.has_ignore;
     const int64_t ignore_index = pb.ignore_index;
@@ -85,13 +91,26 @@ int64_t load_tile(const Problem& pb, const T* logits, const L* labels, const T* 
       lab[i] = off ? A(-1) : static_cast<A>(label);
     }
     for (int i = len; i < padded; ++i) lab[i] = A(-1);
+    if (regions) {
+      const int64_t* __restrict table = pb.regions;
+      int64_t* __restrict bits = tile.bits.data();
+      for (int i = 0; i < len; ++i) {
+        const int64_t label = static_cast<int64_t>(src[i]);
+        bits[i] = w[i] == A(0) ? 0 : region_bits(table, valid_max, label);
+      }
+      for (int i = len; i < padded; ++i) bits[i] = 0;
+    }
   }
   for (int64_t c = 0; c < C; ++c) {
     const T* __restrict zc = logits + (b * C + c) * N + n0;
     A* __restrict zt = &tile.z[c * kTile];
     for (int i = 0; i < len; ++i) zt[i] = w[i] == A(0) ? A(0) : static_cast<A>(zc[i]);
     for (int i = len; i < padded; ++i) zt[i] = A(0);
-    if (!LABELS) {
+    if (regions) {
+      const int64_t* __restrict bits = tile.bits.data();
+      A* __restrict tt = &tile.t[c * kTile];
+      for (int i = 0; i < padded; ++i) tt[i] = region_member(bits[i], c) ? A(1) : A(0);
+    } else if (!LABELS) {
       const T* __restrict tc = target + (b * C + c) * N + n0;
       A* __restrict tt = &tile.t[c * kTile];
       for (int i = 0; i < len; ++i) tt[i] = w[i] == A(0) ? A(0) : static_cast<A>(tc[i]);
@@ -274,6 +293,8 @@ Problem make_problem(const RegionStatsInputs& in, int64_t activation, int64_t ig
   pb.mask = in.mask.defined() ? in.mask.data_ptr() : nullptr;
   pb.mask_batch_stride = in.mask.defined() && in.mask.size(0) > 1 ? in.voxels : 0;
   pb.want_ce_neg = want_ce_neg;
+  pb.regions = in.regions.defined() ? in.regions.data_ptr<int64_t>() : nullptr;
+  pb.region_labels = in.regions.defined() ? in.regions.numel() : 0;
   return pb;
 }
 
@@ -351,8 +372,8 @@ at::Tensor empty_for_gradient(const at::Tensor& like) {
 at::Tensor region_stats_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& labels,
                             const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
                             int64_t activation, int64_t ignore_index, bool has_ignore, bool want_ce_neg,
-                            bool check_labels) {
-  RegionStatsInputs in = canonical_inputs(logits, labels, target, mask, activation);
+                            bool check_labels, const std::optional<at::Tensor>& regions) {
+  RegionStatsInputs in = canonical_inputs(logits, labels, target, mask, activation, regions);
   const at::ScalarType acc_type = accumulation_type(logits.scalar_type());
   at::Tensor out = at::zeros({in.batch, in.channels, kNumSlots}, logits.options().dtype(acc_type));
   if (in.batch == 0 || in.voxels == 0) return out;
@@ -379,7 +400,8 @@ at::Tensor region_stats_cpu(const at::Tensor& logits, const std::optional<at::Te
           }
         });
       };
-      dispatch_flags(pb.activation, label_ptr != nullptr, want_ce_neg, run);
+      // regions: the target path, its rows filled from the labels (load_tile)
+      dispatch_flags(pb.activation, label_ptr != nullptr && pb.regions == nullptr, want_ce_neg, run);
     });
     // fixed-order reduction over chunks
     A* o = out.data_ptr<A>();
@@ -392,8 +414,7 @@ at::Tensor region_stats_cpu(const at::Tensor& logits, const std::optional<at::Te
     }
   });
   if (check_labels && in.labels.defined()) {
-    check_invalid_labels(out, in.labels, valid_label_max(in.channels, static_cast<int>(activation)), has_ignore,
-                         ignore_index);
+    check_invalid_labels(out, in.labels, valid_label_count(in, activation), has_ignore, ignore_index);
   }
   return out;
 }
@@ -401,8 +422,8 @@ at::Tensor region_stats_cpu(const at::Tensor& logits, const std::optional<at::Te
 at::Tensor region_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
                                      const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& target,
                                      const std::optional<at::Tensor>& mask, int64_t activation, int64_t ignore_index,
-                                     bool has_ignore) {
-  RegionStatsInputs in = canonical_inputs(logits, labels, target, mask, activation);
+                                     bool has_ignore, const std::optional<at::Tensor>& regions) {
+  RegionStatsInputs in = canonical_inputs(logits, labels, target, mask, activation, regions);
   const at::ScalarType acc_type = accumulation_type(logits.scalar_type());
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == in.batch && grad.size(1) == in.channels && grad.size(2) == kNumSlots,
               "segloss::region_stats_backward: grad must be (B, C, ", static_cast<int>(kNumSlots), "), got ",
@@ -431,7 +452,7 @@ at::Tensor region_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& l
           }
         });
       };
-      dispatch_flags(pb.activation, label_ptr != nullptr, false, run);
+      dispatch_flags(pb.activation, label_ptr != nullptr && pb.regions == nullptr, false, run);
     });
   });
   return result.view(logits.sizes());

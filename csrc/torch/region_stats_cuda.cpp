@@ -56,6 +56,8 @@ cuda::RegionStatsArgs make_args(const RegionStatsInputs& in, int64_t activation,
   a.ignore_index = ignore_index;
   a.has_ignore = has_ignore;
   a.want_ce_neg = want_ce_neg;
+  a.regions = in.regions.defined() ? in.regions.data_ptr<int64_t>() : nullptr;
+  a.region_labels = in.regions.defined() ? in.regions.numel() : 0;
   return a;
 }
 
@@ -64,9 +66,9 @@ cuda::RegionStatsArgs make_args(const RegionStatsInputs& in, int64_t activation,
 at::Tensor region_stats_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& labels,
                              const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
                              int64_t activation, int64_t ignore_index, bool has_ignore, bool want_ce_neg,
-                             bool check_labels) {
+                             bool check_labels, const std::optional<at::Tensor>& regions) {
   c10::cuda::CUDAGuard guard(logits.device());
-  RegionStatsInputs in = canonical_inputs(logits, labels, target, mask, activation);
+  RegionStatsInputs in = canonical_inputs(logits, labels, target, mask, activation, regions);
   const at::ScalarType acc = accumulation_type(logits.scalar_type());
   at::Tensor out = at::zeros({in.batch, in.channels, kNumSlots}, logits.options().dtype(acc));
   if (in.batch == 0 || in.voxels == 0) return out;
@@ -77,8 +79,7 @@ at::Tensor region_stats_cuda(const at::Tensor& logits, const std::optional<at::T
       cuda::region_stats_forward(args, out.data_ptr(), workspace.data_ptr(), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "segloss::region_stats (CUDA) failed: ", cudaGetErrorString(err));
   if (check_labels && in.labels.defined()) {
-    check_invalid_labels(out, in.labels, valid_label_max(in.channels, static_cast<int>(activation)), has_ignore,
-                         ignore_index);
+    check_invalid_labels(out, in.labels, valid_label_count(in, activation), has_ignore, ignore_index);
   }
   return out;
 }
@@ -86,9 +87,9 @@ at::Tensor region_stats_cuda(const at::Tensor& logits, const std::optional<at::T
 at::Tensor region_stats_backward_cuda(const at::Tensor& grad, const at::Tensor& logits,
                                       const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& target,
                                       const std::optional<at::Tensor>& mask, int64_t activation, int64_t ignore_index,
-                                      bool has_ignore) {
+                                      bool has_ignore, const std::optional<at::Tensor>& regions) {
   c10::cuda::CUDAGuard guard(logits.device());
-  RegionStatsInputs in = canonical_inputs(logits, labels, target, mask, activation);
+  RegionStatsInputs in = canonical_inputs(logits, labels, target, mask, activation, regions);
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == in.batch && grad.size(1) == in.channels && grad.size(2) == kNumSlots,
               "segloss::region_stats_backward: grad must be (B, C, ", static_cast<int>(kNumSlots), "), got ",
               grad.sizes());

@@ -58,8 +58,7 @@ class CupyLoss(TermWeights):
         self._check(pred=pred, target=target, mask=mask)
         prepared = prepare_all(pred, target, mask, self.plan)
         per_class_mask = any(p.mask is not None and int(p.mask.shape[1]) != 1 for p in prepared.values())
-        regions = self.plan.regions is not None  # region targets: the reference math for now
-        kernels_type = FusedKernels if self._fused and not per_class_mask and not regions else TapeKernels
+        kernels_type = FusedKernels if self._fused and not per_class_mask else TapeKernels
         kernels = kernels_type(pred, with_grad=with_grad)
         return value_and_grad(self.plan, prepared, kernels, inputs, weights=self.term_weights, grad_output=grad_output)
 

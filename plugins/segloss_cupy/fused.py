@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from segloss_core.regions import membership_table
 from segloss_core.statistics import ACTIVATION_CODES, FUSED_NUM_SLOTS, FUSED_SLOTS
 from segloss_core.validation import PreparedInputs
 
@@ -70,6 +71,9 @@ class Prepared:
             mask = prepared.mask.reshape(prepared.mask.shape[0], -1).astype(self.acc)
             self.mask = cupy.ascontiguousarray(mask)
             self.mask_stride = self.voxels if mask.shape[0] > 1 else 0
+        self.regions = None  # region-based training: the int64 membership table (segloss_core.regions)
+        if prepared.regions is not None:
+            self.regions = cupy.asarray(np.array(membership_table(prepared.regions), dtype=np.uint64).view(np.int64))
         self.activation = ACTIVATIONS[prepared.activation]
         self.has_ignore = prepared.ignore_index is not None
         self.ignore = 0 if prepared.ignore_index is None else int(prepared.ignore_index)
@@ -85,6 +89,8 @@ class Prepared:
             np.int64(self.ignore),
             np.int32(self.has_ignore),
             np.int32(want_ce_neg),
+            NULL if self.regions is None else self.regions,
+            np.int64(0 if self.regions is None else self.regions.size),
         )
 
     def data_args(self) -> tuple:

@@ -1,8 +1,9 @@
 """Fused statistics through the C++/CUDA extension (``torch.ops.segloss.region_stats``).
 
 One read of the logits (and labels) computes every region statistic and the cross-entropy
-sums for all classes — activation, one-hot, ignore mask and voxel weights on the fly, nothing
-of size B·C·N stored. The backward op recomputes what it needs from the inputs and writes
+sums for all classes — activation, one-hot (or, with ``regions=``, each channel's region
+membership from a small table), ignore mask and voxel weights on the fly, nothing of size B·C·N
+stored. The backward op recomputes what it needs from the inputs and writes
 only the gradient. The op's schema, fake (meta) kernel and autograd are in :mod:`.ops`, so it
 works under ``torch.compile(fullgraph=True)`` without graph breaks, on either CUDA path.
 """
@@ -17,7 +18,7 @@ import torch
 from segloss_core.statistics import ACTIVATION_CODES, FUSED_NUM_SLOTS, FUSED_SLOTS
 from segloss_core.validation import PreparedInputs
 
-from . import build, ops
+from . import build, native, ops
 
 # slot of each statistic in the op's (B, C, 10) output (csrc/kernels/region_stats.cuh)
 SLOTS = FUSED_SLOTS
@@ -91,8 +92,6 @@ def _unsupported_reason(names: Iterable[str], prepared: PreparedInputs | None) -
     if extra:
         return f"statistics {extra} are not fused (native only)"
     if prepared is not None:
-        if prepared.regions is not None:
-            return "regions= (region-based training) is not fused yet (native only)"
         if prepared.mask is not None and int(prepared.mask.shape[1]) != 1:
             return "per-class masks (B, C, ...) are not fused (native only)"
         if prepared.pred.device.type not in ("cpu", "cuda"):
@@ -114,8 +113,6 @@ def applicable(names: Iterable[str], plan: Any, prepared: PreparedInputs | None)
 def require(names: Iterable[str], plan: Any) -> None:
     """impl='fused': raise now (at get_loss time) if the fused path cannot serve this loss."""
     reason = _unsupported_reason(names, None)
-    if reason is None and plan.regions is not None:
-        reason = "regions= (region-based training) is not fused yet (native only)"
     if reason is not None:
         raise ValueError(f"impl='fused' cannot compute loss {plan.name!r}: {reason}; use impl='auto' or 'native'")
     state = prepare()
@@ -139,6 +136,7 @@ def compute_statistics(prepared: PreparedInputs, names: Iterable[str]) -> dict[s
         labels = None if labels is None else labels.unsqueeze(-1)
         target = None if target is None else target.unsqueeze(-1)
     ignore = prepared.ignore_index
+    regions = None if prepared.regions is None else native.membership_table(prepared.regions, pred.device)
     stats = torch.ops.segloss.region_stats(
         pred,
         labels,
@@ -149,5 +147,6 @@ def compute_statistics(prepared: PreparedInputs, names: Iterable[str]) -> dict[s
         ignore is not None,
         "ce_neg" in names,
         torch.compiler.is_compiling(),
+        regions,
     )
     return {name: stats[:, :, SLOTS[name]] for name in names}

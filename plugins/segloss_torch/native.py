@@ -105,17 +105,28 @@ def _target_and_weights(
     return g, weight
 
 
-@functools.lru_cache(maxsize=64)
-def _membership_table(regions: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
-    """``segloss_core.regions.membership_table`` as int64 on ``device`` (memoised per regions, device)."""
+def membership_table(regions: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    """``segloss_core.regions.membership_table`` as int64 on ``device`` (the fused ops read it too):
+    memoised per (regions, device) in eager mode, a constant of the graph under ``torch.compile``
+    (whose tracing would skip the cache)."""
+    if torch.compiler.is_compiling():
+        return _table_tensor(regions, device)
+    return _memoised_table(regions, device)
+
+
+def _table_tensor(regions: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
+    # bit 63 (region 63) as a negative int64, the same bits
     table = [value - (1 << 64) if value >= 1 << 63 else value for value in regions_module.membership_table(regions)]
     return torch.tensor(table, dtype=torch.int64, device=device)
+
+
+_memoised_table = functools.lru_cache(maxsize=64)(_table_tensor)
 
 
 def region_hits(regions: tuple[tuple[int, ...], ...], labels: torch.Tensor) -> torch.Tensor:
     """(B, R, n) bool: bit r of each voxel's membership mask (False for a label outside the table,
     which only an ignored voxel can have here)."""
-    table = _membership_table(regions, labels.device)
+    table = membership_table(regions, labels.device)
     inside = (labels >= 0) & (labels < table.shape[0])
     bits = table[torch.where(inside, labels, torch.zeros_like(labels)).long()]
     bits = torch.where(inside, bits, torch.zeros_like(bits))

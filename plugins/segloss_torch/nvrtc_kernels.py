@@ -107,9 +107,10 @@ def _grid_for(work: int, block: int) -> int:
 # region statistics (csrc/cuda/region_stats.cu)
 
 
-def _canonical(logits, labels, target, mask, activation):
+def _canonical(logits, labels, target, mask, activation, regions=None):
     """The layout of csrc/torch/common.cpp canonical_inputs: (B, C, N) logits, (B, N) labels,
-    (B, C, N) target in the logits' dtype, (Mb, N) mask in the accumulation dtype."""
+    (B, C, N) target in the logits' dtype, (Mb, N) mask in the accumulation dtype, (L + 1,) int64
+    region membership table."""
     if not (3 <= logits.dim() <= 5) or not logits.is_floating_point():
         raise RuntimeError(
             f"segloss::region_stats: logits must be floating (B, C, *spatial), got {tuple(logits.shape)}"
@@ -139,11 +140,21 @@ def _canonical(logits, labels, target, mask, activation):
             raise RuntimeError(f"segloss::region_stats: mask must be (B or 1, 1, *spatial), got {tuple(mask.shape)}")
         mask = mask.to(acc).contiguous().view(rows, voxels)
         mask_stride = voxels if rows > 1 else 0
-    return z, labels, target, mask, mask_stride, batch, channels, voxels, acc
+    if regions is not None:
+        if labels is None:
+            raise RuntimeError("segloss::region_stats: regions need integer labels")
+        if regions.dtype != torch.int64 or regions.dim() != 1 or regions.numel() < 1 or channels > 64:
+            raise RuntimeError("segloss::region_stats: regions must be a non-empty 1-D int64 membership table")
+        regions = regions.to(z.device).contiguous()
+    return z, labels, target, mask, mask_stride, batch, channels, voxels, acc, regions
 
 
-def _region_values(z, labels, target, mask, mask_stride, batch, channels, voxels, activation, ignore, has, ce_neg):
+def _region_values(
+    z, labels, target, mask, mask_stride, batch, channels, voxels, activation, ignore, has, ce_neg, regions
+):
     return {
+        "regions": _ptr(regions),
+        "region_labels": 0 if regions is None else int(regions.numel()),
         "logits": _ptr(z),
         "labels": _ptr(labels),
         "target": _ptr(target),
@@ -163,8 +174,12 @@ def _region_names(z: torch.Tensor, labels: torch.Tensor | None) -> dict[str, str
     return nvrtc.region_names(DTYPES[z.dtype], None if labels is None else LABEL_TYPES[labels.dtype])
 
 
-def region_stats(logits, labels, target, mask, activation, ignore_index, has_ignore, want_ce_neg, check_labels):
-    z, labels, target, mask, stride, batch, channels, voxels, acc = _canonical(logits, labels, target, mask, activation)
+def region_stats(
+    logits, labels, target, mask, activation, ignore_index, has_ignore, want_ce_neg, check_labels, regions=None
+):
+    z, labels, target, mask, stride, batch, channels, voxels, acc, regions = _canonical(
+        logits, labels, target, mask, activation, regions
+    )
     out = torch.zeros((batch, channels, FUSED_NUM_SLOTS), dtype=acc, device=logits.device)
     if batch == 0 or voxels == 0:
         return out
@@ -176,8 +191,9 @@ def region_stats(logits, labels, target, mask, activation, ignore_index, has_ign
     names = _region_names(z, labels)
     fns = _RUNNER.kernels(z.device, names)
     values = _region_values(
-        z, labels, target, mask, stride, batch, channels, voxels, activation, ignore_index, has_ignore, want_ce_neg
-    )
+        z, labels, target, mask, stride, batch, channels, voxels, activation, ignore_index, has_ignore, want_ce_neg,
+        regions,
+    )  # fmt: skip
     _RUNNER.launch(
         z.device,
         fns["partials"],
@@ -199,16 +215,18 @@ def region_stats(logits, labels, target, mask, activation, ignore_index, has_ign
          "out": _ptr(out)},
     )  # fmt: skip
     if check_labels and labels is not None:
-        _check_invalid_labels(out, labels, channels, activation, has_ignore, ignore_index)
+        valid_max = (
+            int(regions.numel()) if regions is not None else (2 if channels == 1 and activation != 0 else channels)
+        )
+        _check_invalid_labels(out, labels, valid_max, has_ignore, ignore_index)
     return out
 
 
-def _check_invalid_labels(stats, labels, channels, activation, has_ignore, ignore_index) -> None:
+def _check_invalid_labels(stats, labels, valid_max, has_ignore, ignore_index) -> None:
     """As csrc/torch/common.cpp check_invalid_labels: name the offending values and their count."""
     invalid = float(stats[:, 0, FUSED_INVALID_SLOT].sum())
     if invalid <= 0:
         return
-    valid_max = 2 if channels == 1 and activation != 0 else channels
     values = labels.to(torch.int64)
     bad = (values < 0) | (values >= valid_max)
     if has_ignore:
@@ -219,8 +237,10 @@ def _check_invalid_labels(stats, labels, channels, activation, has_ignore, ignor
     raise RuntimeError(f"target has labels outside [0, {valid_max}){extra}: {shown} ({int(invalid)} voxel(s))")
 
 
-def region_stats_backward(grad, logits, labels, target, mask, activation, ignore_index, has_ignore):
-    z, labels, target, mask, stride, batch, channels, voxels, acc = _canonical(logits, labels, target, mask, activation)
+def region_stats_backward(grad, logits, labels, target, mask, activation, ignore_index, has_ignore, regions=None):
+    z, labels, target, mask, stride, batch, channels, voxels, acc, regions = _canonical(
+        logits, labels, target, mask, activation, regions
+    )
     if tuple(grad.shape) != (batch, channels, FUSED_NUM_SLOTS):
         raise RuntimeError(
             f"segloss::region_stats_backward: grad must be (B, C, {FUSED_NUM_SLOTS}), got {tuple(grad.shape)}"
@@ -233,7 +253,7 @@ def region_stats_backward(grad, logits, labels, target, mask, activation, ignore
     fns = _RUNNER.kernels(z.device, {"backward": names["backward"]})
     blocks = max(1, min(_ceil(batch * voxels, LAUNCH["block"]), LAUNCH["max_backward_blocks"]))
     values = _region_values(
-        z, labels, target, mask, stride, batch, channels, voxels, activation, ignore_index, has_ignore, True
+        z, labels, target, mask, stride, batch, channels, voxels, activation, ignore_index, has_ignore, True, regions
     )
     _RUNNER.launch(
         z.device,

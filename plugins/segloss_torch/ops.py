@@ -7,10 +7,12 @@ kernels (no graph break), autograd uses the hand-written backward op, and
 ``torch.library.opcheck`` passes on every op.
 
 - ``region_stats(logits, labels?, target?, mask?, activation, ignore_index, has_ignore,
-  want_ce_neg, check_labels) -> (B, C, 10)`` statistics in the accumulation dtype
-  (``csrc/kernels/region_stats.cuh`` slots), float64 for float64 logits, else float32;
+  want_ce_neg, check_labels, regions?) -> (B, C, 10)`` statistics in the accumulation dtype
+  (``csrc/kernels/region_stats.cuh`` slots), float64 for float64 logits, else float32; ``regions``
+  is the int64 membership table of region-based training (``segloss_core.regions``: bit c of
+  ``regions[label]`` is channel c's target; labels outside the table are invalid);
 - ``region_stats_backward(grad, logits, labels?, target?, mask?, activation, ignore_index,
-  has_ignore) -> d loss / d logits`` (logits' shape and dtype, contiguous);
+  has_ignore, regions?) -> d loss / d logits`` (logits' shape and dtype, contiguous);
 - ``label_distance_maps(labels, num_classes, spacing, kind, no_boundary_value, ignore_index,
   has_ignore) -> (B, C, *spatial) float32`` exact distance maps (``csrc/kernels/edt.cuh``);
 - ``mask_distance_maps(masks, spacing, kind, no_boundary_value) -> masks' shape, float32``.
@@ -27,11 +29,11 @@ from segloss_core.statistics import FUSED_NUM_SLOTS
 SCHEMAS = {
     "region_stats": (
         "region_stats(Tensor logits, Tensor? labels, Tensor? target, Tensor? mask, int activation, "
-        "int ignore_index, bool has_ignore, bool want_ce_neg, bool check_labels) -> Tensor"
+        "int ignore_index, bool has_ignore, bool want_ce_neg, bool check_labels, Tensor? regions=None) -> Tensor"
     ),
     "region_stats_backward": (
         "region_stats_backward(Tensor grad, Tensor logits, Tensor? labels, Tensor? target, Tensor? mask, "
-        "int activation, int ignore_index, bool has_ignore) -> Tensor"
+        "int activation, int ignore_index, bool has_ignore, Tensor? regions=None) -> Tensor"
     ),
     "label_distance_maps": (
         "label_distance_maps(Tensor labels, int num_classes, float[] spacing, int kind, float no_boundary_value, "
@@ -68,13 +70,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("segloss::region_stats")
-    def _region_stats(logits, labels, target, mask, activation, ignore_index, has_ignore, want_ce_neg, check):
+    def _region_stats(
+        logits, labels, target, mask, activation, ignore_index, has_ignore, want_ce_neg, check, regions=None
+    ):
         return logits.new_empty(
             (logits.shape[0], logits.shape[1], FUSED_NUM_SLOTS), dtype=accumulation_dtype(logits.dtype)
         )
 
     @torch.library.register_fake("segloss::region_stats_backward")
-    def _region_stats_backward(grad, logits, labels, target, mask, activation, ignore_index, has_ignore):
+    def _region_stats_backward(grad, logits, labels, target, mask, activation, ignore_index, has_ignore, regions=None):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("segloss::label_distance_maps")
@@ -88,16 +92,16 @@ def _register_fakes() -> None:
 
 def _register_autograd() -> None:
     def setup_context(ctx, inputs, output):
-        logits, labels, target, mask, activation, ignore_index, has_ignore, _want_ce_neg, _check = inputs
-        ctx.save_for_backward(logits, labels, target, mask)
+        logits, labels, target, mask, activation, ignore_index, has_ignore, _want_ce_neg, _check, regions = inputs
+        ctx.save_for_backward(logits, labels, target, mask, regions)
         ctx.scalars = (activation, ignore_index, has_ignore)
 
     def backward(ctx, grad):
-        logits, labels, target, mask = ctx.saved_tensors
+        logits, labels, target, mask, regions = ctx.saved_tensors
         activation, ignore_index, has_ignore = ctx.scalars
         grad_logits = torch.ops.segloss.region_stats_backward(
-            grad, logits, labels, target, mask, activation, ignore_index, has_ignore
+            grad, logits, labels, target, mask, activation, ignore_index, has_ignore, regions
         )
-        return grad_logits, None, None, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("segloss::region_stats", backward, setup_context=setup_context)

@@ -178,3 +178,20 @@ def test_distance_maps_cpu_and_cuda_agree_on_a_large_volume():
     cpu = signed_distance_map(labels, 5, (0.8, 0.8, 2.5))
     cuda = signed_distance_map(labels.cuda(), 5, (0.8, 0.8, 2.5))
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("regions", [((1, 2, 3), (2, 3), (3,)), tuple((c,) for c in range(1, 10))])
+def test_fused_regions_match_native_on_cuda(regions, dtype):
+    """Region-based training (regions=): the membership table read per voxel by the CUDA kernels."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = (torch.randn(2, len(regions), 17, 33, 9, device="cuda", generator=g) * 2).to(dtype)
+    top = max(max(r) for r in regions)
+    y = torch.randint(0, top + 1, (2, 17, 33, 9), device="cuda", generator=g)
+    y[:, :2] = 200
+    params = {"preset": "nnunet_regions", "regions": regions, "ignore_index": 200}
+    v_n, g_n = _value_and_grad(get_loss("dice_ce", backend="torch", impl="native", **params), x, y)
+    v_f, g_f = _value_and_grad(get_loss("dice_ce", backend="torch", impl="fused", **params), x, y)
+    tol = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 1e-6)}.get(dtype, (1e-2, 1e-3))
+    torch.testing.assert_close(v_f, v_n, rtol=tol[0], atol=tol[1])
+    torch.testing.assert_close(g_f.float(), g_n.float(), rtol=tol[0] * 10, atol=tol[1])

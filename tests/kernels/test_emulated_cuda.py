@@ -277,6 +277,14 @@ class RegionCase:
     mask: np.ndarray | None  # (Mb, N), accumulation dtype
     activation: str
     ignore_index: int | None
+    regions: tuple[tuple[int, ...], ...] | None = None  # region-based training: labels in [0, largest region label]
+
+    @property
+    def table(self) -> np.ndarray | None:
+        """The membership table the kernels read (segloss_core.regions.membership_table)."""
+        from segloss_core.regions import membership_table
+
+        return None if self.regions is None else np.array(membership_table(self.regions), dtype=np.int64)
 
     @property
     def acc(self) -> np.dtype:
@@ -295,8 +303,10 @@ def region_case(
     ignore_index: int | None = None,
     mask_batch: int = 0,
     seed: int = 0,
+    regions: tuple[tuple[int, ...], ...] | None = None,
 ) -> RegionCase:
-    """Random inputs with an absent class (the last, when C > 2) and, with ignore_index, ignored voxels."""
+    """Random inputs with an absent class (the last, when C > 2) and, with ignore_index, ignored voxels; with
+    ``regions`` (C = their number) labels in [0, largest region label], the largest absent from sample 0."""
     rng = np.random.default_rng(seed)
     shape = (batch, channels, voxels)
     if activation == "none":
@@ -310,14 +320,18 @@ def region_case(
         target[:, :, ::7] = 0.0
     else:
         present = label_max - 1 if label_max > 2 else label_max  # the last class absent
+        if regions is not None:
+            present = max(max(r) for r in regions) + 1
         labels = rng.integers(0, present, (batch, voxels))
+        if regions is not None:
+            labels[0][labels[0] == present - 1] = 0  # the regions of the largest label alone: empty in sample 0
         if ignore_index is not None:
             labels[:, rng.random(voxels) < 0.1] = ignore_index
         labels = labels.astype(label_type)
     if mask_batch:
         mask = rng.uniform(0.0, 1.0, (mask_batch, voxels))
         mask[:, ::5] = 0.0
-    case = RegionCase(logits.astype(dtype), labels, target, None, activation, ignore_index)
+    case = RegionCase(logits.astype(dtype), labels, target, None, activation, ignore_index, regions)
     case.mask = None if mask is None else mask.astype(case.acc)
     return case
 
@@ -339,6 +353,8 @@ def _region_args(case: RegionCase) -> list[Any]:
         ("int32", ACTIVATIONS[case.activation]),
         ("int64", 0 if case.ignore_index is None else case.ignore_index),
         ("int32", int(case.ignore_index is not None)),
+        case.table,
+        ("int64", 0 if case.table is None else case.table.size),
     ]
 
 
@@ -380,14 +396,21 @@ def _torch_inputs(case: RegionCase) -> tuple[Any, ...]:
     )
 
 
+def _torch_table(case: RegionCase) -> Any:
+    import torch
+
+    return None if case.table is None else torch.from_numpy(case.table)
+
+
 def cpu_forward(ops: Any, case: RegionCase) -> np.ndarray:
-    return ops.region_stats(*_torch_inputs(case), True, False).numpy()
+    return ops.region_stats(*_torch_inputs(case), True, False, _torch_table(case)).numpy()
 
 
 def cpu_backward(ops: Any, case: RegionCase, upstream: np.ndarray) -> np.ndarray:
     import torch
 
-    return ops.region_stats_backward(torch.from_numpy(upstream.astype(case.acc)), *_torch_inputs(case)).numpy()
+    up = torch.from_numpy(upstream.astype(case.acc))
+    return ops.region_stats_backward(up, *_torch_inputs(case), _torch_table(case)).numpy()
 
 
 def _reference_names(case: RegionCase) -> dict[str, int]:
@@ -411,6 +434,7 @@ def _prepared(case: RegionCase) -> Any:
         num_classes=channels,
         ignore_index=case.ignore_index,
         activation=case.activation,
+        regions=case.regions,
     )
 
 
@@ -516,6 +540,52 @@ def test_region_stats_bitwise_deterministic(emulator):
     assert first.tobytes() == second.tobytes()
     assert (
         emulated_backward(emulator, case, upstream).tobytes() == emulated_backward(emulator, case, upstream).tobytes()
+    )
+
+
+BRATS = ((1, 2, 3), (2, 3), (3,))
+
+
+@pytest.mark.parametrize(
+    "regions",
+    [BRATS, ((1,), (2,), (1, 2)), ((0, 5), (3,), (1, 2, 4)), tuple((c,) for c in range(1, 10))],
+    ids=["brats", "kits-like", "background-in-a-region", "nine-regions-two-groups"],
+)
+@pytest.mark.parametrize("activation", ["sigmoid", "none"])
+def test_region_stats_regions(emulator, cpu_ops, regions, activation):
+    """Region targets from the membership table (region-based training): vs the CPU kernels and the reference,
+    with ignored voxels and an empty region; nine regions take two class groups."""
+    case = region_case(len(regions), activation=activation, ignore_index=200, regions=regions, mask_batch=2, seed=10)
+    check_region_case(emulator, cpu_ops, case)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("label_type", [np.int64, np.int32, np.uint8])
+def test_region_stats_regions_label_types_and_volumes(emulator, cpu_ops, dtype, label_type):
+    for voxels, batch in ((1, 1), (257, 2), (4097, 1)):
+        case = region_case(3, dtype=dtype, label_type=label_type, activation="sigmoid", voxels=voxels, batch=batch,
+                           ignore_index=255, regions=BRATS, seed=voxels)  # fmt: skip
+        check_region_case(emulator, cpu_ops, case)
+
+
+def test_region_stats_regions_all_ignored_and_labels_beyond_the_table(emulator, cpu_ops):
+    """Every voxel ignored: every statistic 0. Labels beyond the table (or negative) are counted as invalid and
+    weigh 0: no table entry is read for them (ASan would report a read past the table's end)."""
+    case = region_case(3, activation="sigmoid", ignore_index=7, regions=BRATS, seed=11)
+    case.labels[:] = 7
+    stats = emulated_forward(emulator, case)
+    np.testing.assert_array_equal(stats, np.zeros_like(stats))
+    check_region_case(emulator, cpu_ops, case)
+    case = region_case(3, label_type=np.int32, activation="sigmoid", regions=BRATS, seed=12)
+    case.labels[0, :13] = 4  # one past the table
+    case.labels[1, 5] = 1 << 30
+    case.labels[1, 6] = -1
+    stats = emulated_forward(emulator, case)
+    assert stats[0, 0, INVALID_SLOT] == 13 and stats[1, 0, INVALID_SLOT] == 2
+    np.testing.assert_allclose(stats, cpu_forward(cpu_ops, case), rtol=1e-10, atol=1e-9)
+    upstream = np.random.default_rng(13).normal(size=stats.shape)
+    np.testing.assert_allclose(
+        emulated_backward(emulator, case, upstream), cpu_backward(cpu_ops, case, upstream), rtol=1e-10, atol=1e-9
     )
 
 

@@ -223,3 +223,140 @@ def test_status_is_reported():
 
     assert fused.status_line().startswith("active (CPU")
     assert "fused: active" in describe("dice").backends["torch"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# region-based training (regions=): the targets come from a membership table inside the kernels
+# ---------------------------------------------------------------------------------------------------------
+BRATS = ((1, 2, 3), (2, 3), (3,))
+REGION_LOSSES = ["dice", "jaccard", "tversky", "generalized_dice", "bce", "dice_ce"]
+
+
+def _region_params(name, **extra):
+    return {**({} if name == "bce" else {"activation": "sigmoid"}), **extra}
+
+
+def _region_problem(seed=0, spatial=(3, 4), batch=2, labels=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, *spatial, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, labels, (batch, *spatial), generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize("name", REGION_LOSSES)
+@pytest.mark.parametrize("variant", ["labels", "ignore", "mask", "uint8", "probabilities"])
+def test_gradcheck_fused_backward_regions(name, variant):
+    """float64 gradcheck of the backward kernel with region targets (sigmoid, or probabilities)."""
+    x, y = _region_problem()
+    params = _region_params(name, regions=BRATS)
+    args: tuple = (y,)
+    if variant == "ignore":
+        y = y.clone()
+        y[:, 0] = 9
+        params["ignore_index"] = 9
+        args = (y,)
+    elif variant == "mask":
+        args = (y, torch.rand(2, 1, 3, 4, dtype=torch.float64))
+    elif variant == "uint8":
+        args = (y.to(torch.uint8),)
+    elif variant == "probabilities":
+        if name in ("bce", "dice_ce"):
+            pytest.skip("1/p gradients are ill-conditioned for gradcheck (the conformance suite covers them)")
+        x = torch.sigmoid(x)
+        params["activation"] = "none"
+    loss = get_loss(name, backend="torch", impl="fused", **params)
+    assert torch.autograd.gradcheck(lambda t: loss(t, *args), (x.requires_grad_(True),), eps=1e-6, atol=1e-6)
+
+
+@given(
+    name=st.sampled_from([*REGION_LOSSES, "focal_tversky"]),
+    batch_dice=st.booleans(),
+    regions=st.sampled_from([BRATS, ((1,), (2,), (1, 2)), ((0, 5), (3,), (1, 2, 4)), ((2,), (0,), (7, 1))]),
+    spatial=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    ignore=st.sampled_from(["none", "some", "all"]),
+    label_type=st.sampled_from([torch.int64, torch.int32, torch.uint8]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_matches_native_regions(name, batch_dice, regions, spatial, dtype, ignore, label_type, seed):
+    """Fused CPU kernels vs the native path with region targets: empty regions, every voxel ignored, labels in no
+    region, the three label types."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, len(regions), *spatial, generator=g, dtype=torch.float64).to(dtype) * 3
+    top = max(max(r) for r in regions)
+    y = torch.randint(0, top + 1, (2, *spatial), generator=g)
+    params = _region_params(name, regions=regions)
+    if ignore != "none":
+        ignored = torch.rand(y.shape, generator=g) < 0.3 if ignore == "some" else torch.ones(y.shape, dtype=torch.bool)
+        y = torch.where(ignored, torch.full_like(y, 200), y)
+        params["ignore_index"] = 200
+    if name not in ("bce", "generalized_dice"):
+        params["batch"] = batch_dice
+    y = y.to(label_type)
+    v_native, g_native = _value_and_grad(get_loss(name, backend="torch", impl="native", **params), x, y)
+    v_fused, g_fused = _value_and_grad(get_loss(name, backend="torch", impl="fused", **params), x, y)
+    rtol, atol = (1e-12, 1e-14) if dtype == torch.float64 else (2e-5, 1e-6)
+    torch.testing.assert_close(v_fused, v_native, rtol=rtol, atol=atol)
+    torch.testing.assert_close(g_fused, g_native, rtol=rtol * 10, atol=atol)
+
+
+def test_fused_regions_match_the_reference():
+    import numpy as np
+
+    x, y = _region_problem(seed=3, spatial=(7, 6, 5))
+    y[0][y[0] == 3] = 2  # region (3,) empty in sample 0
+    fused_loss = get_loss("dice_ce", backend="torch", impl="fused", preset="nnunet_regions", regions=BRATS)
+    assert fused_loss.implementation(None) == "fused"
+    value, grad = _value_and_grad(fused_loss, x, y)
+    ref_value, ref_grad = get_loss("dice_ce", backend="numpy", preset="nnunet_regions", regions=BRATS).value_and_grad(
+        x.numpy(), y.numpy()
+    )
+    np.testing.assert_allclose(value.numpy(), ref_value, rtol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_region_labels_beyond_the_table_raise_in_the_kernel():
+    """Under torch.compile the label check moves into the kernel: a label beyond the table (or negative) is
+    counted, never used as an index, and the op raises naming it."""
+    x, y = _region_problem(spatial=(4, 4))
+    x = x.float()
+    y[0, 0, 0] = 4
+    y[1, 1, :2] = -3
+    y[1, 2, 2] = 255  # ignore_index: not an offender
+    loss = get_loss("dice", backend="torch", impl="fused", activation="sigmoid", regions=BRATS, ignore_index=255)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match=r"labels outside \[0, 4\) or ignore_index=255: -3, 4 \(3 voxel\(s\)\)"):
+        compiled(x, y)
+    eager = get_loss("dice", backend="torch", impl="fused", activation="sigmoid", regions=BRATS, ignore_index=255)
+    with pytest.raises(ValueError, match=r"labels outside \[0, 4\)"):
+        eager(x, y)  # checked before any kernel runs
+
+
+def test_torch_compile_fullgraph_regions():
+    x, y = _region_problem(spatial=(6, 5, 4))
+    x = x.float()
+    loss = get_loss("dice_ce", backend="torch", impl="fused", preset="nnunet_regions", regions=BRATS, ignore_index=9)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    v_eager, g_eager = _value_and_grad(loss, x, y)
+    v_comp, g_comp = _value_and_grad(compiled, x, y)
+    torch.testing.assert_close(v_comp, v_eager)
+    torch.testing.assert_close(g_comp, g_eager)
+
+
+def test_opcheck_regions():
+    x, y = _region_problem()
+    table = torch.tensor([0, 1, 3, 7])
+    args = (x.requires_grad_(True), y, None, None, 1, 0, False, True, False, table)
+    torch.library.opcheck(torch.ops.segloss.region_stats.default, args)
+
+
+def test_nothing_of_size_bcn_is_saved_for_backward_regions():
+    x, y = _region_problem(spatial=(16, 16, 8))
+    x = x.float().requires_grad_(True)
+    saved: list[torch.Tensor] = []
+    loss = get_loss("dice_ce", backend="torch", impl="fused", preset="nnunet_regions", regions=BRATS)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        value = loss(x, y)
+    big = [t for t in saved if t.numel() >= x.numel() // 4]
+    assert all(t.data_ptr() in (x.data_ptr(), y.data_ptr()) for t in big), [t.shape for t in big]
+    value.backward()

@@ -58,14 +58,14 @@ int finish(cudaError_t err) {
 
 struct RegionBuffers {
   RegionStatsArgs args;
-  std::vector<unsigned char> logits, labels, target, mask;
+  std::vector<unsigned char> logits, labels, target, mask, regions;
   size_t acc_bytes;
 };
 
 RegionBuffers region_inputs(const void* logits, int dtype, int64_t batch, int64_t channels, int64_t voxels,
                             const void* labels, int label_type, const void* target, const void* mask,
                             int64_t mask_batch, int activation, int64_t ignore_index, int has_ignore,
-                            int want_ce_neg) {
+                            const int64_t* regions, int64_t region_labels, int want_ce_neg) {
   RegionBuffers r;
   RegionStatsArgs& a = r.args;
   a.dtype = static_cast<segloss::cuda::DType>(dtype);
@@ -88,6 +88,9 @@ RegionBuffers region_inputs(const void* logits, int dtype, int64_t batch, int64_
   a.labels = data_or_null(r.labels, labels);
   a.target = data_or_null(r.target, target);
   a.mask = data_or_null(r.mask, mask);
+  r.regions = copy_of(regions, static_cast<size_t>(region_labels) * sizeof(int64_t));
+  a.regions = static_cast<const int64_t*>(data_or_null(r.regions, regions));
+  a.region_labels = regions ? region_labels : 0;
   return r;
 }
 
@@ -95,13 +98,14 @@ RegionBuffers region_inputs(const void* logits, int dtype, int64_t batch, int64_
 
 extern "C" {
 
-// out: (B, C, 10) in the accumulation dtype.
+// out: (B, C, 10) in the accumulation dtype. regions: the membership table (region_labels entries) or null.
 int segloss_emulated_region_stats(const void* logits, int dtype, int64_t batch, int64_t channels, int64_t voxels,
                                   const void* labels, int label_type, const void* target, const void* mask,
                                   int64_t mask_batch, int activation, int64_t ignore_index, int has_ignore,
-                                  int want_ce_neg, void* out) {
+                                  const int64_t* regions, int64_t region_labels, int want_ce_neg, void* out) {
   RegionBuffers r = region_inputs(logits, dtype, batch, channels, voxels, labels, label_type, target, mask,
-                                  mask_batch, activation, ignore_index, has_ignore, want_ce_neg);
+                                  mask_batch, activation, ignore_index, has_ignore, regions, region_labels,
+                                  want_ce_neg);
   std::vector<unsigned char> workspace(segloss::cuda::region_stats_workspace_bytes(r.args));
   const size_t out_bytes = static_cast<size_t>(batch * channels * segloss::kNumSlots) * r.acc_bytes;
   std::vector<unsigned char> result(out_bytes);
@@ -115,9 +119,10 @@ int segloss_emulated_region_stats(const void* logits, int dtype, int64_t batch, 
 int segloss_emulated_region_stats_backward(const void* logits, int dtype, int64_t batch, int64_t channels,
                                            int64_t voxels, const void* labels, int label_type, const void* target,
                                            const void* mask, int64_t mask_batch, int activation, int64_t ignore_index,
-                                           int has_ignore, const void* upstream, int64_t max_blocks, void* grad) {
+                                           int has_ignore, const int64_t* regions, int64_t region_labels,
+                                           const void* upstream, int64_t max_blocks, void* grad) {
   RegionBuffers r = region_inputs(logits, dtype, batch, channels, voxels, labels, label_type, target, mask,
-                                  mask_batch, activation, ignore_index, has_ignore, 1);
+                                  mask_batch, activation, ignore_index, has_ignore, regions, region_labels, 1);
   if (max_blocks > 0) r.args.max_backward_blocks = max_blocks;
   const std::vector<unsigned char> up =
       copy_of(upstream, static_cast<size_t>(batch * channels * segloss::kNumSlots) * r.acc_bytes);
