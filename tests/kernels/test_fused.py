@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from segloss_core import get_loss
@@ -49,15 +49,8 @@ def test_gradcheck_fused_backward(name, variant):
     """float64 gradcheck of the hand-written backward kernel (through every formula)."""
     x, y = _problem(shape=(2, 3, 3, 4))
     params: dict = {}
-    args: tuple = (y,)
-    if variant == "ignore":
-        y = y.clone()
-        y[:, 0] = 255
-        params["ignore_index"] = 255
-        args = (y,)
-    elif variant == "mask":
-        args = (y, torch.rand(2, 1, 3, 4, dtype=torch.float64))
-    elif variant == "soft":
+    args = _label_variant(variant, y, params, ignore=255)
+    if variant == "soft":
         t = torch.rand(2, 3, 3, 4, dtype=torch.float64)
         args = (t / t.sum(1, keepdim=True),)
     elif variant == "sigmoid":
@@ -69,11 +62,26 @@ def test_gradcheck_fused_backward(name, variant):
     elif variant == "probabilities":
         x = torch.softmax(x, 1)
         params["activation"] = "none"
-    elif variant == "uint8":
-        args = (y.to(torch.uint8),)
     if name == "cross_entropy" and variant == "probabilities":
         pytest.skip("covered by the conformance suite (1/p gradients are ill-conditioned for gradcheck)")
-    loss = get_loss(name, backend="torch", impl="fused", **params)
+    _gradcheck(get_loss(name, backend="torch", impl="fused", **params), x, args)
+
+
+def _label_variant(variant: str, y: torch.Tensor, params: dict, ignore: int) -> tuple:
+    """The call arguments of a gradcheck variant on labels (B, 3, 4): ignored voxels (ignore_index set in
+    ``params``), a voxel mask, uint8 labels, or the labels as given."""
+    if variant == "ignore":
+        y = y.clone()
+        y[:, 0] = ignore
+        params["ignore_index"] = ignore
+    elif variant == "mask":
+        return (y, torch.rand(2, 1, 3, 4, dtype=torch.float64))
+    elif variant == "uint8":
+        return (y.to(torch.uint8),)
+    return (y,)
+
+
+def _gradcheck(loss, x: torch.Tensor, args: tuple) -> None:
     assert torch.autograd.gradcheck(lambda t: loss(t, *args), (x.requires_grad_(True),), eps=1e-6, atol=1e-6)
 
 
@@ -101,9 +109,13 @@ def test_fused_matches_native(name, batch, include_background, channels, spatial
         params["include_background"] = include_background
         if name != "generalized_dice":
             params["batch"] = batch
+    _assert_fused_matches_native(name, params, x, y)
+
+
+def _assert_fused_matches_native(name: str, params: dict, x: torch.Tensor, y: torch.Tensor) -> None:
     v_native, g_native = _value_and_grad(get_loss(name, backend="torch", impl="native", **params), x, y)
     v_fused, g_fused = _value_and_grad(get_loss(name, backend="torch", impl="fused", **params), x, y)
-    rtol, atol = (1e-12, 1e-14) if dtype == torch.float64 else (2e-5, 1e-6)
+    rtol, atol = (1e-12, 1e-14) if x.dtype == torch.float64 else (2e-5, 1e-6)
     torch.testing.assert_close(v_fused, v_native, rtol=rtol, atol=atol)
     torch.testing.assert_close(g_fused, g_native, rtol=rtol * 10, atol=atol)
 
@@ -116,10 +128,16 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.segloss.region_stats.default, (x, None, t, None, 1, 0, False, True, False))
 
 
-@pytest.mark.parametrize("name", ["dice", "dice_ce", "generalized_dice"])
+@pytest.mark.parametrize("name", ["dice", "dice_ce", "generalized_dice", "dice_ce-regions"])
 def test_torch_compile_fullgraph(name):
     x, y = _problem(shape=(2, 4, 6, 5, 4), dtype=torch.float32)
-    loss = get_loss(name, backend="torch", impl="fused", preset="nnunet" if name != "generalized_dice" else None)
+    if name == "dice_ce-regions":  # the membership table a constant of the graph
+        x, y = _region_problem(spatial=(6, 5, 4))
+        x = x.float()
+        params = {"preset": "nnunet_regions", "regions": BRATS, "ignore_index": 9}
+        loss = get_loss("dice_ce", backend="torch", impl="fused", **params)
+    else:
+        loss = get_loss(name, backend="torch", impl="fused", preset="nnunet" if name != "generalized_dice" else None)
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     v_eager, g_eager = _value_and_grad(loss, x, y)
     v_comp, g_comp = _value_and_grad(compiled, x, y)
@@ -249,25 +267,16 @@ def test_gradcheck_fused_backward_regions(name, variant):
     """float64 gradcheck of the backward kernel with region targets (sigmoid, or probabilities)."""
     x, y = _region_problem()
     params = _region_params(name, regions=BRATS)
-    args: tuple = (y,)
-    if variant == "ignore":
-        y = y.clone()
-        y[:, 0] = 9
-        params["ignore_index"] = 9
-        args = (y,)
-    elif variant == "mask":
-        args = (y, torch.rand(2, 1, 3, 4, dtype=torch.float64))
-    elif variant == "uint8":
-        args = (y.to(torch.uint8),)
-    elif variant == "probabilities":
+    args = _label_variant(variant, y, params, ignore=9)
+    if variant == "probabilities":
         if name in ("bce", "dice_ce"):
             pytest.skip("1/p gradients are ill-conditioned for gradcheck (the conformance suite covers them)")
         x = torch.sigmoid(x)
         params["activation"] = "none"
-    loss = get_loss(name, backend="torch", impl="fused", **params)
-    assert torch.autograd.gradcheck(lambda t: loss(t, *args), (x.requires_grad_(True),), eps=1e-6, atol=1e-6)
+    _gradcheck(get_loss(name, backend="torch", impl="fused", **params), x, args)
 
 
+@settings(max_examples=40, deadline=None)
 @given(
     name=st.sampled_from([*REGION_LOSSES, "focal_tversky"]),
     batch_dice=st.booleans(),
@@ -293,11 +302,7 @@ def test_fused_matches_native_regions(name, batch_dice, regions, spatial, dtype,
     if name not in ("bce", "generalized_dice"):
         params["batch"] = batch_dice
     y = y.to(label_type)
-    v_native, g_native = _value_and_grad(get_loss(name, backend="torch", impl="native", **params), x, y)
-    v_fused, g_fused = _value_and_grad(get_loss(name, backend="torch", impl="fused", **params), x, y)
-    rtol, atol = (1e-12, 1e-14) if dtype == torch.float64 else (2e-5, 1e-6)
-    torch.testing.assert_close(v_fused, v_native, rtol=rtol, atol=atol)
-    torch.testing.assert_close(g_fused, g_native, rtol=rtol * 10, atol=atol)
+    _assert_fused_matches_native(name, params, x, y)
 
 
 def test_fused_regions_match_the_reference():
@@ -330,17 +335,6 @@ def test_region_labels_beyond_the_table_raise_in_the_kernel():
     eager = get_loss("dice", backend="torch", impl="fused", activation="sigmoid", regions=BRATS, ignore_index=255)
     with pytest.raises(ValueError, match=r"labels outside \[0, 4\)"):
         eager(x, y)  # checked before any kernel runs
-
-
-def test_torch_compile_fullgraph_regions():
-    x, y = _region_problem(spatial=(6, 5, 4))
-    x = x.float()
-    loss = get_loss("dice_ce", backend="torch", impl="fused", preset="nnunet_regions", regions=BRATS, ignore_index=9)
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    v_eager, g_eager = _value_and_grad(loss, x, y)
-    v_comp, g_comp = _value_and_grad(compiled, x, y)
-    torch.testing.assert_close(v_comp, v_eager)
-    torch.testing.assert_close(g_comp, g_eager)
 
 
 def test_opcheck_regions():
