@@ -232,3 +232,20 @@ def test_distance_losses_with_regions_on_torch(name):
     out.backward()
     np.testing.assert_allclose(out.detach().numpy(), value, rtol=1e-6)
     np.testing.assert_allclose(xt.grad.numpy(), grad, rtol=1e-5, atol=1e-9)
+
+
+def test_jax_example_backend_takes_regions():
+    """The JAX example computes the region targets with the same core helper (value and gradient)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(2, 3, 5, 4))
+    y = rng.integers(0, 5, size=(2, 5, 4))
+    params = {"preset": "nnunet_regions", "regions": BRATS, "ignore_index": 4}
+    value, grad = get_loss("dice_ce", backend="numpy", **params).value_and_grad(x, y)
+    with jax.enable_x64(True):  # scoped: other tests see the global setting unchanged
+        jax_loss = get_loss("dice_ce", backend="jax", **params)
+        jax_value, jax_grad = jax_loss.value_and_grad(jnp.asarray(x), jnp.asarray(y))
+    np.testing.assert_allclose(float(jax_value), value, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(jax_grad), grad, rtol=1e-10, atol=1e-15)
