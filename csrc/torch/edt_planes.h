@@ -20,8 +20,9 @@
 // (Theory of Computing 8, 2012). With F(p) = f(p) + s²p², the parabola of k is hidden by those of
 // k' < k < q when (F(q) − F(k))(k − k') ≤ (F(k) − F(k'))(q − k) (no division), and parabola j + 1
 // takes over from j after their intersection (F(j+1) − F(j)) / (2s²(j+1 − j)), so each parabola
-// writes its stretch of the line in one loop. Anisotropic spacing is exact; everything is double
-// until the composed distance is rounded to float once.
+// writes its stretch of the line in one loop. Runs of up to kDirectRun voxels take the minimum by
+// its definition instead (direct_run). Anisotropic spacing is exact; everything is double until
+// the composed distance is rounded to float once.
 #pragma once
 
 #include <algorithm>
@@ -63,6 +64,36 @@ struct PlaneScratch {
   }
 };
 
+// Runs up to this long take the minimum over their voxels directly (below).
+constexpr int kDirectRun = 128;
+
+// The envelope of run [a, b) of a line of n voxels by its definition: for every q the minimum of
+// s²(q − p)² + f(p) over the run's voxels p and the zero sites at a − 1 and b (where they exist).
+// (b − a)² multiply-adds in a loop without branches that vectorises: for runs this short, faster
+// than the stack algorithm, whose branches a processor cannot predict; and exact.
+template <typename Value, typename Write>
+inline void direct_run(int a, int b, int n, double s2, Value value, Write write) {
+  alignas(64) double best[kDirectRun];
+  const int length = b - a;
+  for (int i = 0; i < length; ++i) {
+    const double left = a > 0 ? static_cast<double>(i + 1) : kInf;
+    const double right = b < n ? static_cast<double>(length - i) : kInf;
+    const double m = left < right ? left : right;
+    best[i] = s2 * m * m;  // inf stays inf
+  }
+  for (int p = 0; p < length; ++p) {
+    const double fp = value(a + p);
+    if (!(fp < kInf)) continue;
+    const double pd = static_cast<double>(p);
+    for (int i = 0; i < length; ++i) {
+      const double d = static_cast<double>(i) - pd;
+      const double c = s2 * d * d + fp;
+      best[i] = c < best[i] ? c : best[i];
+    }
+  }
+  for (int i = 0; i < length; ++i) write(a + i, best[i]);
+}
+
 // The envelope of one line of n voxels, run by run. value(q): the squared distance so far (+inf:
 // none); side(q): which side q is on; write(q, squared distance). v, F, f: n + 2 entries each.
 template <typename Value, typename Side, typename Write>
@@ -72,6 +103,11 @@ inline void envelope_line(int n, double s2, Value value, Side side, Write write,
     const bool s = side(a);
     int b = a + 1;
     while (b < n && side(b) == s) ++b;
+    if (b - a <= kDirectRun) {
+      direct_run(a, b, n, s2, value, write);
+      a = b;
+      continue;
+    }
     int k = -1;  // top of the stack
     auto push = [&](int q, double fq) {
       const double qd = static_cast<double>(q);

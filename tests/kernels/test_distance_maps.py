@@ -308,3 +308,22 @@ def test_more_classes_than_a_byte():
     want = ref.signed_distance_map(labels, 300)
     _close(got, want)
     assert got[0, 256].abs().sum() > 0 and got[0, 2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("shape", [(6, 300), (3, 4, 290), (2, 260, 3)])
+def test_long_runs_match_brute_force(shape):
+    """Runs longer than 128 voxels (the stack algorithm) next to short ones (the direct minimum)."""
+    last = shape[-1]
+    labels = np.zeros((1, *shape), dtype=np.int64)
+    labels[(0, *[s // 2 for s in shape[:-1]], min(7, last - 1))] = 1
+    labels[(0, *[0 for _ in shape[:-1]], last - 1)] = 1
+    labels[(0, *[s - 1 for s in shape[:-1]], 150 % last)] = 1
+    spacing = (1.3, 0.7, 2.1)[: len(shape)]
+    got = distance_map(torch.from_numpy(labels), 2, spacing, region="boundary")[0].double().numpy()
+    inside = labels[0] == 1
+    want = brute_force_distance(inside, spacing)  # d_out off the objects
+    outside_points = np.argwhere(~inside) * np.asarray(spacing)
+    for voxel in np.argwhere(inside):  # d_in on them: to the nearest background voxel
+        want[tuple(voxel)] = np.sqrt((((outside_points - voxel * np.asarray(spacing)) ** 2).sum(1)).min())
+    for c in (0, 1):  # d_in + d_out is the distance to the other side, for both classes
+        np.testing.assert_allclose(got[c], want, rtol=2e-6, atol=2e-6)
