@@ -3,7 +3,10 @@
 ``tests/`` mirrors the code: core, reference, torch_backend, cupy_backend, kernels, cli,
 datasets, plugins, oracles (MONAI, nnU-Net), docs; tests/gpu runs on a CUDA machine
 (tests/gpu/run_all.sh). ``python -m pytest -m "not slow" -n 2`` is the quick development run
-(the full command, the README's, runs everything).
+(the full command, the README's, runs everything): it leaves out what ``SLOW``/``SLOW_BUT`` below
+name. Measured (``--durations=0`` of one full run, 2 cores under load): the quick set sums to
+2107 s of the full run's 9877 s of test time (0.21; 2726 of 14291 tests); a long test (> ~20 s) goes
+into ``SLOW``, or its parametrisation into ``SLOW_BUT`` keeping a quick case.
 
 Collection never compiles the extension: tests that need the compiled kernels take the
 ``fused_kernels`` fixture, which builds (or loads) them when the first such test runs.
@@ -68,7 +71,9 @@ def fused_kernels():
 
 
 # Tests of the full run only (``-m "not slow"`` leaves them out): the long conformance matrix (its quick
-# cases stay in), multi-process and training runs, compiled toolchains. By node id prefix, relative to tests/.
+# cases stay in), multi-process and training runs, compiled toolchains, and the longest single tests of
+# each area (each area keeps a quick representative). By node id prefix, relative to tests/. Chosen from
+# the durations of a full run (``--durations=0``, docs/architecture.md "Tests" has the figures).
 SLOW = (
     "torch_backend/test_distributed.py::",
     "cli/test_examples.py::",
@@ -76,13 +81,32 @@ SLOW = (
     "kernels/test_cuda_sources.py::",
     "test_build.py::test_two_venvs_and_checkouts_share_one_cpu_build_without_nvcc",  # a fresh venv and a build
     "plugins/test_example_plugins.py::test_jax_passes_the_quick_conformance_kit_on_core_losses",  # XLA per case
+    "plugins/test_example_plugins.py::test_jax_conformance_leaves_x64_alone",  # the kit again, in float64
+    "plugins/test_example_plugins.py::test_cldice_torch_passes_the_conformance_kit",  # (quick: numpy vs torch)
     "cli/test_cli.py::test_demo_runs_every_available_backend",  # the whole demo on every backend
+    "cli/test_cli.py::test_demo_small",  # (quick: the console-script runs)
+    "test_nvrtc.py::test_nvrtc_compiles_every_instantiation_the_torch_path_requests",  # (quick: the packing)
+    "kernels/test_fused.py::test_torch_compile_inductor_cpu",  # (quick: torch.compile fullgraph)
 )
+
+# Long parametrised tests: every case but the named quick representatives (the ends of their ids) is slow.
+SLOW_BUT = {
+    "kernels/test_fused.py::test_gradcheck_fused_backward[": ("-dice_ce]",),  # every input variant, one loss
+    "plugins/test_example_plugins.py::test_cldice_numpy_and_torch_agree[": ("cldice-2]", "cldice-4]", "cldice-6]"),
+    "test_build.py::test_torch_compile_fullgraph_on_the_first_call_of_a_fresh_process[": ("[dice]",),
+    "torch_backend/test_distance_losses.py::test_gradcheck[": ("[log_hausdorff_dt]", "[generalized_dice_boundary]"),
+}
+
+
+def is_slow(node: str) -> bool:
+    """Whether the test with node id ``node`` (relative to tests/) runs in the full run only."""
+    if node.startswith(SLOW):
+        return True
+    return any(node.startswith(prefix) and not node.endswith(kept) for prefix, kept in SLOW_BUT.items())
 
 
 def pytest_collection_modifyitems(config, items):
     slow = pytest.mark.slow
     for item in items:
-        node = item.nodeid.removeprefix("tests/")
-        if node.startswith(SLOW):
+        if is_slow(item.nodeid.removeprefix("tests/")):
             item.add_marker(slow)
