@@ -15,6 +15,7 @@ Collection never compiles the extension: tests that need the compiled kernels ta
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -59,6 +60,21 @@ def registered():
     yield add
     for name in names:
         pm.unregister(name=name)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo_caches():
+    """Forget what ``torch.compile`` cached once a test is done.
+
+    Dynamo keys its cache by code object, so every loss module compiled in one worker process
+    counts against the same ``forward``'s recompile limit (8): with ``fullgraph=True`` the ninth
+    compiled loss of a worker fails, whichever test it is. Resetting after each test keeps the
+    tests independent of how xdist distributes them (a no-op until torch._dynamo is imported).
+    """
+    yield
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
 
 
 @pytest.fixture(scope="session")
