@@ -15,11 +15,12 @@ gathered at each voxel's label and scatter-added into its class, so no one-hot i
 voxels get class 0 with weight 0, so no kernel indexes with an ignored label). Accumulates in
 float32 for float16/bfloat16 logits (float64 stays float64).
 
-Chunk size (:func:`chunk_voxels`): a budget of elements (B·C·voxels) per chunk — 2^18 on the CPU
-(1 MiB per float32 temporary, so a chunk's ~10 temporaries stay in cache) and 2^22 on other
-devices (16 MiB: a 2×4×128³ volume is 4 chunks, so kernel launches stay few), there also at most
-an eighth of the volume (at least 2^20 elements) so the temporaries stay a fraction of the logits;
-at least 512 voxels.
+Chunk size (:func:`chunk_voxels`): elements (B·C·voxels) per chunk such that one temporary in
+the accumulation dtype is at most 1/32 of the logits' bytes (:data:`TEMPORARY_SHARE`; a chunk
+keeps about eight alive, so they add at most ~0.25× the logits whatever the dtype: half the
+elements for float16/bfloat16 logits, whose float32 temporaries weigh twice), and at most 2^18
+on the CPU (1 MiB per float32 temporary) and 2^22 on other devices (16 MiB: few kernel launches),
+there at least 2^20 (launch overhead before memory); at least 512 voxels.
 """
 
 from __future__ import annotations
@@ -40,19 +41,25 @@ CHUNK_ELEMENTS: dict[str, int] = {"cpu": 1 << 18, "default": 1 << 22}
 """Elements (B·C·voxels) per chunk, by device type ("default": every device but the CPU)."""
 MIN_DEVICE_CHUNK_ELEMENTS = 1 << 20
 MIN_CHUNK_VOXELS = 512
+TEMPORARY_SHARE = 32
+"""One chunk temporary (accumulation dtype) is at most 1/TEMPORARY_SHARE of the logits' bytes."""
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunk_voxels(batch: int, channels: int, voxels: int, device: torch.device) -> int:
-    """Voxels per chunk for a (batch, channels, voxels) volume on ``device`` (module docstring)."""
+def chunk_voxels(
+    batch: int, channels: int, voxels: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> int:
+    """Voxels per chunk for (batch, channels, voxels) logits of ``dtype`` on ``device`` (module docstring)."""
     total = batch * channels * voxels
+    ratio = dtype.itemsize / accumulation_dtype(dtype).itemsize  # logits' bytes per temporary byte
+    share = int(total * ratio) // TEMPORARY_SHARE
     if device.type == "cpu":
-        budget = CHUNK_ELEMENTS["cpu"]
+        budget = min(CHUNK_ELEMENTS["cpu"], share)
     else:
-        budget = min(CHUNK_ELEMENTS["default"], max(MIN_DEVICE_CHUNK_ELEMENTS, total // 8))
+        budget = min(CHUNK_ELEMENTS["default"], max(MIN_DEVICE_CHUNK_ELEMENTS, share))
     return max(1, min(voxels, max(MIN_CHUNK_VOXELS, budget // (batch * channels))))
 
 
@@ -300,6 +307,76 @@ def _label_sums(layout: Layout, chunk: _Chunk) -> list[torch.Tensor]:
     return sums
 
 
+def _add_product(total: torch.Tensor | None, upstream: torch.Tensor, partial: Any) -> torch.Tensor | None:
+    """total + upstream·partial, where a partial of None or the number 0 adds nothing."""
+    if partial is None or (isinstance(partial, float | int) and partial == 0):
+        return total
+    product = upstream * partial
+    return product if total is None else total + product
+
+
+def _difference(at_one: Any, at_zero: Any) -> Any:
+    """at_one − at_zero of two partials (None: 0)."""
+    if at_zero is None:
+        return at_one
+    return -at_zero if at_one is None else at_one - at_zero
+
+
+def _label_backward(layout: Layout, chunk: _Chunk, grad_out: torch.Tensor, out: torch.Tensor) -> None:
+    """The chunk's gradient for softmax and integer labels from the table's one-hot split, without a
+    one-hot: d/dp = a + δ_{c,y}·α and d/dlog p = b + δ_{c,y}·β, with a, b the partials at g = 0 over
+    every class (only the statistics with a g = 0 part) and α, β the partials' change from g = 0 to
+    g = 1 at each voxel's label y; then the softmax chain rule in closed form,
+
+        dz = p ⊙ (a − S) + b + δ_{c,y}·(p_y·α + β),   S = Σ_c p_c·a_c + p_y·α + Σ_c b_c + β,
+
+    times the voxel weights w; written into ``out`` (the gradient's slice, in the logits' dtype)."""
+    p, log_p = chunk.p, chunk.log_p
+    index = chunk.labels.long().unsqueeze(1)  # (B, 1, n)
+    p_y = p.gather(1, index)
+    log_p_y = None if log_p is None else log_p.gather(1, index)
+    a = b = alpha = beta = None
+    for k, (entry, arg) in enumerate(layout.entries()):
+        background, foreground = entry.one_hot
+        upstream = grad_out[:, :, k]
+        at_zero: tuple[Any, ...] = (None, None, None)
+        if background is not None:
+            d_p, d_logp, _ = entry.partials(xp_torch, stat_names.Voxel(p=p, g=0.0, log_p=log_p, arg=arg))
+            a = _add_product(a, upstream.unsqueeze(-1), d_p)
+            b = _add_product(b, upstream.unsqueeze(-1), d_logp)
+            if foreground is not None:
+                at_zero = entry.partials(xp_torch, stat_names.Voxel(p=p_y, g=0.0, log_p=log_p_y, arg=arg))
+        if foreground is not None:
+            at_one = entry.partials(xp_torch, stat_names.Voxel(p=p_y, g=1.0, log_p=log_p_y, arg=arg))
+            upstream_y = upstream.gather(1, index.squeeze(1)).unsqueeze(1)  # (B, 1, n)
+            alpha = _add_product(alpha, upstream_y, _difference(at_one[0], at_zero[0]))
+            beta = _add_product(beta, upstream_y, _difference(at_one[1], at_zero[1]))
+    total = torch.zeros_like(p_y)  # S
+    at_label = torch.zeros_like(p_y)  # p_y·α + β
+    if a is not None:
+        if a.shape[-1] == 1:  # a per (sample, class): S's part is a matrix product
+            total = total + torch.einsum("bcn,bc->bn", p, a.squeeze(-1)).unsqueeze(1)
+        else:
+            total = total + (p * a).sum(dim=1, keepdim=True)
+    if alpha is not None:
+        at_label = at_label + p_y * alpha
+    if b is not None:
+        total = total + b.sum(dim=1, keepdim=True)
+    if beta is not None:
+        at_label = at_label + beta
+    total = total + at_label
+    inner = -total if a is None else a - total
+    same_dtype = out.dtype == p.dtype
+    grad = torch.mul(p, inner, out=out) if same_dtype and b is None else p * inner
+    if b is not None:
+        grad = grad + b
+    grad.scatter_add_(1, index, at_label)
+    if chunk.w is not None:
+        grad.mul_(chunk.w.unsqueeze(1))
+    if grad is not out:
+        out.copy_(grad)
+
+
 def _bounds(layout: Layout, voxels: int) -> list[tuple[int, int]]:
     return [(start, min(start + layout.step, voxels)) for start in range(0, voxels, layout.step)]
 
@@ -340,8 +417,12 @@ class ChunkedStatistics(torch.autograd.Function):
         z = tensors[0]
         grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)
         entries = layout.entries()
+        label_backward = layout.label_path and layout.activation == "softmax"
         for start, stop in _bounds(layout, int(z.shape[2])):
-            chunk = _Chunk(layout, tensors, start, stop, with_target=True)
+            chunk = _Chunk(layout, tensors, start, stop, with_target=not label_backward)
+            if label_backward:
+                _label_backward(layout, chunk, grad_out, grad[:, :, start:stop])
+                continue
             d: list[torch.Tensor | None] = [None, None, None]  # d/dp, d/dlog p, d/dlog(1 − p)
             for k, (entry, arg) in enumerate(entries):
                 partials = entry.partials(xp_torch, chunk.voxel(entry, arg))
@@ -393,7 +474,7 @@ def compute_statistics(prepared: PreparedInputs, names: Any) -> dict[str, torch.
         ignore_index=prepared.ignore_index,
         regions=prepared.regions,
         fields=tuple(fields),
-        step=chunk_voxels(batch, channels, int(z.shape[2]), z.device),
+        step=chunk_voxels(batch, channels, int(z.shape[2]), z.device, z.dtype),
         label_path=label_path,
     )
     out = ChunkedStatistics.apply(layout, z, labels, target, mask, *field_tensors)

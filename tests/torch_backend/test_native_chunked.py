@@ -143,24 +143,59 @@ def test_gradcheck_float64(activation, form):
         assert torch.autograd.gradcheck(statistics, (z,), eps=1e-6, atol=1e-7, fast_mode=True)
 
 
-def test_label_path_equals_the_one_hot_path(small_chunks):
-    prepared = _prepared("softmax", "ignore")
-    names = tuple(sorted(n for n in SOFTMAX_STATS if not n.startswith("field_")))
-    z = prepared.pred.reshape(2, 3, -1)
+LABEL_STATS = tuple(sorted(n for n in SOFTMAX_STATS if not n.startswith("field_")))
+
+
+@pytest.mark.parametrize("form", ["labels", "ignore", "mask"])
+@pytest.mark.parametrize(
+    "names", [LABEL_STATS, ("intersection", "pred_sum", "target_sum", "ce_pos")], ids=["all", "dice_ce"]
+)
+def test_label_path_equals_the_one_hot_path(form, names, small_chunks):
+    """Forward (the one-hot split) and backward (the closed-form softmax VJP from the split) of the
+    label path equal the one-hot path's, float64, values and VJP for a random upstream."""
+    prepared = _prepared("softmax", form)
     labels = prepared.labels.reshape(2, -1)
-    results = [
-        native.ChunkedStatistics.apply(
-            native.Layout(names, "softmax", 3, 255, None, (), 4, path), z, labels, None, None
-        )
-        for path in (False, True)
-    ]
-    torch.testing.assert_close(results[0], results[1], rtol=1e-13, atol=1e-13)
+    mask = None if prepared.mask is None else prepared.mask.reshape(2, 1, -1)
+    upstream = torch.randn(2, 3, len(names), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    results = []
+    for path in (False, True):
+        z = prepared.pred.reshape(2, 3, -1).clone().requires_grad_(True)
+        layout = native.Layout(names, "softmax", 3, prepared.ignore_index, None, (), 4, path)
+        stats = native.ChunkedStatistics.apply(layout, z, labels, None, mask)
+        (grad,) = torch.autograd.grad((stats * upstream).sum(), z)
+        results.append((stats.detach(), grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_label_path_low_precision_equals_float64(dtype, small_chunks):
+    """The label path in low precision: statistics and VJP accumulate in float32, the gradient is
+    written once in the logits' dtype (one rounding: within a few of its units in the last place)."""
+    prepared = _prepared("softmax", "ignore", shape=(2, 3, 6, 7))
+    labels = prepared.labels.reshape(2, -1)
+    z64 = prepared.pred.reshape(2, 3, -1)
+    upstream = torch.randn(2, 3, len(LABEL_STATS), generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    layout = native.Layout(LABEL_STATS, "softmax", 3, 255, None, (), 4, True)
+    results = []
+    for z in (z64.to(dtype), z64.to(dtype).double()):
+        z = z.clone().requires_grad_(True)
+        stats = native.ChunkedStatistics.apply(layout, z, labels, None, None)
+        (grad,) = torch.autograd.grad((stats * upstream.to(stats.dtype)).sum(), z)
+        assert grad.dtype == z.dtype
+        results.append((stats.double(), grad.double()))
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=2 * eps, atol=1e-6)
 
 
 def test_chunk_rule():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert native.chunk_voxels(2, 4, 128**3, cpu) == (1 << 18) // 8  # 1 MiB per float32 temporary
-    assert native.chunk_voxels(2, 4, 128**3, gpu) == (1 << 21) // 8  # an eighth of the volume
+    # bfloat16 logits: a float32 temporary at most 1/32 of the logits' bytes, 2^17 elements
+    assert native.chunk_voxels(1, 4, 128**3, cpu, torch.bfloat16) == (1 << 17) // 4
+    assert native.chunk_voxels(1, 4, 128**3, cpu, torch.float64) == (1 << 18) // 4
+    assert native.chunk_voxels(2, 4, 128**3, gpu) == (1 << 20) // 8  # the device minimum
     assert native.chunk_voxels(1, 14, 256**3, gpu) == (1 << 22) // 14  # the device budget
     assert native.chunk_voxels(1, 2, 100, cpu) == 100  # one chunk
     assert native.chunk_voxels(8, 1000, 10**6, cpu) == native.MIN_CHUNK_VOXELS
