@@ -12,16 +12,20 @@ its threads to be scheduled, so an implementation of many small ops (segloss nat
 per chunk of voxels) pays per op what one of few large ops (MONAI) pays once; ``--threads 1``
 compares the work itself.
 
-Every workload is one training step of the loss alone — forward and backward on the same logits
-and labels — plus the forward alone. Times are the median of ``--repeat`` runs after
-``--warmup`` runs. *Extra peak memory* is the peak resident memory (CPU: VmHWM, reset through
-/proc/self/clear_refs before each run; CUDA: max_memory_allocated) above what was in use before
-the step, as a multiple of the logits' size: 1.0 is the gradient itself, the least any loss can
-allocate. The *floor* row is ``(x * 1.0).sum()`` forward + backward: it does nothing but read the
-logits, allocate and write a gradient. On CUDA, *% copy bw* relates each step to the device's
-measured copy bandwidth (``y.copy_(x)`` on the logits): the bytes a fused step must move (read the
-logits and labels in the forward and again in the backward, write the gradient) divided by the
-step's time, as a percentage of that bandwidth. Output format: docs/benchmarks.md.
+Every workload is one training step of the loss alone — forward and backward on the same logits and
+labels — plus the forward alone. Times are the median of ``--repeat`` runs after ``--warmup`` runs;
+on the CPU they come from a child process with glibc's default allocator settings
+(``--same-process-times``: from this one), as a training process runs: the fixed mmap threshold of
+the memory measurement makes every block above 128 KiB a fresh mapping whose pages fault in on
+first touch, which would charge code of many mid-size temporaries (the chunked native path) for
+page faults it does not have in training. *Extra peak memory* is the peak resident memory (CPU:
+VmHWM, reset through /proc/self/clear_refs before each run; CUDA: max_memory_allocated) above what
+was in use before the step, as a multiple of the logits' size: 1.0 is the gradient itself, the
+least any loss can allocate. The *floor* row is ``(x * 1.0).sum()`` forward + backward: it does
+nothing but read the logits, allocate and write a gradient. On CUDA, *% copy bw* relates each step
+to the device's measured copy bandwidth (``y.copy_(x)`` on the logits): the bytes a fused step must
+move (read the logits and labels in the forward and again in the backward, write the gradient)
+divided by the step's time, as a percentage of that bandwidth. Output format: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -32,15 +36,22 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 # glibc keeps freed memory for reuse unless large blocks are always mmap'd: fix the threshold so
-# that freed tensors leave the resident set and each run's peak is its own.
-if "MALLOC_MMAP_THRESHOLD_" not in os.environ and sys.platform.startswith("linux"):
+# that freed tensors leave the resident set and each run's peak is its own. (The times come from a
+# child process with glibc's default settings, TIMES_CHILD: see main.)
+if (
+    "MALLOC_MMAP_THRESHOLD_" not in os.environ
+    and sys.platform.startswith("linux")
+    and "SEGLOSS_COMPARE_TIMES_CHILD" not in os.environ
+):
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
@@ -49,6 +60,8 @@ import torch
 from segloss_core import get_loss
 
 warnings.simplefilter("ignore")
+
+TIMES_CHILD = "SEGLOSS_COMPARE_TIMES_CHILD"  # set in the child process that measures the CPU times
 
 
 @dataclass
@@ -196,9 +209,11 @@ def run(
     repeat: int,
     dtype: torch.dtype = torch.float32,
     only: list[str] | None = None,
+    times: bool = True,
+    memory: bool = True,
 ) -> list[Result]:
     """Rows for every shape × workload × implementation (those whose name starts with one of
-    ``only``, when given), logits in ``dtype``."""
+    ``only``, when given), logits in ``dtype``; without ``times`` (``memory``) those columns are 0."""
     results: list[Result] = []
     for shape in shapes:
         torch.manual_seed(0)
@@ -226,28 +241,56 @@ def run(
                         loss(logits, labels)
 
                 step()  # build, allocator warm-up
-                peak = measure_peak(step, device)
+                peak = measure_peak(step, device) if memory else 0.0
                 rows.append(
                     Result(
                         workload=workload,
                         shape="x".join(map(str, shape)),
                         implementation=impl,
-                        forward_backward_ms=median_ms(step, device, warmup, repeat),
-                        forward_ms=median_ms(forward, device, warmup, repeat),
+                        forward_backward_ms=median_ms(step, device, warmup, repeat) if times else 0.0,
+                        forward_ms=median_ms(forward, device, warmup, repeat) if times else 0.0,
                         extra_peak_mb=peak / 2**20,
                         extra_peak_x_logits=peak / logit_bytes,
                     )
                 )
-            peer = next((r for r in rows if r.implementation == "MONAI"), None)
-            for r in rows:
                 if bandwidth is not None:
-                    r.percent_of_copy_bandwidth = 100 * minimal_bytes / (r.forward_backward_ms / 1e3) / bandwidth
-                if peer is not None and r is not peer:
-                    r.speedup_vs_peer = peer.forward_backward_ms / r.forward_backward_ms
-                    r.memory_ratio_vs_peer = peer.extra_peak_x_logits / max(r.extra_peak_x_logits, 1e-9)
-                    r.peer = "MONAI"
+                    rows[-1].percent_of_copy_bandwidth = minimal_bytes / bandwidth  # × 100 / seconds below
             results.extend(rows)
     return results
+
+
+def compare_to_peer(results: list[Result]) -> None:
+    """Speed-up and memory saving of every row against MONAI's row of the same workload and shape;
+    on CUDA the % of copy bandwidth (``run`` left the minimal seconds at full bandwidth there)."""
+    for r in results:
+        if r.percent_of_copy_bandwidth is not None and r.forward_backward_ms > 0:
+            r.percent_of_copy_bandwidth = 100 * r.percent_of_copy_bandwidth / (r.forward_backward_ms / 1e3)
+        peer = next(
+            (p for p in results if p.implementation == "MONAI" and (p.workload, p.shape) == (r.workload, r.shape)),
+            None,
+        )
+        if peer is not None and r is not peer:
+            r.speedup_vs_peer = peer.forward_backward_ms / max(r.forward_backward_ms, 1e-9)
+            r.memory_ratio_vs_peer = peer.extra_peak_x_logits / max(r.extra_peak_x_logits, 1e-9)
+            r.peer = "MONAI"
+
+
+def child_times(argv: list[str]) -> dict[tuple[str, str, str], tuple[float, float]]:
+    """(fwd+bwd ms, fwd ms) per (workload, shape, implementation) from a child process that runs
+    with glibc's default allocator settings (no fixed mmap threshold)."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    env[TIMES_CHILD] = "1"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "times.json")
+        subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *argv, "--json", path],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        with open(path) as f:
+            rows = json.load(f)["results"]
+    return {(r["workload"], r["shape"], r["implementation"]): (r["forward_backward_ms"], r["forward_ms"]) for r in rows}
 
 
 def machine() -> str:
@@ -298,7 +341,13 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, help="torch.set_num_threads for every row (default: torch's); 1 on a loaded machine"
     )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument(
+        "--same-process-times",
+        action="store_true",
+        help="time in this process, under the fixed mmap threshold of the memory measurement",
+    )
     args = parser.parse_args(argv)
+    child = TIMES_CHILD in os.environ
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -306,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shapes = [(2, 4, 32, 32, 32)] if args.quick else [(2, 4, 128, 128, 128), (1, 14, 128, 128, 128)]
     repeat = 2 if args.quick else args.repeat
+    # CPU times from a child with glibc's default allocator (unless --same-process-times): the fixed
+    # mmap threshold makes every allocation above 128 KiB a fresh mapping whose pages fault in on first
+    # touch, which a training process (whose threshold adapts upwards) does not pay for mid-size blocks
+    separate = args.device == "cpu" and not args.same_process_times and not child
     results = run(
         shapes,
         args.workload or ["dice", "dice_ce"],
@@ -314,7 +367,18 @@ def main(argv: list[str] | None = None) -> int:
         repeat,
         getattr(torch, args.dtype),
         args.only,
+        times=not separate,
+        memory=not child,
     )
+    if separate:
+        given = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--json=")]
+        if "--json" in given:
+            at = given.index("--json")
+            del given[at : at + 2]
+        times = child_times(given)
+        for r in results:
+            r.forward_backward_ms, r.forward_ms = times[(r.workload, r.shape, r.implementation)]
+    compare_to_peer(results)
     print(f"logits: {args.dtype}")
     print(format_table(results, args.device))
     if args.json:

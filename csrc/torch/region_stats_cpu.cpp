@@ -6,7 +6,10 @@
 // fixed order, so results are bitwise identical run to run and for any thread count. The
 // loops over a tile are written so the compiler can vectorise them (seg_exp is branch-free).
 // The gradient is allocated with transparent huge pages when large: its first-touch page
-// faults are otherwise a large part of the cost of a backward pass.
+// faults are otherwise a large part of the cost of a backward pass. float16/bfloat16 logits are
+// converted to float32 a row of a tile at a time and the gradient written back the same way, in
+// loops that vectorise (bfloat16: bit shifts; float16: F16C's 8-wide conversions where the CPU
+// has them), rounding to nearest even exactly as c10's scalar conversions do.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -15,9 +18,14 @@
 #include <sys/mman.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include "../kernels/region_stats.cuh"
 #include "region_stats.h"
@@ -40,6 +48,68 @@ struct Problem {
   const int64_t* regions;  // membership table of region-based training, or null
   int64_t region_labels;   // its length: labels [0, region_labels) are valid with regions
 };
+
+inline float float_from_bits(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint32_t bits_of_float(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+
+// dst[i] = src[i] in the accumulation type A, i < len.
+template <typename T, typename A>
+inline void load_row(const T* __restrict src, A* __restrict dst, int len) {
+  int i = 0;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint16_t* __restrict bits = reinterpret_cast<const uint16_t*>(src);
+    for (; i < len; ++i) dst[i] = static_cast<A>(float_from_bits(static_cast<uint32_t>(bits[i]) << 16));
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+#if defined(__F16C__)
+    if constexpr (std::is_same_v<A, float>) {
+      const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+      for (; i + 8 <= len; i += 8) {
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + i))));
+      }
+    }
+#endif
+    for (; i < len; ++i) dst[i] = static_cast<A>(src[i]);
+  } else {
+    for (; i < len; ++i) dst[i] = static_cast<A>(src[i]);
+  }
+}
+
+// dst[i] = src[i] rounded to T (nearest even; bfloat16 NaN → 0x7FC0, as c10), i < len.
+template <typename T, typename A>
+inline void store_row(const A* __restrict src, T* __restrict dst, int len) {
+  int i = 0;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint16_t* __restrict bits = reinterpret_cast<uint16_t*>(dst);
+    for (; i < len; ++i) {
+      const float f = static_cast<float>(src[i]);
+      const uint32_t u = bits_of_float(f);
+      const uint16_t rounded = static_cast<uint16_t>((u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) >> 16);
+      bits[i] = f != f ? static_cast<uint16_t>(0x7FC0) : rounded;
+    }
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+#if defined(__F16C__)
+    if constexpr (std::is_same_v<A, float>) {
+      uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+      for (; i + 8 <= len; i += 8) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(bits + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+      }
+    }
+#endif
+    for (; i < len; ++i) dst[i] = static_cast<T>(src[i]);
+  } else {
+    for (; i < len; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
 
 template <typename A>
 struct Tile {
@@ -104,7 +174,8 @@ int64_t load_tile(const Problem& pb, const T* logits, const L* labels, const T* 
   for (int64_t c = 0; c < C; ++c) {
     const T* __restrict zc = logits + (b * C + c) * N + n0;
     A* __restrict zt = &tile.z[c * kTile];
-    for (int i = 0; i < len; ++i) zt[i] = w[i] == A(0) ? A(0) : static_cast<A>(zc[i]);
+    load_row(zc, zt, len);
+    for (int i = 0; i < len; ++i) zt[i] = w[i] == A(0) ? A(0) : zt[i];
     for (int i = len; i < padded; ++i) zt[i] = A(0);
     if (regions) {
       const int64_t* __restrict bits = tile.bits.data();
@@ -113,7 +184,8 @@ int64_t load_tile(const Problem& pb, const T* logits, const L* labels, const T* 
     } else if (!LABELS) {
       const T* __restrict tc = target + (b * C + c) * N + n0;
       A* __restrict tt = &tile.t[c * kTile];
-      for (int i = 0; i < len; ++i) tt[i] = w[i] == A(0) ? A(0) : static_cast<A>(tc[i]);
+      load_row(tc, tt, len);
+      for (int i = 0; i < len; ++i) tt[i] = w[i] == A(0) ? A(0) : tt[i];
       for (int i = len; i < padded; ++i) tt[i] = A(0);
     }
   }
@@ -260,9 +332,7 @@ void backward_chunk(const Problem& pb, const T* logits, const L* labels, const T
           dpt[i] = activation_backward(ACT, p, dp, dl, dl1m, A(0), A(0));
         }
       }
-      if (ACT != kSoftmax) {
-        for (int i = 0; i < len; ++i) gc[i] = static_cast<T>(dpt[i]);
-      }
+      if (ACT != kSoftmax) store_row(dpt, gc, len);
     }
     if (ACT == kSoftmax) {
       const A* __restrict inv = tile.inv.data();
@@ -271,10 +341,20 @@ void backward_chunk(const Problem& pb, const T* logits, const L* labels, const T
         const A* __restrict dpt = &tile.dp[c * kTile];
         const A* __restrict dlt = &tile.dl[c * kTile];
         T* __restrict gc = grad + (b * C + c) * N + t0;
+        if constexpr (std::is_same_v<T, A>) {
 #pragma GCC ivdep
-        for (int i = 0; i < len; ++i) {
-          const A p = et[i] * inv[i];
-          gc[i] = static_cast<T>(p * (dpt[i] - dot[i]) + dlt[i] - p * sdl[i]);
+          for (int i = 0; i < len; ++i) {
+            const A p = et[i] * inv[i];
+            gc[i] = p * (dpt[i] - dot[i]) + dlt[i] - p * sdl[i];
+          }
+        } else {  // in the tile (dz replaces d/dp), then rounded to T in one vectorised pass
+          A* __restrict dz = &tile.dp[c * kTile];
+#pragma GCC ivdep
+          for (int i = 0; i < len; ++i) {
+            const A p = et[i] * inv[i];
+            dz[i] = p * (dz[i] - dot[i]) + dlt[i] - p * sdl[i];
+          }
+          store_row(dz, gc, len);
         }
       }
     }

@@ -354,3 +354,31 @@ def test_nothing_of_size_bcn_is_saved_for_backward_regions():
     big = [t for t in saved if t.numel() >= x.numel() // 4]
     assert all(t.data_ptr() in (x.data_ptr(), y.data_ptr()) for t in big), [t.shape for t in big]
     value.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["labels", "soft", "sigmoid"])
+def test_low_precision_is_float32_on_the_same_values_rounded_once(dtype, variant):
+    """float16/bfloat16 logits: the kernels convert them to float32 (vectorised), accumulate in float32
+    and round the gradient once to the logits' dtype, so statistics and gradient equal the float32 run
+    on the upcast logits (gradient rounded to nearest even), bit for bit; 131 voxels: a ragged tile."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(2, 3, 131, generator=g) * 4).to(dtype)
+    x[0, 1, :5] = torch.tensor([0.0, -0.0, 65504.0 if dtype == torch.float16 else 1e30, -30.0, 1e-7]).to(dtype)
+    labels = torch.randint(0, 3, (2, 131), generator=g)
+    target = torch.softmax(torch.randn(2, 3, 131, generator=g), 1).to(dtype)
+    act = {"labels": 0, "soft": 0, "sigmoid": 1}[variant]
+    lab, tgt = (labels, None) if variant != "soft" else (None, target)
+
+    def run(z, t):
+        z = z.clone().requires_grad_(True)
+        stats = torch.ops.segloss.region_stats(z, lab, t, None, act, 0, False, act == 1, False)
+        upstream = torch.linspace(-1, 1, stats.numel()).view_as(stats)
+        (grad,) = torch.autograd.grad((stats * upstream).sum(), z)
+        return stats, grad
+
+    stats, grad = run(x, tgt)
+    stats32, grad32 = run(x.float(), None if tgt is None else tgt.float())
+    assert grad.dtype == dtype and stats.dtype == torch.float32
+    torch.testing.assert_close(stats, stats32, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad32.to(dtype), rtol=0, atol=0)

@@ -148,7 +148,9 @@ LABEL_STATS = tuple(sorted(n for n in SOFTMAX_STATS if not n.startswith("field_"
 
 @pytest.mark.parametrize("form", ["labels", "ignore", "mask"])
 @pytest.mark.parametrize(
-    "names", [LABEL_STATS, ("intersection", "pred_sum", "target_sum", "ce_pos")], ids=["all", "dice_ce"]
+    "names",
+    [LABEL_STATS, ("ce_pos", "intersection", "pred_sum", "target_sum"), ("count", "focal_pos:0.5", "focal_pos:2.0")],
+    ids=["all", "dice_ce", "focal"],
 )
 def test_label_path_equals_the_one_hot_path(form, names, small_chunks):
     """Forward (the one-hot split) and backward (the closed-form softmax VJP from the split) of the
