@@ -12,6 +12,11 @@ network's parameters, so they are formulas of the field statistics Σ w·p·F an
   ``mean over (b, c) of mean over x of (p − g)²·(d_p^α + d_g^α)`` with d the unsigned distance to
   the boundary (inside and outside) of the target and of the thresholded prediction (p > 0.5);
   unlike MONAI it honours the voxel ``spacing``. ``log_hausdorff_dt`` is log(1 + that).
+
+The fields are inputs of the fused kernels' field statistics (one read of logits, labels and
+field). The Hausdorff-DT field is built class by class: the prediction's mask and maps of one
+class at a time are computed and added into F (in place where the library allows), so beside F
+only one class's maps exist at once (docs/distance_maps.md, memory).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import replace
 from typing import Any
 
 from .. import distance_maps
-from ..arrays import get_namespace
+from ..arrays import get_namespace, is_cupy, is_numpy, is_torch
 from ..regions import region_masks
 from ..spec import LossSpec, Param, Params, Preset
 from ..statistics import field_statistic
@@ -91,16 +96,25 @@ def _target_masks(prepared: Any) -> Array | None:
     return _detached(prepared.target) > 0.5
 
 
-def _probabilities(prepared: Any) -> Array:
-    """The activation of pred, without gradient (for thresholding)."""
+def _class_probabilities(prepared: Any) -> Any:
+    """``probability(c)``: the activation of channel c of pred (B, 1, *S), without gradient (for
+    thresholding one class at a time; softmax keeps exp(z − max) and its sum, nothing per class)."""
     xp = get_namespace(prepared.pred)
     z = _detached(prepared.pred)
     if prepared.activation == "softmax":
         e = xp.exp(z - xp.max(z, axis=1, keepdims=True))
-        return e / xp.sum(e, axis=1, keepdims=True)
+        total = xp.sum(e, axis=1, keepdims=True)
+        return lambda c: e[:, c : c + 1] / total
     if prepared.activation == "sigmoid":
-        return 1.0 / (1.0 + xp.exp(-z))
-    return z
+        return lambda c: 1.0 / (1.0 + xp.exp(-z[:, c : c + 1]))
+    return lambda c: z[:, c : c + 1]
+
+
+def _power(xp: Any, d: Array, alpha: float) -> Array:
+    """d**α for distances d ≥ 0 (d·d for α = 2, d itself for α = 1)."""
+    if alpha == 1.0:
+        return d
+    return d * d if alpha == 2.0 else d**alpha
 
 
 def _boundary_fields(prepared: Any, params: Params, inputs: Mapping[str, Array]) -> dict[str, Array]:
@@ -143,10 +157,30 @@ def _hausdorff_fields(prepared: Any, params: Params, inputs: Mapping[str, Array]
         )
     else:
         d_target = distance_maps.mask_distance_map(masks, spacing, kind="boundary")
-    d_pred = distance_maps.mask_distance_map(_probabilities(prepared) > params.threshold, spacing, kind="boundary")
     alpha = params.alpha
-    weight = d_pred**alpha + d_target**alpha
-    return {HAUSDORFF_FIELD: xp.astype(weight, d_target.dtype)}
+    weight = _power(xp, d_target, alpha)
+    if weight is d_target:
+        weight = xp.asarray(d_target, copy=True)
+    del d_target
+    probability = _class_probabilities(prepared)
+    mutable = is_numpy(xp) or is_cupy(xp) or is_torch(xp)
+    parts = []
+    channels = int(prepared.pred.shape[1])
+    # classes the formula leaves out need no prediction maps: their statistic is never read
+    for c in included_classes(params, channels):
+        d_pred = distance_maps.mask_distance_map(probability(c) > params.threshold, spacing, kind="boundary")
+        term = xp.astype(_power(xp, d_pred, alpha), weight.dtype)
+        del d_pred
+        if mutable:
+            weight[:, c : c + 1] += term
+        else:
+            parts.append((c, term))
+    if parts:  # immutable arrays (JAX): one concatenation
+        added = dict(parts)
+        weight = xp.concat(
+            [weight[:, c : c + 1] + added[c] if c in added else weight[:, c : c + 1] for c in range(channels)], axis=1
+        )
+    return {HAUSDORFF_FIELD: weight}
 
 
 def _boundary_statistics(params: Params) -> frozenset[str]:
