@@ -6,6 +6,7 @@
     python benchmarks/compare.py --device cuda    # on a GPU
     python benchmarks/compare.py --dtype bfloat16 --only "segloss native" --only MONAI --only floor
     python benchmarks/compare.py --threads 1      # one thread: on a machine other processes load
+    python benchmarks/compare.py --workload boundary_precomputed --workload hausdorff_dt  # distance losses
 
 On a loaded machine (load average above the core count) every multi-threaded torch op waits for
 its threads to be scheduled, so an implementation of many small ops (segloss native: a few dozen
@@ -26,6 +27,13 @@ nothing but read the logits, allocate and write a gradient. On CUDA, *% copy bw*
 to the device's measured copy bandwidth (``y.copy_(x)`` on the logits): the bytes a fused step must
 move (read the logits and labels in the forward and again in the backward, write the gradient)
 divided by the step's time, as a percentage of that bandwidth. Output format: docs/benchmarks.md.
+
+The distance workloads run on smooth multi-class blobs (not voxel noise: a map of noise labels
+has no long distances), each at its own shape: ``boundary_precomputed`` (2×4×128³; φ from
+``signed_distance_map`` once, outside the timing; peer: the LIVIAETS boundary-loss form
+``einsum("bkxyz,bkxyz->bkxyz", softmax(x)[:, idc], φ[:, idc]).mean()``), ``hausdorff_dt`` and
+``log_hausdorff_dt`` (1×4×96³; peer: MONAI's HausdorffDTLoss / LogHausdorffDTLoss, the maps of
+prediction and target computed every step by every implementation).
 """
 
 from __future__ import annotations
@@ -157,8 +165,60 @@ def _cupy_loss(workload: str) -> Callable | None:
     return call
 
 
+REGION_WORKLOADS = ("dice", "dice_ce")
+DISTANCE_SHAPES: dict[str, tuple[int, ...]] = {
+    "boundary_precomputed": (2, 4, 128, 128, 128),
+    "hausdorff_dt": (1, 4, 96, 96, 96),
+    "log_hausdorff_dt": (1, 4, 96, 96, 96),
+}
+PEERS = {"boundary_precomputed": "LIVIAETS einsum"}  # the peer of the speed-up columns (else MONAI)
+
+
+def blob_inputs(shape: tuple[int, ...], device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of smooth multi-class blobs: labels the argmax of upsampled coarse noise
+    (objects a few voxels to tens of voxels across), logits N(0, 1) + 3 on each voxel's label."""
+    g = torch.Generator().manual_seed(seed)
+    batch, channels, *spatial = shape
+    coarse = torch.randn(batch, channels, *(max(2, s // 16) for s in spatial), generator=g)
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(spatial)]
+    labels = torch.nn.functional.interpolate(coarse, size=tuple(spatial), mode=mode).argmax(1)
+    logits = torch.randn(shape, generator=g)
+    logits.scatter_add_(1, labels[:, None], torch.full_like(labels[:, None], 3.0, dtype=torch.float32))
+    return logits.contiguous().to(device), labels.to(device)
+
+
+def _distance_implementations(workload: str, channels: int, labels: torch.Tensor) -> dict[str, Callable[[], Callable]]:
+    impls: dict[str, Callable[[], Callable]] = {}
+    if workload == "boundary_precomputed":
+        from segloss_torch import signed_distance_map
+
+        phi = signed_distance_map(labels, channels)  # the map of `segloss distmap`: not timed
+        idc = list(range(1, channels))  # SurfaceLoss(idc=[1, …]), as segloss's include_background=False
+        for impl in ("fused", "native"):
+            impls[f"segloss {impl}"] = lambda impl=impl: (lambda module: lambda x, y: module(x, y, distance_map=phi))(
+                get_loss("boundary", backend="torch", impl=impl)
+            )
+        impls["LIVIAETS einsum"] = lambda: (
+            lambda x, y: torch.einsum("bkxyz,bkxyz->bkxyz", torch.softmax(x, 1)[:, idc], phi[:, idc]).mean()
+        )
+    else:
+        for impl in ("fused", "native"):
+            impls[f"segloss {impl}"] = lambda impl=impl: get_loss(workload, backend="torch", impl=impl)
+        try:
+            from monai.losses import HausdorffDTLoss, LogHausdorffDTLoss
+
+            peer = (HausdorffDTLoss if workload == "hausdorff_dt" else LogHausdorffDTLoss)(
+                softmax=True, to_onehot_y=True
+            )
+            impls["MONAI"] = lambda: lambda x, y: peer(x, y[:, None])
+        except ImportError:
+            pass
+    impls["floor (x*1).sum()"] = lambda: lambda x, y: (x * 1.0).sum()
+    return impls
+
+
 def _implementations(workload: str, channels: int, device: str = "cpu") -> dict[str, Callable[[], Callable]]:
-    """name -> factory of a callable loss(logits, labels) for this workload."""
+    """name -> factory of a callable loss(logits, labels) for this (region) workload."""
     impls: dict[str, Callable[[], Callable]] = {}
     name = workload
     impls["segloss fused"] = lambda: get_loss(name, backend="torch", impl="fused")
@@ -211,68 +271,81 @@ def run(
     only: list[str] | None = None,
     times: bool = True,
     memory: bool = True,
+    distance_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> list[Result]:
-    """Rows for every shape × workload × implementation (those whose name starts with one of
-    ``only``, when given), logits in ``dtype``; without ``times`` (``memory``) those columns are 0."""
+    """Rows for every shape × region workload and every distance workload (at its shape in
+    ``distance_shapes``, default :data:`DISTANCE_SHAPES`) × implementation (those whose name starts
+    with one of ``only``, when given), logits in ``dtype``; without ``times`` (``memory``) those
+    columns are 0."""
+    distance_shapes = distance_shapes or {}
     results: list[Result] = []
-    for shape in shapes:
+    cases = [(shape, w) for shape in shapes for w in workloads if w in REGION_WORKLOADS]
+    cases += [(distance_shapes.get(w, DISTANCE_SHAPES[w]), w) for w in workloads if w in DISTANCE_SHAPES]
+    for shape, workload in cases:
         torch.manual_seed(0)
-        logits = torch.randn(*shape, device=device).to(dtype)
-        labels = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=device)
+        if workload in DISTANCE_SHAPES:
+            logits, labels = blob_inputs(shape, device)
+            logits = logits.to(dtype)
+            implementations = _distance_implementations(workload, shape[1], labels)
+        else:
+            logits = torch.randn(*shape, device=device).to(dtype)
+            labels = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=device)
+            implementations = _implementations(workload, shape[1], device)
         logit_bytes = logits.numel() * logits.element_size()
         label_bytes = labels.numel() * labels.element_size()
         minimal_bytes = 3 * logit_bytes + 2 * label_bytes  # fwd read, bwd read, gradient write
         bandwidth = copy_bandwidth(logits, warmup, repeat) if device == "cuda" else None
-        for workload in workloads:
-            rows: list[Result] = []
-            for impl, factory in _implementations(workload, shape[1], device).items():
-                if only and not any(impl.startswith(prefix) for prefix in only):
-                    continue
-                loss = factory()
+        rows: list[Result] = []
+        for impl, factory in implementations.items():
+            if only and not any(impl.startswith(prefix) for prefix in only):
+                continue
+            loss = factory()
 
-                def step(loss=loss, logits=logits, labels=labels) -> None:
-                    x = logits.detach().requires_grad_(True)
-                    out = loss(x, labels)
-                    if out is not None:  # the CuPy row computes value and gradient in one call
-                        out.backward()
+            def step(loss=loss, logits=logits, labels=labels) -> None:
+                x = logits.detach().requires_grad_(True)
+                out = loss(x, labels)
+                if out is not None:  # the CuPy row computes value and gradient in one call
+                    out.backward()
 
-                def forward(loss=loss, logits=logits, labels=labels) -> None:
-                    with torch.no_grad():
-                        loss(logits, labels)
+            def forward(loss=loss, logits=logits, labels=labels) -> None:
+                with torch.no_grad():
+                    loss(logits, labels)
 
-                step()  # build, allocator warm-up
-                peak = measure_peak(step, device) if memory else 0.0
-                rows.append(
-                    Result(
-                        workload=workload,
-                        shape="x".join(map(str, shape)),
-                        implementation=impl,
-                        forward_backward_ms=median_ms(step, device, warmup, repeat) if times else 0.0,
-                        forward_ms=median_ms(forward, device, warmup, repeat) if times else 0.0,
-                        extra_peak_mb=peak / 2**20,
-                        extra_peak_x_logits=peak / logit_bytes,
-                    )
+            step()  # build, allocator warm-up
+            peak = measure_peak(step, device) if memory else 0.0
+            rows.append(
+                Result(
+                    workload=workload,
+                    shape="x".join(map(str, shape)),
+                    implementation=impl,
+                    forward_backward_ms=median_ms(step, device, warmup, repeat) if times else 0.0,
+                    forward_ms=median_ms(forward, device, warmup, repeat) if times else 0.0,
+                    extra_peak_mb=peak / 2**20,
+                    extra_peak_x_logits=peak / logit_bytes,
                 )
-                if bandwidth is not None:
-                    rows[-1].percent_of_copy_bandwidth = minimal_bytes / bandwidth  # × 100 / seconds below
-            results.extend(rows)
+            )
+            if bandwidth is not None:
+                rows[-1].percent_of_copy_bandwidth = minimal_bytes / bandwidth  # × 100 / seconds below
+        results.extend(rows)
     return results
 
 
 def compare_to_peer(results: list[Result]) -> None:
-    """Speed-up and memory saving of every row against MONAI's row of the same workload and shape;
+    """Speed-up and memory saving of every row against its peer's row of the same workload and shape
+    (MONAI, or :data:`PEERS`);
     on CUDA the % of copy bandwidth (``run`` left the minimal seconds at full bandwidth there)."""
     for r in results:
         if r.percent_of_copy_bandwidth is not None and r.forward_backward_ms > 0:
             r.percent_of_copy_bandwidth = 100 * r.percent_of_copy_bandwidth / (r.forward_backward_ms / 1e3)
+        name = PEERS.get(r.workload, "MONAI")
         peer = next(
-            (p for p in results if p.implementation == "MONAI" and (p.workload, p.shape) == (r.workload, r.shape)),
+            (p for p in results if p.implementation == name and (p.workload, p.shape) == (r.workload, r.shape)),
             None,
         )
         if peer is not None and r is not peer:
             r.speedup_vs_peer = peer.forward_backward_ms / max(r.forward_backward_ms, 1e-9)
             r.memory_ratio_vs_peer = peer.extra_peak_x_logits / max(r.extra_peak_x_logits, 1e-9)
-            r.peer = "MONAI"
+            r.peer = name
 
 
 def child_times(argv: list[str]) -> dict[tuple[str, str, str], tuple[float, float]]:
@@ -307,7 +380,7 @@ def format_table(results: list[Result], device: str) -> str:
     cuda = device == "cuda"
     head = (
         "| workload | shape (B×C×D×H×W) | implementation | fwd+bwd ms | fwd ms | extra peak MB | × logits "
-        "| speed-up vs MONAI | memory saving vs MONAI |" + (" % copy bw |" if cuda else "")
+        "| speed-up vs peer | memory saving vs peer |" + (" % copy bw |" if cuda else "")
     )
     lines = [
         f"device: {device} — {machine() if device == 'cpu' else torch.cuda.get_device_name()}",
@@ -330,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke run)")
-    parser.add_argument("--workload", action="append", choices=("dice", "dice_ce"))
+    parser.add_argument("--workload", action="append", choices=(*REGION_WORKLOADS, *DISTANCE_SHAPES))
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
@@ -359,9 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     # mmap threshold makes every allocation above 128 KiB a fresh mapping whose pages fault in on first
     # touch, which a training process (whose threshold adapts upwards) does not pay for mid-size blocks
     separate = args.device == "cpu" and not args.same_process_times and not child
+    quick_distance = {w: (1, 4, 24, 24, 24) for w in DISTANCE_SHAPES} if args.quick else None
     results = run(
         shapes,
-        args.workload or ["dice", "dice_ce"],
+        args.workload or list(REGION_WORKLOADS),
         args.device,
         1 if args.quick else args.warmup,
         repeat,
@@ -369,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         args.only,
         times=not separate,
         memory=not child,
+        distance_shapes=quick_distance,
     )
     if separate:
         given = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--json=")]
