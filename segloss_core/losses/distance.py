@@ -13,10 +13,9 @@ network's parameters, so they are formulas of the field statistics Σ w·p·F an
   the boundary (inside and outside) of the target and of the thresholded prediction (p > 0.5);
   unlike MONAI it honours the voxel ``spacing``. ``log_hausdorff_dt`` is log(1 + that).
 
-The fields are inputs of the fused kernels' field statistics (one read of logits, labels and
-field). The Hausdorff-DT field is built class by class: the prediction's mask and maps of one
-class at a time are computed and added into F (in place where the library allows), so beside F
-only one class's maps exist at once (docs/distance_maps.md, memory).
+The Hausdorff-DT field is built class by class: the prediction's mask and maps of one class at a
+time are computed and added into F (in place where the library allows), so beside F only one
+class's maps exist at once; the classes the formula leaves out get no prediction maps.
 """
 
 from __future__ import annotations
@@ -169,7 +168,9 @@ def _hausdorff_fields(prepared: Any, params: Params, inputs: Mapping[str, Array]
     # classes the formula leaves out need no prediction maps: their statistic is never read
     for c in included_classes(params, channels):
         d_pred = distance_maps.mask_distance_map(probability(c) > params.threshold, spacing, kind="boundary")
-        term = xp.astype(_power(xp, d_pred, alpha), weight.dtype)
+        term = _power(xp, d_pred, alpha)
+        if term.dtype != weight.dtype:
+            term = xp.astype(term, weight.dtype)
         del d_pred
         if mutable:
             weight[:, c : c + 1] += term
