@@ -67,6 +67,8 @@ _REGION = (
     ("want_ce_neg", "i32"),
     ("regions", "ptr"),
     ("region_labels", "i64"),
+    ("field_pred", "ptr"),
+    ("field_sq_err", "ptr"),
 )
 _DATA = (("logits", "ptr"), ("labels", "ptr"), ("target", "ptr"))
 

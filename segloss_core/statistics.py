@@ -38,12 +38,13 @@ Fields F are per-voxel constants (B, C, *spatial) computed before the statistics
 spec's ``fields`` function (no gradient flows into them).
 
 ``log p`` is computed from the logits (log-softmax / log-sigmoid), never as ``log`` of a
-rounded probability. The fused kernels compute the first nine in one read of the logits.
+rounded probability. The fused kernels compute the first nine and the two field statistics (one
+field of each kind, :func:`fused_fields`) in one read of the logits, labels and fields.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -357,7 +358,7 @@ def describe(name: str) -> str:
     return text.replace("γ", f"{arg:g}") if arg is not None else text
 
 
-# Layout of the fused kernels' (B, C, 10) output (csrc/kernels/region_stats.cuh, enum Stat):
+# Layout of the fused kernels' (B, C, 12) output (csrc/kernels/region_stats.cuh, enum Stat):
 # every backend built on those kernels reads its statistics from these slots.
 FUSED_SLOTS: dict[str, int] = {
     "intersection": 0,
@@ -371,5 +372,35 @@ FUSED_SLOTS: dict[str, int] = {
     "count": 8,
 }
 FUSED_INVALID_SLOT = 9  # invalid-label count, class 0 only
-FUSED_NUM_SLOTS = 10
+FUSED_FIELD_SLOTS: dict[str, int] = {"field_pred_sum": 10, "field_sq_err_sum": 11}
+"""Slots of the field statistics: the kernels take one field per kind (``field_pred``, ``field_sq_err``)."""
+FUSED_NUM_SLOTS = 12
+
+
+def fused_fields(names: Iterable[str]) -> dict[str, str] | None:
+    """The fields the fused kernels need for ``names``, ``{kind: field name}`` (kind
+    ``field_pred_sum`` or ``field_sq_err_sum``), or None when the kernels cannot compute them:
+    a statistic without a slot, or two fields of one kind (the kernels take one of each).
+
+    >>> fused_fields(["intersection", "field_pred_sum:phi", "count"])
+    {'field_pred_sum': 'phi'}
+    >>> fused_fields(["field_pred_sum:a", "field_pred_sum:b"]) is None
+    True
+    """
+    fields: dict[str, str] = {}
+    for name in names:
+        if name in FUSED_SLOTS:
+            continue
+        base, sep, arg = name.partition(":")
+        if not sep or base not in FUSED_FIELD_SLOTS or fields.get(base, arg) != arg:
+            return None
+        fields[base] = arg
+    return fields
+
+
+def fused_slot(name: str) -> int:
+    """The slot of a statistic the fused kernels compute (``field_pred_sum:F`` → its kind's slot)."""
+    return FUSED_SLOTS[name] if name in FUSED_SLOTS else FUSED_FIELD_SLOTS[name.partition(":")[0]]
+
+
 ACTIVATION_CODES: dict[str, int] = {"softmax": 0, "sigmoid": 1, "none": 2}  # enum Activation

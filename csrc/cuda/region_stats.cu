@@ -20,7 +20,8 @@ size_t accumulator_bytes(const RegionStatsArgs& args) { return args.dtype == DTy
 #define SEGLOSS_LAUNCH_ARGS(A, args)                                                                       \
   static_cast<const A*>(args.mask), args.mask_batch_stride, args.batch, args.channels, args.voxels,          \
       args.activation, args.ignore_index, static_cast<int>(args.has_ignore), static_cast<int>(args.want_ce_neg),  \
-      args.regions, args.region_labels
+      args.regions, args.region_labels, \
+      static_cast<const A*>(args.field_pred), static_cast<const A*>(args.field_sq_err)
 
 template <typename T, typename L, bool LABELS>
 cudaError_t forward_typed(const RegionStatsArgs& args, void* out, void* workspace, cudaStream_t stream) {

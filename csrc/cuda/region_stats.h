@@ -29,6 +29,9 @@ struct RegionStatsArgs {
   bool want_ce_neg = false;
   const int64_t* regions = nullptr;  // (region_labels,) int64 membership table of region-based training, or null
   int64_t region_labels = 0;
+  // fields of the field statistics, (B, C, N) contiguous in the accumulation dtype, or null (then 0)
+  const void* field_pred = nullptr;    // φ of Σ w p φ
+  const void* field_sq_err = nullptr;  // F of Σ w (p − g)² F
   // the backward grid has at most this many blocks; its grid-stride loop covers the other voxels
   int64_t max_backward_blocks = 1 << 20;
 };
@@ -36,11 +39,11 @@ struct RegionStatsArgs {
 // Bytes of scratch the forward pass needs (deterministic per-chunk partial sums).
 size_t region_stats_workspace_bytes(const RegionStatsArgs& args);
 
-// out: (B, C, 10) statistics in the accumulation dtype (float, double for float64).
+// out: (B, C, kNumSlots = 12) statistics in the accumulation dtype (float, double for float64).
 // Returns cudaErrorInvalidConfiguration, before any launch, if B > 65535 (the grid's z dimension).
 cudaError_t region_stats_forward(const RegionStatsArgs& args, void* out, void* workspace, cudaStream_t stream);
 
-// upstream: (B, C, 10) in the accumulation dtype; grad: (B, C, N) in dtype.
+// upstream: (B, C, kNumSlots) in the accumulation dtype; grad: (B, C, N) in dtype.
 cudaError_t region_stats_backward(const RegionStatsArgs& args, const void* upstream, void* grad,
                                   cudaStream_t stream);
 

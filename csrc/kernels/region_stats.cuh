@@ -7,13 +7,15 @@
 //   kIntersection  Σ w p g        kPredSum  Σ w p        kTargetSum  Σ w g
 //   kPredSq        Σ w p²         kTargetSq Σ w g²       kAbsDiff    Σ w |p − g|
 //   kCePos         Σ w g (−log p) kCeNeg    Σ w (1−g)(−log(1−p))     kCount      Σ w
+//   kFieldPred     Σ w p φ        kFieldSqErr Σ w (p − g)² F   (fields φ, F: per-voxel constants,
+//                                  e.g. a signed distance map and d_p^α + d_g^α; 0 without them)
 // With a region membership table g_c = [label ∈ region c] (region_bits below); the valid labels
 // are then [0, table size) instead of [0, C).
 // kInvalid (class 0 only) counts voxels whose label is outside [0, C) and not ignore_index;
 // such voxels contribute nothing else (the glue raises when asked to check).
 //
 // Backward: given u[c][s] = ∂L/∂stat[b][c][s],
-//   dp_c      = w (u_I g + u_P + 2 u_P2 p + u_L1 sign(p − g))
+//   dp_c      = w (u_I g + u_P + 2 u_P2 p + u_L1 sign(p − g) + u_Fφ φ + 2 u_FE (p − g) F)
 //   dlogp_c   = −w u_CE+ g           dlog1mp_c = −w u_CE− (1 − g)
 //   softmax:  ∂L/∂z_c = p_c (dp_c − Σ_k p_k dp_k) + dlogp_c − p_c Σ_k dlogp_k
 //   sigmoid:  ∂L/∂z_c = dp_c p (1 − p) + dlogp_c (1 − p) − dlog1mp_c p
@@ -35,7 +37,9 @@ enum Stat : int {
   kCeNeg = 7,
   kCount = 8,
   kInvalid = 9,
-  kNumSlots = 10,
+  kFieldPred = 10,
+  kFieldSqErr = 11,
+  kNumSlots = 12,
 };
 
 enum Activation : int { kSoftmax = 0, kSigmoid = 1, kNone = 2 };
@@ -90,6 +94,15 @@ SEGLOSS_HD void accumulate_element_strided(A p, A g, A w, A neg_log_p, A neg_log
   acc[kCount * STRIDE] += w;
 }
 
+// The field statistics of one element into acc[s * STRIDE]: Σ w p φ and Σ w (p − g)² F (phi, field
+// 0 where the caller has no such field; a weight-0 element adds exact zeros if φ and F are finite).
+template <int STRIDE, typename A>
+SEGLOSS_HD void accumulate_field_element_strided(A p, A g, A w, A phi, A field, A* acc) {
+  const A diff = p - g;
+  acc[kFieldPred * STRIDE] += w * p * phi;
+  acc[kFieldSqErr * STRIDE] += w * diff * diff * field;
+}
+
 // The same for an element of weight w > 0 into acc[kNumSlots], with a run-time want_ce_neg.
 template <typename A>
 SEGLOSS_HD void accumulate_element(A p, A g, A w, A neg_log_p, A neg_log_1mp, bool want_ce_neg, A* acc) {
@@ -103,7 +116,7 @@ SEGLOSS_HD void accumulate_element(A p, A g, A w, A neg_log_p, A neg_log_1mp, bo
 // The upstream gradient ∂L/∂stat of one (sample, class), read once from its kNumSlots values.
 template <typename A>
 struct StatGradient {
-  A intersection, pred_sum, twice_pred_sq, abs_diff, ce_pos, ce_neg;
+  A intersection, pred_sum, twice_pred_sq, abs_diff, ce_pos, ce_neg, field_pred, twice_field_sq_err;
 };
 
 template <typename A>
@@ -115,15 +128,20 @@ SEGLOSS_HD StatGradient<A> load_stat_gradient(const A* u) {
   out.abs_diff = u[kAbsDiff];
   out.ce_pos = u[kCePos];
   out.ce_neg = u[kCeNeg];
+  out.field_pred = u[kFieldPred];
+  out.twice_field_sq_err = A(2) * u[kFieldSqErr];
   return out;
 }
 
-// ∂L/∂p, ∂L/∂log p and ∂L/∂log(1 − p) of one element (branch-free, so the CPU loops vectorise).
+// ∂L/∂p, ∂L/∂log p and ∂L/∂log(1 − p) of one element (branch-free, so the CPU loops vectorise);
+// phi and field are the element's field values (0 without fields).
 template <typename A>
-SEGLOSS_HD void element_gradient(A p, A g, A w, const StatGradient<A>& u, A* dp, A* dlogp, A* dlog1mp) {
+SEGLOSS_HD void element_gradient(A p, A g, A w, const StatGradient<A>& u, A phi, A field, A* dp, A* dlogp,
+                                 A* dlog1mp) {
   const A diff = p - g;
   const A sign = (diff > A(0) ? A(1) : A(0)) - (diff < A(0) ? A(1) : A(0));
-  *dp = w * (u.intersection * g + u.pred_sum + u.twice_pred_sq * p + u.abs_diff * sign);
+  *dp = w * (u.intersection * g + u.pred_sum + u.twice_pred_sq * p + u.abs_diff * sign + u.field_pred * phi +
+             u.twice_field_sq_err * diff * field);
   *dlogp = -w * u.ce_pos * g;
   *dlog1mp = -w * u.ce_neg * (A(1) - g);
 }

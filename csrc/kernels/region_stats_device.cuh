@@ -67,6 +67,8 @@ struct KernelArgs {
   bool want_ce_neg;
   const int64_t* regions;  // membership table of region-based training (region_bits), or null
   int64_t region_labels;   // its length
+  const A* field_pred;    // φ of kFieldPred, (B, C, N), or null
+  const A* field_sq_err;  // F of kFieldSqErr, (B, C, N), or null
 };
 
 // Weight and label of voxel n of sample b: w = 0 for ignored/invalid labels; *invalid set
@@ -141,7 +143,8 @@ template <typename A>
 __device__ __forceinline__ KernelArgs<A> make_kernel_args(const A* mask, int64_t mask_batch_stride, int64_t batch,
                                                           int64_t channels, int64_t voxels, int activation,
                                                           int64_t ignore_index, int has_ignore, int want_ce_neg,
-                                                          const int64_t* regions, int64_t region_labels) {
+                                                          const int64_t* regions, int64_t region_labels,
+                                                          const A* field_pred, const A* field_sq_err) {
   KernelArgs<A> a;
   a.batch = batch;
   a.channels = channels;
@@ -154,16 +157,28 @@ __device__ __forceinline__ KernelArgs<A> make_kernel_args(const A* mask, int64_t
   a.want_ce_neg = want_ce_neg != 0;
   a.regions = regions;
   a.region_labels = region_labels;
+  a.field_pred = field_pred;
+  a.field_sq_err = field_sq_err;
   return a;
+}
+
+// The fields' values of element (b, c, n) of weight w: 0 where a field is absent or w == 0 (so a
+// non-finite field value at an ignored voxel adds nothing).
+template <typename A>
+__device__ __forceinline__ void field_values(const KernelArgs<A>& a, int64_t index, A w, A* phi, A* field) {
+  const bool on = w != A(0);
+  *phi = on && a.field_pred != nullptr ? a.field_pred[index] : A(0);
+  *field = on && a.field_sq_err != nullptr ? a.field_sq_err[index] : A(0);
 }
 
 // Kernel parameters are scalars and pointers only (no structs), so CuPy can launch them too.
 #define SEGLOSS_REGION_ARGS                                                                                 \
   const A *mask, int64_t mask_batch_stride, int64_t batch, int64_t channels, int64_t voxels, int activation, \
-      int64_t ignore_index, int has_ignore, int want_ce_neg, const int64_t *regions, int64_t region_labels
+      int64_t ignore_index, int has_ignore, int want_ce_neg, const int64_t *regions, int64_t region_labels, \
+      const A *field_pred, const A *field_sq_err
 #define SEGLOSS_REGION_ARGS_PASS                                                                                \
   make_kernel_args<A>(mask, mask_batch_stride, batch, channels, voxels, activation, ignore_index, has_ignore, \
-                      want_ce_neg, regions, region_labels)
+                      want_ce_neg, regions, region_labels, field_pred, field_sq_err)
 
 // partials: (B, groups, chunks, kGroup, kNumSlots). Grid: (chunks · groups, 1, B) with the class
 // group varying fastest, so that the ⌈C/8⌉ blocks of one chunk of voxels run next to each other
@@ -178,6 +193,7 @@ __global__ void __launch_bounds__(kBlock) region_stats_partials_kernel(const T* 
   const int64_t chunk = blockIdx.x / groups, group = blockIdx.x % groups, b = blockIdx.z;
   const int64_t chunks = gridDim.x / groups;
   const int64_t c0 = group * kGroup;
+  const bool fields = a.field_pred != nullptr || a.field_sq_err != nullptr;
   A acc[kGroup][kNumSlots];
 #pragma unroll
   for (int j = 0; j < kGroup; ++j) {
@@ -203,6 +219,11 @@ __global__ void __launch_bounds__(kBlock) region_stats_partials_kernel(const T* 
         element_terms<T, A>(a.activation, to_acc(z[c * N]), m, inv, lse, &p, &nlp, &nl1mp);
         const A g = LABELS ? label_target(a, label, bits, c) : to_acc(target[(b * C + c) * N + n]);
         accumulate_element(p, g, w, nlp, nl1mp, a.want_ce_neg, acc[j]);
+        if (fields) {
+          A phi, field;
+          field_values(a, (b * C + c) * N + n, w, &phi, &field);
+          accumulate_field_element_strided<1>(p, g, w, phi, field, acc[j]);
+        }
       }
     }
   }
@@ -268,7 +289,9 @@ __global__ void __launch_bounds__(kBlock) region_stats_backward_kernel(const T* 
         A p, nlp, nl1mp, dp, dl, dl1m;
         element_terms<T, A>(a.activation, to_acc(z[c * N]), m, inv, lse, &p, &nlp, &nl1mp);
         const A g = LABELS ? label_target(a, label, bits, c) : to_acc(target[(b * C + c) * N + n]);
-        element_gradient(p, g, w, load_stat_gradient(u + c * kNumSlots), &dp, &dl, &dl1m);
+        A phi, field;
+        field_values(a, (b * C + c) * N + n, w, &phi, &field);
+        element_gradient(p, g, w, load_stat_gradient(u + c * kNumSlots), phi, field, &dp, &dl, &dl1m);
         dot += p * dp;
         sum_dlogp += dl;
       }
@@ -277,7 +300,9 @@ __global__ void __launch_bounds__(kBlock) region_stats_backward_kernel(const T* 
       A p, nlp, nl1mp, dp, dl, dl1m;
       element_terms<T, A>(a.activation, to_acc(z[c * N]), m, inv, lse, &p, &nlp, &nl1mp);
       const A g = LABELS ? label_target(a, label, bits, c) : to_acc(target[(b * C + c) * N + n]);
-      element_gradient(p, g, w, load_stat_gradient(u + c * kNumSlots), &dp, &dl, &dl1m);
+      A phi, field;
+      field_values(a, (b * C + c) * N + n, w, &phi, &field);
+      element_gradient(p, g, w, load_stat_gradient(u + c * kNumSlots), phi, field, &dp, &dl, &dl1m);
       out[c * N] = from_acc<T>(activation_backward(a.activation, p, dp, dl, dl1m, dot, sum_dlogp));
     }
   }

@@ -76,6 +76,24 @@ int64_t valid_label_count(const RegionStatsInputs& in, int64_t activation) {
   return in.regions.defined() ? in.regions.numel() : valid_label_max(in.channels, static_cast<int>(activation));
 }
 
+void add_fields(RegionStatsInputs& in, const std::optional<at::Tensor>& field_pred,
+                const std::optional<at::Tensor>& field_sq_err) {
+  const at::ScalarType acc = accumulation_type(in.logits.scalar_type());
+  auto canonical = [&](const std::optional<at::Tensor>& field, const char* name) -> at::Tensor {
+    if (!field.has_value()) return at::Tensor();
+    const at::Tensor& f = *field;
+    TORCH_CHECK(f.device() == in.logits.device(), "segloss::region_stats: ", name, " on ", f.device(), ", logits on ",
+                in.logits.device());
+    TORCH_CHECK(at::isFloatingType(f.scalar_type()), "segloss::region_stats: ", name, " must be floating, got ",
+                f.scalar_type());
+    TORCH_CHECK(f.numel() == in.batch * in.channels * in.voxels, "segloss::region_stats: ", name,
+                " must have the logits' shape (B, C, *spatial), got ", f.sizes());
+    return f.to(acc).contiguous().view({in.batch, in.channels, in.voxels});
+  };
+  in.field_pred = canonical(field_pred, "field_pred");
+  in.field_sq_err = canonical(field_sq_err, "field_sq_err");
+}
+
 void check_invalid_labels(const at::Tensor& stats, const at::Tensor& labels, int64_t valid_max, bool has_ignore,
                           int64_t ignore_index) {
   double invalid = stats.select(2, kInvalid).select(1, 0).sum().item<double>();

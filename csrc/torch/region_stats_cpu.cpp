@@ -47,6 +47,8 @@ struct Problem {
   bool want_ce_neg;
   const int64_t* regions;  // membership table of region-based training, or null
   int64_t region_labels;   // its length: labels [0, region_labels) are valid with regions
+  const void* field_pred;    // φ of kFieldPred, (B, C, N) in the accumulation dtype, or null
+  const void* field_sq_err;  // F of kFieldSqErr, likewise
 };
 
 inline float float_from_bits(uint32_t bits) {
@@ -114,12 +116,14 @@ inline void store_row(const A* __restrict src, T* __restrict dst, int len) {
 template <typename A>
 struct Tile {
   std::vector<A> z, e, t, dp, dl;  // C × kTile
+  std::vector<A> phi, field;       // C × kTile: the fields' values, 0 where a field is absent
   std::vector<A> m, inv, lse, w, dot, sdl;
   std::vector<A> label;  // the label as A (exact below 2^24), −1 for weight-0 voxels
   std::vector<int64_t> bits;  // regions: each voxel's membership bits (0 for weight-0 voxels)
   explicit Tile(int64_t channels)
       : z(channels * kTile), e(channels * kTile), t(channels * kTile), dp(channels * kTile), dl(channels * kTile),
-        m(kTile), inv(kTile), lse(kTile), w(kTile), dot(kTile), sdl(kTile), label(kTile), bits(kTile) {}
+        phi(channels * kTile, A(0)), field(channels * kTile, A(0)), m(kTile), inv(kTile), lse(kTile), w(kTile),
+        dot(kTile), sdl(kTile), label(kTile), bits(kTile) {}
 };
 
 // Loads logits (and soft targets, weights, labels) of voxels [n0, n0 + len) of sample b into the
@@ -188,6 +192,15 @@ int64_t load_tile(const Problem& pb, const T* logits, const L* labels, const T* 
       for (int i = 0; i < len; ++i) tt[i] = w[i] == A(0) ? A(0) : tt[i];
       for (int i = len; i < padded; ++i) tt[i] = A(0);
     }
+    const A* fields[2] = {static_cast<const A*>(pb.field_pred), static_cast<const A*>(pb.field_sq_err)};
+    A* tiles[2] = {&tile.phi[c * kTile], &tile.field[c * kTile]};
+    for (int f = 0; f < 2; ++f) {
+      if (fields[f] == nullptr) continue;  // the tile's values stay 0
+      const A* __restrict fc = fields[f] + (b * C + c) * N + n0;
+      A* __restrict ft = tiles[f];
+      for (int i = 0; i < len; ++i) ft[i] = w[i] == A(0) ? A(0) : fc[i];
+      for (int i = len; i < padded; ++i) ft[i] = A(0);
+    }
   }
   if (ACT == kSoftmax) {
     A* __restrict m = tile.m.data();
@@ -227,9 +240,12 @@ struct ClassView {
   const A* __restrict lse;
   const A* __restrict w;
   const A* __restrict label;
+  const A* __restrict phi;
+  const A* __restrict field;
   ClassView(const Tile<A>& tile, int64_t c)
       : z(&tile.z[c * kTile]), e(&tile.e[c * kTile]), t(&tile.t[c * kTile]), inv(tile.inv.data()),
-        lse(tile.lse.data()), w(tile.w.data()), label(tile.label.data()) {}
+        lse(tile.lse.data()), w(tile.w.data()), label(tile.label.data()), phi(&tile.phi[c * kTile]),
+        field(&tile.field[c * kTile]) {}
 };
 
 template <bool LABELS, typename A>
@@ -259,6 +275,7 @@ template <int ACT, bool LABELS, bool CE_NEG, typename T, typename L, typename A>
 void forward_chunk(const Problem& pb, const T* logits, const L* labels, const T* target, int64_t b, int64_t n0,
                    int64_t n1, A* out /* C × kNumSlots */, Tile<A>& tile, std::vector<A>& lanes) {
   const int64_t C = pb.channels;
+  const bool fields = pb.field_pred != nullptr || pb.field_sq_err != nullptr;
   std::fill(lanes.begin(), lanes.end(), A(0));
   A invalid_total = A(0);
   for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
@@ -278,6 +295,17 @@ void forward_chunk(const Problem& pb, const T* logits, const L* labels, const T*
           A p, nlp, nl1mp;
           element_terms<ACT>(v, i, &p, &nlp, &nl1mp);
           accumulate_element_strided<kLanes, !LABELS, CE_NEG>(p, g, w, nlp, nl1mp, acc + l);
+        }
+      }
+      if (!fields) continue;
+      for (int i0 = 0; i0 < padded; i0 += kLanes) {
+#pragma GCC ivdep
+        for (int l = 0; l < kLanes; ++l) {
+          const int i = i0 + l;
+          const A g = target_value<LABELS>(v, cls, i);
+          A p, nlp, nl1mp;
+          element_terms<ACT>(v, i, &p, &nlp, &nl1mp);
+          accumulate_field_element_strided<kLanes>(p, g, v.w[i], v.phi[i], v.field[i], acc + l);
         }
       }
     }
@@ -322,7 +350,7 @@ void backward_chunk(const Problem& pb, const T* logits, const L* labels, const T
         A p, nlp, nl1mp;
         element_terms<ACT>(v, i, &p, &nlp, &nl1mp);
         A dp, dl, dl1m;
-        element_gradient(p, g, w, su, &dp, &dl, &dl1m);
+        element_gradient(p, g, w, su, v.phi[i], v.field[i], &dp, &dl, &dl1m);
         if (ACT == kSoftmax) {
           dpt[i] = dp;
           dlt[i] = dl;
@@ -375,6 +403,8 @@ Problem make_problem(const RegionStatsInputs& in, int64_t activation, int64_t ig
   pb.want_ce_neg = want_ce_neg;
   pb.regions = in.regions.defined() ? in.regions.data_ptr<int64_t>() : nullptr;
   pb.region_labels = in.regions.defined() ? in.regions.numel() : 0;
+  pb.field_pred = in.field_pred.defined() ? in.field_pred.data_ptr() : nullptr;
+  pb.field_sq_err = in.field_sq_err.defined() ? in.field_sq_err.data_ptr() : nullptr;
   return pb;
 }
 
@@ -452,8 +482,11 @@ at::Tensor empty_for_gradient(const at::Tensor& like) {
 at::Tensor region_stats_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& labels,
                             const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
                             int64_t activation, int64_t ignore_index, bool has_ignore, bool want_ce_neg,
-                            bool check_labels, const std::optional<at::Tensor>& regions) {
+                            bool check_labels, const std::optional<at::Tensor>& regions,
+                            const std::optional<at::Tensor>& field_pred,
+                            const std::optional<at::Tensor>& field_sq_err) {
   RegionStatsInputs in = canonical_inputs(logits, labels, target, mask, activation, regions);
+  add_fields(in, field_pred, field_sq_err);
   const at::ScalarType acc_type = accumulation_type(logits.scalar_type());
   at::Tensor out = at::zeros({in.batch, in.channels, kNumSlots}, logits.options().dtype(acc_type));
   if (in.batch == 0 || in.voxels == 0) return out;
@@ -502,8 +535,11 @@ at::Tensor region_stats_cpu(const at::Tensor& logits, const std::optional<at::Te
 at::Tensor region_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
                                      const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& target,
                                      const std::optional<at::Tensor>& mask, int64_t activation, int64_t ignore_index,
-                                     bool has_ignore, const std::optional<at::Tensor>& regions) {
+                                     bool has_ignore, const std::optional<at::Tensor>& regions,
+                                     const std::optional<at::Tensor>& field_pred,
+                                     const std::optional<at::Tensor>& field_sq_err) {
   RegionStatsInputs in = canonical_inputs(logits, labels, target, mask, activation, regions);
+  add_fields(in, field_pred, field_sq_err);
   const at::ScalarType acc_type = accumulation_type(logits.scalar_type());
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == in.batch && grad.size(1) == in.channels && grad.size(2) == kNumSlots,
               "segloss::region_stats_backward: grad must be (B, C, ", static_cast<int>(kNumSlots), "), got ",

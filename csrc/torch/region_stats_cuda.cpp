@@ -58,6 +58,8 @@ cuda::RegionStatsArgs make_args(const RegionStatsInputs& in, int64_t activation,
   a.want_ce_neg = want_ce_neg;
   a.regions = in.regions.defined() ? in.regions.data_ptr<int64_t>() : nullptr;
   a.region_labels = in.regions.defined() ? in.regions.numel() : 0;
+  a.field_pred = in.field_pred.defined() ? in.field_pred.data_ptr() : nullptr;
+  a.field_sq_err = in.field_sq_err.defined() ? in.field_sq_err.data_ptr() : nullptr;
   return a;
 }
 
@@ -66,9 +68,12 @@ cuda::RegionStatsArgs make_args(const RegionStatsInputs& in, int64_t activation,
 at::Tensor region_stats_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& labels,
                              const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& mask,
                              int64_t activation, int64_t ignore_index, bool has_ignore, bool want_ce_neg,
-                             bool check_labels, const std::optional<at::Tensor>& regions) {
+                             bool check_labels, const std::optional<at::Tensor>& regions,
+                             const std::optional<at::Tensor>& field_pred,
+                             const std::optional<at::Tensor>& field_sq_err) {
   c10::cuda::CUDAGuard guard(logits.device());
   RegionStatsInputs in = canonical_inputs(logits, labels, target, mask, activation, regions);
+  add_fields(in, field_pred, field_sq_err);
   const at::ScalarType acc = accumulation_type(logits.scalar_type());
   at::Tensor out = at::zeros({in.batch, in.channels, kNumSlots}, logits.options().dtype(acc));
   if (in.batch == 0 || in.voxels == 0) return out;
@@ -87,9 +92,12 @@ at::Tensor region_stats_cuda(const at::Tensor& logits, const std::optional<at::T
 at::Tensor region_stats_backward_cuda(const at::Tensor& grad, const at::Tensor& logits,
                                       const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& target,
                                       const std::optional<at::Tensor>& mask, int64_t activation, int64_t ignore_index,
-                                      bool has_ignore, const std::optional<at::Tensor>& regions) {
+                                      bool has_ignore, const std::optional<at::Tensor>& regions,
+                                      const std::optional<at::Tensor>& field_pred,
+                                      const std::optional<at::Tensor>& field_sq_err) {
   c10::cuda::CUDAGuard guard(logits.device());
   RegionStatsInputs in = canonical_inputs(logits, labels, target, mask, activation, regions);
+  add_fields(in, field_pred, field_sq_err);
   TORCH_CHECK(grad.dim() == 3 && grad.size(0) == in.batch && grad.size(1) == in.channels && grad.size(2) == kNumSlots,
               "segloss::region_stats_backward: grad must be (B, C, ", static_cast<int>(kNumSlots), "), got ",
               grad.sizes());

@@ -2,9 +2,10 @@
 
 Statistics-based losses whose statistics the shared kernels cover (dice family, cross-entropy,
 dice_ce, …) run on the fused kernels: one forward kernel, the formula differentiated by the
-core's tape on (B, C) arrays, one backward kernel. Everything else (field statistics of the
-distance losses, focal, top-k, Lovász, array_forward plugins) runs the float64 reference math
-on the GPU (CuPy arrays through the array API), with distance maps from the shared EDT kernels.
+core's tape on (B, C) arrays, one backward kernel; so do the distance losses (their field
+statistics Σ w·p·φ, Σ w·(p − g)²·F), with distance maps from the shared EDT kernels. Everything
+else (focal, top-k, Lovász, array_forward plugins) runs the float64 reference math on the GPU
+(CuPy arrays through the array API).
 """
 
 from __future__ import annotations
@@ -70,10 +71,10 @@ class FusedKernels(TapeKernels):
     def statistics(self, prepared: PreparedInputs, names: frozenset[str]) -> Mapping[str, Any]:
         from . import fused
 
-        stats, canonical = fused.forward(prepared, "ce_neg" in names)
+        stats, canonical = fused.forward(prepared, names)
         shape = tuple(prepared.pred.shape)
         node = self.namespace.external(stats, self.pred, lambda g: fused.backward(canonical, g).reshape(shape))
-        return {name: node[:, :, fused.SLOTS[name]] for name in names}
+        return {name: node[:, :, fused.slot(name)] for name in names}
 
 
 class CupyBackend(TapeBackend):

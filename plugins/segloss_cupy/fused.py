@@ -1,8 +1,9 @@
 """Region statistics and their backward on CuPy arrays, with the shared kernels.
 
 Same semantics as the PyTorch fused path (csrc/kernels/region_stats.cuh): one read of the
-logits for every statistic and class, deterministic block reductions, float32 accumulation
-(float64 for float64 inputs); the backward reads the inputs again and writes only the gradient.
+logits (and the fields of the distance losses) for every statistic and class, deterministic
+block reductions, float32 accumulation (float64 for float64 inputs); the backward reads the
+inputs again and writes only the gradient.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from segloss_core.regions import membership_table
-from segloss_core.statistics import ACTIVATION_CODES, FUSED_NUM_SLOTS, FUSED_SLOTS
+from segloss_core.statistics import ACTIVATION_CODES, FUSED_NUM_SLOTS, FUSED_SLOTS, fused_fields, fused_slot
 from segloss_core.validation import PreparedInputs
 
 from . import kernels
@@ -27,7 +28,12 @@ NULL = np.uint64(0)  # a null pointer argument
 
 
 def fusable(names: Any) -> bool:
-    return set(names) <= set(SLOTS)
+    """The kernels compute all of ``names`` (field statistics: one field of each kind)."""
+    return fused_fields(names) is not None
+
+
+def slot(name: str) -> int:
+    return fused_slot(name)
 
 
 def _dtype_name(array: Any) -> str:
@@ -43,7 +49,7 @@ def _dtype_name(array: Any) -> str:
 class Prepared:
     """Canonical contiguous device arrays for the kernels."""
 
-    def __init__(self, prepared: PreparedInputs):
+    def __init__(self, prepared: PreparedInputs, names: Any = ()):
         import cupy
 
         pred = prepared.pred
@@ -74,6 +80,15 @@ class Prepared:
         self.regions = None  # region-based training: the int64 membership table (segloss_core.regions)
         if prepared.regions is not None:
             self.regions = cupy.asarray(np.array(membership_table(prepared.regions), dtype=np.uint64).view(np.int64))
+        wanted = fused_fields(names) or {}
+        self.fields = [
+            None
+            if kind not in wanted
+            else cupy.ascontiguousarray(
+                prepared.fields[wanted[kind]].reshape(self.batch, self.channels, self.voxels).astype(self.acc)
+            )
+            for kind in ("field_pred_sum", "field_sq_err_sum")
+        ]
         self.activation = ACTIVATIONS[prepared.activation]
         self.has_ignore = prepared.ignore_index is not None
         self.ignore = 0 if prepared.ignore_index is None else int(prepared.ignore_index)
@@ -91,6 +106,7 @@ class Prepared:
             np.int32(want_ce_neg),
             NULL if self.regions is None else self.regions,
             np.int64(0 if self.regions is None else self.regions.size),
+            *(NULL if f is None else f for f in self.fields),
         )
 
     def data_args(self) -> tuple:
@@ -101,11 +117,13 @@ class Prepared:
         )
 
 
-def forward(prepared: PreparedInputs, want_ce_neg: bool) -> tuple[Any, Prepared]:
-    """Statistics (B, C, 10) in the accumulation dtype, and the canonical inputs for backward."""
+def forward(prepared: PreparedInputs, names: Any) -> tuple[Any, Prepared]:
+    """Statistics (B, C, 12) in the accumulation dtype (those of ``names`` and the others the kernels
+    always compute), and the canonical inputs for backward."""
     import cupy
 
-    p = Prepared(prepared)
+    want_ce_neg = "ce_neg" in names
+    p = Prepared(prepared, names)
     fns = kernels.functions(kernels.region_names(p.dtype, p.label_type))
     chunks = max(1, -(-p.voxels // CHUNK))
     groups = -(-p.channels // GROUP)
@@ -123,7 +141,7 @@ def forward(prepared: PreparedInputs, want_ce_neg: bool) -> tuple[Any, Prepared]
 
 
 def backward(p: Prepared, upstream: Any) -> Any:
-    """d loss / d logits from d loss / d statistics (B, C, 10)."""
+    """d loss / d logits from d loss / d statistics (B, C, 12)."""
     import cupy
 
     fns = kernels.functions(kernels.region_names(p.dtype, p.label_type))

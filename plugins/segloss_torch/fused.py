@@ -1,8 +1,9 @@
 """Fused statistics through the C++/CUDA extension (``torch.ops.segloss.region_stats``).
 
-One read of the logits (and labels) computes every region statistic and the cross-entropy
-sums for all classes — activation, one-hot (or, with ``regions=``, each channel's region
-membership from a small table), ignore mask and voxel weights on the fly, nothing of size B·C·N
+One read of the logits (and labels, and the fields of the distance losses) computes every region
+statistic, the cross-entropy sums and the field statistics Σ w·p·φ and Σ w·(p − g)²·F for all
+classes — activation, one-hot (or, with ``regions=``, each channel's region membership from a
+small table), ignore mask and voxel weights on the fly, nothing of size B·C·N
 stored. The backward op recomputes what it needs from the inputs and writes
 only the gradient. The op's schema, fake (meta) kernel and autograd are in :mod:`.ops`, so it
 works under ``torch.compile(fullgraph=True)`` without graph breaks, on either CUDA path.
@@ -15,12 +16,12 @@ from typing import Any
 
 import torch
 
-from segloss_core.statistics import ACTIVATION_CODES, FUSED_NUM_SLOTS, FUSED_SLOTS
+from segloss_core.statistics import ACTIVATION_CODES, FUSED_NUM_SLOTS, FUSED_SLOTS, fused_fields, fused_slot
 from segloss_core.validation import PreparedInputs
 
 from . import build, native, ops
 
-# slot of each statistic in the op's (B, C, 10) output (csrc/kernels/region_stats.cuh)
+# slot of each statistic in the op's (B, C, 12) output (csrc/kernels/region_stats.cuh)
 SLOTS = FUSED_SLOTS
 NUM_SLOTS = FUSED_NUM_SLOTS
 ACTIVATIONS = ACTIVATION_CODES
@@ -84,13 +85,17 @@ def status_line() -> str:
 
 
 def fusable(names: Iterable[str]) -> bool:
-    return set(names) <= set(SLOTS)
+    """The kernels compute all of ``names`` (field statistics: one field of each kind)."""
+    return fused_fields(names) is not None
 
 
 def _unsupported_reason(names: Iterable[str], prepared: PreparedInputs | None) -> str | None:
-    extra = sorted(set(names) - set(SLOTS))
-    if extra:
-        return f"statistics {extra} are not fused (native only)"
+    names = set(names)
+    if not fusable(names):
+        extra = sorted(n for n in names if fused_fields([n]) is None)
+        if extra:
+            return f"statistics {extra} are not fused (native only)"
+        return f"statistics {sorted(names - set(SLOTS))} need several fields of one kind (native only)"
     if prepared is not None:
         if prepared.mask is not None and int(prepared.mask.shape[1]) != 1:
             return "per-class masks (B, C, ...) are not fused (native only)"
@@ -137,6 +142,13 @@ def compute_statistics(prepared: PreparedInputs, names: Iterable[str]) -> dict[s
         target = None if target is None else target.unsqueeze(-1)
     ignore = prepared.ignore_index
     regions = None if prepared.regions is None else native.membership_table(prepared.regions, pred.device)
+    fields = fused_fields(names) or {}
+    field_pred, field_sq_err = (
+        None
+        if kind not in fields
+        else native.field(prepared, fields[kind], tuple(pred.shape), ops.accumulation_dtype(pred.dtype))
+        for kind in ("field_pred_sum", "field_sq_err_sum")
+    )
     stats = torch.ops.segloss.region_stats(
         pred,
         labels,
@@ -148,5 +160,7 @@ def compute_statistics(prepared: PreparedInputs, names: Iterable[str]) -> dict[s
         "ce_neg" in names,
         torch.compiler.is_compiling(),
         regions,
+        field_pred,
+        field_sq_err,
     )
-    return {name: stats[:, :, SLOTS[name]] for name in names}
+    return {name: stats[:, :, fused_slot(name)] for name in names}

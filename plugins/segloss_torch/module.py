@@ -49,8 +49,8 @@ class SeglossLoss(TermWeights, nn.Module):
         self._init_weights(plan)
         if impl != "native" or any(n.startswith("field_") for n in self._statistics):
             fused.prepare()  # build and load the kernels now, never inside forward (torch.compile traces it)
-        if impl == "fused":  # field statistics (distance maps) are always computed apart
-            fused.require(frozenset(n for n in self._statistics if not n.startswith("field_")), plan)
+        if impl == "fused":
+            fused.require(self._statistics, plan)
 
     @property
     def name(self) -> str:
@@ -76,7 +76,7 @@ class SeglossLoss(TermWeights, nn.Module):
         return "fused" if fused.applicable(names, self.plan, prepared) else "native"
 
     def _compute_statistics(self, group: PreparedInputs, names: frozenset[str]) -> dict[str, torch.Tensor]:
-        """The fused kernels for what they cover, the native path for the rest (e.g. field sums)."""
+        """The fused kernels for what they cover (field sums included), the native path for the rest."""
         if self.impl == "native":
             return native.compute_statistics(group, names)
         fusable = frozenset(n for n in names if fused.fusable([n]))

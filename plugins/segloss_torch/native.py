@@ -63,6 +63,16 @@ def chunk_voxels(
     return max(1, min(voxels, max(MIN_CHUNK_VOXELS, budget // (batch * channels))))
 
 
+def field(
+    prepared: PreparedInputs, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The field ``name`` of the inputs, without gradient, reshaped to ``shape`` (in ``dtype``)."""
+    if not prepared.fields or name not in prepared.fields:
+        raise ValueError(f"statistic needs the field {name!r}, which the loss did not provide")
+    values = prepared.fields[name].detach().reshape(shape)
+    return values if dtype is None else values.to(dtype)
+
+
 def target_and_weights(prepared: PreparedInputs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(g, w): target (B, C, N) and voxel weights (B|1, 1|C, N) or None, without gradient (the whole
     volume: the voxelwise losses use it)."""
@@ -472,18 +482,15 @@ def compute_statistics(prepared: PreparedInputs, names: Any) -> dict[str, torch.
         entry, arg = _entry(name)
         if entry.sigmoid_only and prepared.activation == "softmax":
             raise ValueError(f"statistic {name!r} needs activation 'sigmoid' or 'none'")
-        if "field" in entry.reads:
-            if not prepared.fields or arg not in prepared.fields:
-                raise ValueError(f"statistic needs the field {arg!r}, which the loss did not provide")
-            if arg not in fields:
-                fields.append(arg)
+        if "field" in entry.reads and arg not in fields:
+            fields.append(arg)
     z = prepared.pred.reshape(batch, channels, -1)
     labels = None if prepared.labels is None else prepared.labels.reshape(batch, -1)
     target = None if prepared.target is None else prepared.target.reshape(batch, channels, -1).detach()
     mask = prepared.mask
     if mask is not None:
         mask = mask.reshape(mask.shape[0], mask.shape[1], -1).detach()
-    field_tensors = [prepared.fields[name].detach().reshape(batch, channels, -1) for name in fields]
+    field_tensors = [field(prepared, name, (batch, channels, -1)) for name in fields]
     label_path = (
         labels is not None
         and prepared.regions is None

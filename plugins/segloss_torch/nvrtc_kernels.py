@@ -149,8 +149,18 @@ def _canonical(logits, labels, target, mask, activation, regions=None):
     return z, labels, target, mask, mask_stride, batch, channels, voxels, acc, regions
 
 
+def _fields(field_pred, field_sq_err, z, acc):
+    """The fields as add_fields in csrc/torch/common.cpp: (B, C, N) contiguous in the accumulation dtype."""
+    out = []
+    for name, field in (("field_pred", field_pred), ("field_sq_err", field_sq_err)):
+        if field is not None and field.numel() != z.numel():
+            raise RuntimeError(f"segloss::region_stats: {name} must have the logits' shape, got {tuple(field.shape)}")
+        out.append(None if field is None else field.to(acc).contiguous().view(z.shape))
+    return out
+
+
 def _region_values(
-    z, labels, target, mask, mask_stride, batch, channels, voxels, activation, ignore, has, ce_neg, regions
+    z, labels, target, mask, mask_stride, batch, channels, voxels, activation, ignore, has, ce_neg, regions, fields
 ):
     return {
         "regions": _ptr(regions),
@@ -167,6 +177,8 @@ def _region_values(
         "ignore_index": ignore,
         "has_ignore": int(has),
         "want_ce_neg": int(ce_neg),
+        "field_pred": _ptr(fields[0]),
+        "field_sq_err": _ptr(fields[1]),
     }
 
 
@@ -175,11 +187,23 @@ def _region_names(z: torch.Tensor, labels: torch.Tensor | None) -> dict[str, str
 
 
 def region_stats(
-    logits, labels, target, mask, activation, ignore_index, has_ignore, want_ce_neg, check_labels, regions=None
+    logits,
+    labels,
+    target,
+    mask,
+    activation,
+    ignore_index,
+    has_ignore,
+    want_ce_neg,
+    check_labels,
+    regions=None,
+    field_pred=None,
+    field_sq_err=None,
 ):
     z, labels, target, mask, stride, batch, channels, voxels, acc, regions = _canonical(
         logits, labels, target, mask, activation, regions
     )
+    fields = _fields(field_pred, field_sq_err, z, acc)
     out = torch.zeros((batch, channels, FUSED_NUM_SLOTS), dtype=acc, device=logits.device)
     if batch == 0 or voxels == 0:
         return out
@@ -193,6 +217,7 @@ def region_stats(
     values = _region_values(
         z, labels, target, mask, stride, batch, channels, voxels, activation, ignore_index, has_ignore, want_ce_neg,
         regions,
+        fields,
     )  # fmt: skip
     _RUNNER.launch(
         z.device,
@@ -237,10 +262,23 @@ def _check_invalid_labels(stats, labels, valid_max, has_ignore, ignore_index) ->
     raise RuntimeError(f"target has labels outside [0, {valid_max}){extra}: {shown} ({int(invalid)} voxel(s))")
 
 
-def region_stats_backward(grad, logits, labels, target, mask, activation, ignore_index, has_ignore, regions=None):
+def region_stats_backward(
+    grad,
+    logits,
+    labels,
+    target,
+    mask,
+    activation,
+    ignore_index,
+    has_ignore,
+    regions=None,
+    field_pred=None,
+    field_sq_err=None,
+):
     z, labels, target, mask, stride, batch, channels, voxels, acc, regions = _canonical(
         logits, labels, target, mask, activation, regions
     )
+    fields = _fields(field_pred, field_sq_err, z, acc)
     if tuple(grad.shape) != (batch, channels, FUSED_NUM_SLOTS):
         raise RuntimeError(
             f"segloss::region_stats_backward: grad must be (B, C, {FUSED_NUM_SLOTS}), got {tuple(grad.shape)}"
@@ -253,7 +291,20 @@ def region_stats_backward(grad, logits, labels, target, mask, activation, ignore
     fns = _RUNNER.kernels(z.device, {"backward": names["backward"]})
     blocks = max(1, min(_ceil(batch * voxels, LAUNCH["block"]), LAUNCH["max_backward_blocks"]))
     values = _region_values(
-        z, labels, target, mask, stride, batch, channels, voxels, activation, ignore_index, has_ignore, True, regions
+        z,
+        labels,
+        target,
+        mask,
+        stride,
+        batch,
+        channels,
+        voxels,
+        activation,
+        ignore_index,
+        has_ignore,
+        True,
+        regions,
+        fields,
     )
     _RUNNER.launch(
         z.device,

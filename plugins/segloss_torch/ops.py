@@ -7,12 +7,15 @@ kernels (no graph break), autograd uses the hand-written backward op, and
 ``torch.library.opcheck`` passes on every op.
 
 - ``region_stats(logits, labels?, target?, mask?, activation, ignore_index, has_ignore,
-  want_ce_neg, check_labels, regions?) -> (B, C, 10)`` statistics in the accumulation dtype
-  (``csrc/kernels/region_stats.cuh`` slots), float64 for float64 logits, else float32; ``regions``
-  is the int64 membership table of region-based training (``segloss_core.regions``: bit c of
-  ``regions[label]`` is channel c's target; labels outside the table are invalid);
+  want_ce_neg, check_labels, regions?, field_pred?, field_sq_err?) -> (B, C, 12)`` statistics in
+  the accumulation dtype (``csrc/kernels/region_stats.cuh`` slots), float64 for float64 logits, else
+  float32; ``regions`` is the int64 membership table of region-based training
+  (``segloss_core.regions``: bit c of ``regions[label]`` is channel c's target; labels outside the
+  table are invalid); the fields (logits' shape, no gradient) give Σ w·p·φ and Σ w·(p − g)²·F (0
+  without);
 - ``region_stats_backward(grad, logits, labels?, target?, mask?, activation, ignore_index,
-  has_ignore, regions?) -> d loss / d logits`` (logits' shape and dtype, contiguous);
+  has_ignore, regions?, field_pred?, field_sq_err?) -> d loss / d logits`` (logits' shape and dtype,
+  contiguous);
 - ``label_distance_maps(labels, num_classes, spacing, kind, no_boundary_value, ignore_index,
   has_ignore) -> (B, C, *spatial) float32`` exact distance maps (``csrc/kernels/edt.cuh``);
 - ``mask_distance_maps(masks, spacing, kind, no_boundary_value) -> masks' shape, float32``.
@@ -29,11 +32,13 @@ from segloss_core.statistics import FUSED_NUM_SLOTS
 SCHEMAS = {
     "region_stats": (
         "region_stats(Tensor logits, Tensor? labels, Tensor? target, Tensor? mask, int activation, "
-        "int ignore_index, bool has_ignore, bool want_ce_neg, bool check_labels, Tensor? regions=None) -> Tensor"
+        "int ignore_index, bool has_ignore, bool want_ce_neg, bool check_labels, Tensor? regions=None, "
+        "Tensor? field_pred=None, Tensor? field_sq_err=None) -> Tensor"
     ),
     "region_stats_backward": (
         "region_stats_backward(Tensor grad, Tensor logits, Tensor? labels, Tensor? target, Tensor? mask, "
-        "int activation, int ignore_index, bool has_ignore, Tensor? regions=None) -> Tensor"
+        "int activation, int ignore_index, bool has_ignore, Tensor? regions=None, Tensor? field_pred=None, "
+        "Tensor? field_sq_err=None) -> Tensor"
     ),
     "label_distance_maps": (
         "label_distance_maps(Tensor labels, int num_classes, float[] spacing, int kind, float no_boundary_value, "
@@ -71,14 +76,27 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def _register_fakes() -> None:
     @torch.library.register_fake("segloss::region_stats")
     def _region_stats(
-        logits, labels, target, mask, activation, ignore_index, has_ignore, want_ce_neg, check, regions=None
+        logits,
+        labels,
+        target,
+        mask,
+        activation,
+        ignore_index,
+        has_ignore,
+        want_ce_neg,
+        check,
+        regions=None,
+        fp=None,
+        fe=None,
     ):
         return logits.new_empty(
             (logits.shape[0], logits.shape[1], FUSED_NUM_SLOTS), dtype=accumulation_dtype(logits.dtype)
         )
 
     @torch.library.register_fake("segloss::region_stats_backward")
-    def _region_stats_backward(grad, logits, labels, target, mask, activation, ignore_index, has_ignore, regions=None):
+    def _region_stats_backward(
+        grad, logits, labels, target, mask, activation, ignore_index, has_ignore, regions=None, fp=None, fe=None
+    ):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("segloss::label_distance_maps")
@@ -92,16 +110,18 @@ def _register_fakes() -> None:
 
 def _register_autograd() -> None:
     def setup_context(ctx, inputs, output):
-        logits, labels, target, mask, activation, ignore_index, has_ignore, _want_ce_neg, _check, regions = inputs
-        ctx.save_for_backward(logits, labels, target, mask, regions)
+        logits, labels, target, mask, activation, ignore_index, has_ignore, _want_ce_neg, _check, *rest = inputs
+        regions, field_pred, field_sq_err = (*rest, None, None, None)[:3]
+        ctx.save_for_backward(logits, labels, target, mask, regions, field_pred, field_sq_err)
         ctx.scalars = (activation, ignore_index, has_ignore)
+        ctx.num_inputs = len(inputs)
 
     def backward(ctx, grad):
-        logits, labels, target, mask, regions = ctx.saved_tensors
+        logits, labels, target, mask, regions, field_pred, field_sq_err = ctx.saved_tensors
         activation, ignore_index, has_ignore = ctx.scalars
         grad_logits = torch.ops.segloss.region_stats_backward(
-            grad, logits, labels, target, mask, activation, ignore_index, has_ignore, regions
+            grad, logits, labels, target, mask, activation, ignore_index, has_ignore, regions, field_pred, field_sq_err
         )
-        return grad_logits, None, None, None, None, None, None, None, None, None
+        return (grad_logits, *(None,) * (ctx.num_inputs - 1))  # no gradient into labels, targets, masks, fields
 
     torch.library.register_autograd("segloss::region_stats", backward, setup_context=setup_context)

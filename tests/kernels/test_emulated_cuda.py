@@ -62,7 +62,7 @@ DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
 LABEL_CODES = {np.dtype(np.int64): 1, np.dtype(np.int32): 2, np.dtype(np.uint8): 3}
 EDT_LABEL_CODES = {np.dtype(np.int64): 0, np.dtype(np.int32): 1, np.dtype(np.uint8): 2}
 ACTIVATIONS = {"softmax": 0, "sigmoid": 1, "none": 2}
-NUM_SLOTS = 10
+NUM_SLOTS = 12
 INVALID_SLOT = 9
 CUDA_ERROR_INVALID_VALUE = 1  # cudaErrorInvalidValue (hipErrorInvalidValue: the same value)
 CUDA_ERROR_INVALID_CONFIGURATION = 9  # cudaErrorInvalidConfiguration (hipErrorInvalidConfiguration)
@@ -278,6 +278,8 @@ class RegionCase:
     activation: str
     ignore_index: int | None
     regions: tuple[tuple[int, ...], ...] | None = None  # region-based training: labels in [0, largest region label]
+    field_pred: np.ndarray | None = None  # (B, C, N), accumulation dtype: φ of Σ w·p·φ
+    field_sq_err: np.ndarray | None = None  # F of Σ w·(p − g)²·F
 
     @property
     def table(self) -> np.ndarray | None:
@@ -302,11 +304,13 @@ def region_case(
     soft: bool = False,
     ignore_index: int | None = None,
     mask_batch: int = 0,
+    fields: str = "",
     seed: int = 0,
     regions: tuple[tuple[int, ...], ...] | None = None,
 ) -> RegionCase:
     """Random inputs with an absent class (the last, when C > 2) and, with ignore_index, ignored voxels; with
-    ``regions`` (C = their number) labels in [0, largest region label], the largest absent from sample 0."""
+    ``regions`` (C = their number) labels in [0, largest region label], the largest absent from sample 0;
+    ``fields`` names the fields to add: "p" (φ, signed), "e" (F, non-negative) or "pe"."""
     rng = np.random.default_rng(seed)
     shape = (batch, channels, voxels)
     if activation == "none":
@@ -333,6 +337,10 @@ def region_case(
         mask[:, ::5] = 0.0
     case = RegionCase(logits.astype(dtype), labels, target, None, activation, ignore_index, regions)
     case.mask = None if mask is None else mask.astype(case.acc)
+    if "p" in fields:
+        case.field_pred = rng.normal(0.0, 3.0, shape).astype(case.acc)
+    if "e" in fields:
+        case.field_sq_err = rng.uniform(0.0, 9.0, shape).astype(case.acc)
     return case
 
 
@@ -355,6 +363,8 @@ def _region_args(case: RegionCase) -> list[Any]:
         ("int32", int(case.ignore_index is not None)),
         case.table,
         ("int64", 0 if case.table is None else case.table.size),
+        case.field_pred,
+        case.field_sq_err,
     ]
 
 
@@ -403,20 +413,30 @@ def _torch_table(case: RegionCase) -> Any:
 
 
 def cpu_forward(ops: Any, case: RegionCase) -> np.ndarray:
-    return ops.region_stats(*_torch_inputs(case), True, False, _torch_table(case)).numpy()
+    return ops.region_stats(*_torch_inputs(case), True, False, _torch_table(case), *_torch_fields(case)).numpy()
 
 
 def cpu_backward(ops: Any, case: RegionCase, upstream: np.ndarray) -> np.ndarray:
     import torch
 
     up = torch.from_numpy(upstream.astype(case.acc))
-    return ops.region_stats_backward(up, *_torch_inputs(case), _torch_table(case)).numpy()
+    return ops.region_stats_backward(up, *_torch_inputs(case), _torch_table(case), *_torch_fields(case)).numpy()
+
+
+def _torch_fields(case: RegionCase) -> tuple[Any, Any]:
+    import torch
+
+    return tuple(None if f is None else torch.from_numpy(f) for f in (case.field_pred, case.field_sq_err))
 
 
 def _reference_names(case: RegionCase) -> dict[str, int]:
-    from segloss_core.statistics import FUSED_SLOTS
+    from segloss_core.statistics import FUSED_FIELD_SLOTS, FUSED_SLOTS
 
     names = {n: FUSED_SLOTS[n] for n in FUSED_SLOTS if FUSED_SLOTS[n] < INVALID_SLOT}
+    if case.field_pred is not None:
+        names["field_pred_sum:phi"] = FUSED_FIELD_SLOTS["field_pred_sum"]
+    if case.field_sq_err is not None:
+        names["field_sq_err_sum:weight"] = FUSED_FIELD_SLOTS["field_sq_err_sum"]
     if case.activation == "softmax":
         names.pop("ce_neg", None)  # sigmoid/none only
     return names
@@ -435,6 +455,11 @@ def _prepared(case: RegionCase) -> Any:
         ignore_index=case.ignore_index,
         activation=case.activation,
         regions=case.regions,
+        fields={
+            name: field.astype(np.float64)
+            for name, field in (("phi", case.field_pred), ("weight", case.field_sq_err))
+            if field is not None
+        },
     )
 
 
@@ -463,7 +488,8 @@ def check_region_case(emulator: Emulator, ops: Any, case: RegionCase, seed: int 
     stats = emulated_forward(emulator, case)
     cpu = cpu_forward(ops, case)
     tol = tolerance(case)
-    np.testing.assert_allclose(stats[..., :INVALID_SLOT], cpu[..., :INVALID_SLOT], **tol)
+    sums = [s for s in range(NUM_SLOTS) if s != INVALID_SLOT]
+    np.testing.assert_allclose(stats[..., sums], cpu[..., sums], **tol)
     np.testing.assert_array_equal(stats[..., INVALID_SLOT], cpu[..., INVALID_SLOT])
     for slot, expected in reference_forward(case).items():
         np.testing.assert_allclose(stats[..., slot], expected, **tol, err_msg=f"slot {slot}")
@@ -497,6 +523,28 @@ def test_region_stats_label_types_and_dtypes(emulator, cpu_ops, dtype, label_typ
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
 def test_region_stats_soft_targets_and_shared_mask(emulator, cpu_ops, dtype, activation):
     case = region_case(9, dtype=dtype, activation=activation, soft=True, mask_batch=1, seed=4)
+    check_region_case(emulator, cpu_ops, case)
+
+
+@pytest.mark.parametrize("fields", ["p", "e", "pe"])
+@pytest.mark.parametrize(
+    ("activation", "channels", "soft"), [("softmax", 9, False), ("sigmoid", 3, False), ("none", 2, True)]
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_region_stats_with_fields(emulator, cpu_ops, fields, activation, channels, soft, dtype):
+    """The field statistics Σ w·p·φ and Σ w·(p − g)²·F (boundary, Hausdorff-DT) and their gradient,
+    with ignored voxels, a mask, two class groups (C = 9)."""
+    ignore = None if soft else 1
+    case = region_case(
+        channels,
+        dtype=dtype,
+        activation=activation,
+        soft=soft,
+        ignore_index=ignore,
+        mask_batch=2,
+        fields=fields,
+        seed=11,
+    )
     check_region_case(emulator, cpu_ops, case)
 
 

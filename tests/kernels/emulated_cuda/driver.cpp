@@ -58,14 +58,15 @@ int finish(cudaError_t err) {
 
 struct RegionBuffers {
   RegionStatsArgs args;
-  std::vector<unsigned char> logits, labels, target, mask, regions;
+  std::vector<unsigned char> logits, labels, target, mask, regions, field_pred, field_sq_err;
   size_t acc_bytes;
 };
 
 RegionBuffers region_inputs(const void* logits, int dtype, int64_t batch, int64_t channels, int64_t voxels,
                             const void* labels, int label_type, const void* target, const void* mask,
                             int64_t mask_batch, int activation, int64_t ignore_index, int has_ignore,
-                            const int64_t* regions, int64_t region_labels, int want_ce_neg) {
+                            const int64_t* regions, int64_t region_labels, const void* field_pred,
+                            const void* field_sq_err, int want_ce_neg) {
   RegionBuffers r;
   RegionStatsArgs& a = r.args;
   a.dtype = static_cast<segloss::cuda::DType>(dtype);
@@ -91,6 +92,10 @@ RegionBuffers region_inputs(const void* logits, int dtype, int64_t batch, int64_
   r.regions = copy_of(regions, static_cast<size_t>(region_labels) * sizeof(int64_t));
   a.regions = static_cast<const int64_t*>(data_or_null(r.regions, regions));
   a.region_labels = regions ? region_labels : 0;
+  r.field_pred = copy_of(field_pred, bcn * r.acc_bytes);
+  r.field_sq_err = copy_of(field_sq_err, bcn * r.acc_bytes);
+  a.field_pred = data_or_null(r.field_pred, field_pred);
+  a.field_sq_err = data_or_null(r.field_sq_err, field_sq_err);
   return r;
 }
 
@@ -98,13 +103,15 @@ RegionBuffers region_inputs(const void* logits, int dtype, int64_t batch, int64_
 
 extern "C" {
 
-// out: (B, C, 10) in the accumulation dtype. regions: the membership table (region_labels entries) or null.
+// fields: (B, C, N) in the accumulation dtype, or null; out: (B, C, kNumSlots) in the accumulation dtype. regions: the membership table (region_labels entries) or null.
 int segloss_emulated_region_stats(const void* logits, int dtype, int64_t batch, int64_t channels, int64_t voxels,
                                   const void* labels, int label_type, const void* target, const void* mask,
                                   int64_t mask_batch, int activation, int64_t ignore_index, int has_ignore,
-                                  const int64_t* regions, int64_t region_labels, int want_ce_neg, void* out) {
+                                  const int64_t* regions, int64_t region_labels, const void* field_pred,
+                                  const void* field_sq_err, int want_ce_neg, void* out) {
   RegionBuffers r = region_inputs(logits, dtype, batch, channels, voxels, labels, label_type, target, mask,
                                   mask_batch, activation, ignore_index, has_ignore, regions, region_labels,
+                                  field_pred, field_sq_err,
                                   want_ce_neg);
   std::vector<unsigned char> workspace(segloss::cuda::region_stats_workspace_bytes(r.args));
   const size_t out_bytes = static_cast<size_t>(batch * channels * segloss::kNumSlots) * r.acc_bytes;
@@ -114,15 +121,17 @@ int segloss_emulated_region_stats(const void* logits, int dtype, int64_t batch, 
   return rc;
 }
 
-// upstream: (B, C, 10) in the accumulation dtype; grad: (B, C, N) in dtype. max_blocks bounds the
-// grid (0: the launcher's default).
+// upstream: (B, C, kNumSlots) in the accumulation dtype; grad: (B, C, N) in dtype. max_blocks bounds
+// the grid (0: the launcher's default).
 int segloss_emulated_region_stats_backward(const void* logits, int dtype, int64_t batch, int64_t channels,
                                            int64_t voxels, const void* labels, int label_type, const void* target,
                                            const void* mask, int64_t mask_batch, int activation, int64_t ignore_index,
                                            int has_ignore, const int64_t* regions, int64_t region_labels,
+                                           const void* field_pred, const void* field_sq_err,
                                            const void* upstream, int64_t max_blocks, void* grad) {
   RegionBuffers r = region_inputs(logits, dtype, batch, channels, voxels, labels, label_type, target, mask,
-                                  mask_batch, activation, ignore_index, has_ignore, regions, region_labels, 1);
+                                  mask_batch, activation, ignore_index, has_ignore, regions, region_labels,
+                                  field_pred, field_sq_err, 1);
   if (max_blocks > 0) r.args.max_backward_blocks = max_blocks;
   const std::vector<unsigned char> up =
       copy_of(upstream, static_cast<size_t>(batch * channels * segloss::kNumSlots) * r.acc_bytes);
