@@ -186,20 +186,8 @@ def _region_names(z: torch.Tensor, labels: torch.Tensor | None) -> dict[str, str
     return nvrtc.region_names(DTYPES[z.dtype], None if labels is None else LABEL_TYPES[labels.dtype])
 
 
-def region_stats(
-    logits,
-    labels,
-    target,
-    mask,
-    activation,
-    ignore_index,
-    has_ignore,
-    want_ce_neg,
-    check_labels,
-    regions=None,
-    field_pred=None,
-    field_sq_err=None,
-):
+def region_stats(logits, labels, target, mask, activation, ignore_index, has_ignore, want_ce_neg, check_labels,
+                 regions=None, field_pred=None, field_sq_err=None):  # fmt: skip
     z, labels, target, mask, stride, batch, channels, voxels, acc, regions = _canonical(
         logits, labels, target, mask, activation, regions
     )
@@ -262,19 +250,8 @@ def _check_invalid_labels(stats, labels, valid_max, has_ignore, ignore_index) ->
     raise RuntimeError(f"target has labels outside [0, {valid_max}){extra}: {shown} ({int(invalid)} voxel(s))")
 
 
-def region_stats_backward(
-    grad,
-    logits,
-    labels,
-    target,
-    mask,
-    activation,
-    ignore_index,
-    has_ignore,
-    regions=None,
-    field_pred=None,
-    field_sq_err=None,
-):
+def region_stats_backward(grad, logits, labels, target, mask, activation, ignore_index, has_ignore, regions=None,
+                          field_pred=None, field_sq_err=None):  # fmt: skip
     z, labels, target, mask, stride, batch, channels, voxels, acc, regions = _canonical(
         logits, labels, target, mask, activation, regions
     )

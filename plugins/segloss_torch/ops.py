@@ -75,28 +75,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("segloss::region_stats")
-    def _region_stats(
-        logits,
-        labels,
-        target,
-        mask,
-        activation,
-        ignore_index,
-        has_ignore,
-        want_ce_neg,
-        check,
-        regions=None,
-        fp=None,
-        fe=None,
-    ):
+    def _region_stats(logits, *_inputs):  # the other inputs (schema above) do not change the shape
         return logits.new_empty(
             (logits.shape[0], logits.shape[1], FUSED_NUM_SLOTS), dtype=accumulation_dtype(logits.dtype)
         )
 
     @torch.library.register_fake("segloss::region_stats_backward")
-    def _region_stats_backward(
-        grad, logits, labels, target, mask, activation, ignore_index, has_ignore, regions=None, fp=None, fe=None
-    ):
+    def _region_stats_backward(grad, logits, *_inputs):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("segloss::label_distance_maps")

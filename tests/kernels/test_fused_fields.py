@@ -21,6 +21,7 @@ from segloss_core.validation import validate_inputs
 pytestmark = pytest.mark.usefixtures("fused_kernels")  # built at run time, never at collection
 
 DISTANCE_LOSSES = ["boundary", "hausdorff_dt", "log_hausdorff_dt", "generalized_dice_boundary"]
+IMPLS = ("native", "fused")
 
 
 def _blobs(seed: int, shape=(2, 3, 9, 8, 5), dtype=torch.float64):
@@ -135,11 +136,10 @@ def test_fused_matches_native(name, channels, spatial, dtype, ignore, include_ba
     if ignore:
         y = torch.where(torch.rand(y.shape, generator=g) < 0.2, torch.full_like(y, 255), y)
         params["ignore_index"] = 255
-    v_native, g_native = _value_and_grad(get_loss(name, backend="torch", impl="native", **params), x, y)
-    v_fused, g_fused = _value_and_grad(get_loss(name, backend="torch", impl="fused", **params), x, y)
+    native, fused = (_value_and_grad(get_loss(name, backend="torch", impl=i, **params), x, y) for i in IMPLS)
     rtol, atol = (1e-12, 1e-14) if dtype == torch.float64 else (2e-5, 1e-6)
-    torch.testing.assert_close(v_fused, v_native, rtol=rtol, atol=atol)
-    torch.testing.assert_close(g_fused, g_native, rtol=rtol * 10, atol=atol)
+    torch.testing.assert_close(fused[0], native[0], rtol=rtol, atol=atol)  # value
+    torch.testing.assert_close(fused[1], native[1], rtol=rtol * 10, atol=atol)  # gradient
 
 
 def test_given_map_with_non_finite_values_at_ignored_voxels_adds_nothing():
