@@ -142,10 +142,10 @@ def test_region_stats_launches_match_the_signatures(runner, dtype, labels, activ
     m = None if m is None else m.reshape(m.shape[0], -1)
     fields = (torch.randn(logits.shape), torch.rand(logits.shape)) if mask == "shared" else (None, None)
     has = labels is not None
-    out = nvrtc_kernels.region_stats(logits, lab, target, m, activation, 255, has, True, False, *fields)
+    out = nvrtc_kernels.region_stats(logits, lab, target, m, activation, 255, has, True, False, None, *fields)
     assert out.shape == (2, 11, ops.FUSED_NUM_SLOTS) and out.dtype == ops.accumulation_dtype(dtype)
     grad = torch.zeros_like(out)
-    back = nvrtc_kernels.region_stats_backward(grad, logits, lab, target, m, activation, 255, has, *fields)
+    back = nvrtc_kernels.region_stats_backward(grad, logits, lab, target, m, activation, 255, has, None, *fields)
     assert back.shape == logits.shape and back.dtype == logits.dtype
     _check_launches(runner)
     kernels = [nvrtc.kernel_of(name) for name, *_ in runner.launches]

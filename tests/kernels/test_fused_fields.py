@@ -193,7 +193,7 @@ def test_a_compound_reads_the_logits_once(make):
 def test_opcheck_with_fields():
     x, y = _blobs(6, shape=(2, 3, 5, 4))
     phi, weight = torch.randn(x.shape, dtype=torch.float64), torch.rand(x.shape, dtype=torch.float64)
-    args = (x.requires_grad_(True), y, None, None, 0, 0, False, False, False, phi, weight)
+    args = (x.requires_grad_(True), y, None, None, 0, 0, False, False, False, None, phi, weight)
     torch.library.opcheck(torch.ops.segloss.region_stats.default, args)
     stats = torch.ops.segloss.region_stats(*args).detach()
     p = torch.softmax(x.detach(), 1)
@@ -207,7 +207,7 @@ def test_opcheck_with_fields():
 def test_a_field_of_the_wrong_shape_is_refused_by_the_op():
     x, y = _blobs(7, shape=(2, 3, 5, 4))
     with pytest.raises(RuntimeError, match="field_pred must have the logits' shape"):
-        torch.ops.segloss.region_stats(x, y, None, None, 0, 0, False, False, False, torch.zeros(2, 3, 5), None)
+        torch.ops.segloss.region_stats(x, y, None, None, 0, 0, False, False, False, None, torch.zeros(2, 3, 5), None)
 
 
 def test_nothing_of_size_bcn_but_the_field_is_saved_for_backward():
