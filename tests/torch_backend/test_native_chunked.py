@@ -218,14 +218,12 @@ def test_low_precision_gradient_in_the_input_dtype(dtype, small_chunks):
 
 
 @pytest.mark.parametrize("name", ["dice", "dice_ce", "generalized_dice", "bce", "focal", "tversky"])
-def test_torch_compile_fullgraph(name, small_chunks, request):
+def test_torch_compile_fullgraph(name, small_chunks):
     g = torch.Generator().manual_seed(4)
     channels = 1 if name == "bce" else 3
     x = torch.randn(2, channels, 6, 5, generator=g)
     y = torch.randint(0, 2 if channels == 1 else 3, (2, 6, 5), generator=g)
     loss = get_loss(name, backend="torch", impl="native")
-    torch._dynamo.reset()  # each loss compiles SeglossLoss.forward afresh: no recompile limit across tests
-    request.addfinalizer(torch._dynamo.reset)
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
 
     def value_and_grad(fn):
