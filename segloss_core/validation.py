@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .arrays import device, get_namespace, library_name
+from .arrays import device, get_namespace, is_torch, library_name
 from .regions import largest_label
 from .spec import LossPlan
 
@@ -87,9 +87,20 @@ def _same_library_and_device(name: str, x: Array, pred: Array) -> None:
         raise ValueError(f"{name} is on device {device(x)} but pred is on {device(pred)}") from None
 
 
+def label_bounds(labels: Array, xp: Any) -> tuple[int, int]:
+    """(min, max) of a non-empty label array: one pass and one device-to-host copy for torch
+    (``aminmax``; min and max apart read the labels twice and synchronise twice)."""
+    if is_torch(xp):
+        import torch  # labels are a torch tensor: torch is imported already
+
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()
+        return int(lo), int(hi)
+    return int(xp.min(labels)), int(xp.max(labels))
+
+
 def label_range_error(labels: Array, xp: Any, valid_max: int, ignore_index: int | None) -> str | None:
     """Describe the first label outside [0, valid_max) that is not ``ignore_index``, or None."""
-    lo, hi = int(xp.min(labels)), int(xp.max(labels))
+    lo, hi = label_bounds(labels, xp)
     if lo >= 0 and hi < valid_max:
         return None
     bad = xp.logical_or(labels < 0, labels >= valid_max)
