@@ -13,9 +13,12 @@ network's parameters, so they are formulas of the field statistics Σ w·p·F an
   the boundary (inside and outside) of the target and of the thresholded prediction (p > 0.5);
   unlike MONAI it honours the voxel ``spacing``. ``log_hausdorff_dt`` is log(1 + that).
 
-The Hausdorff-DT field is built class by class: the prediction's mask and maps of one class at a
-time are computed and added into F (in place where the library allows), so beside F only one
-class's maps exist at once; the classes the formula leaves out get no prediction maps.
+Only the classes a formula reads get maps (the target's masks of the others are left empty, which
+the kernels fill with 0 without a transform: with the background excluded, 3 transforms of 4 at
+C = 4). The Hausdorff-DT field starts as d_g^α; then the prediction's mask and maps of one class at
+a time are computed and added into F (in place where the library allows), so beside F only one
+class's maps exist at once. With softmax and threshold ≥ 0.5 the masks need no softmax copy
+(:func:`_prediction_mask`).
 """
 
 from __future__ import annotations
@@ -95,18 +98,49 @@ def _target_masks(prepared: Any) -> Array | None:
     return _detached(prepared.target) > 0.5
 
 
-def _class_probabilities(prepared: Any) -> Any:
-    """``probability(c)``: the activation of channel c of pred (B, 1, *S), without gradient (for
-    thresholding one class at a time; softmax keeps exp(z − max) and its sum, nothing per class)."""
+def _prediction_mask(prepared: Any, threshold: float) -> Any:
+    """``mask(c)``: the thresholded prediction ``p_c > threshold`` of channel c, (B, 1, *S) bool, without
+    gradient (for the maps of one class at a time).
+
+    Softmax with threshold ≥ 0.5: only a voxel's largest probability can exceed it (p_c ≤ 1/2 for
+    every other class, since its exp(z_c − max) ≤ 1 shares the sum with the argmax's 1), and that
+    probability is exactly 1/Σ exp(z − max) (the argmax's exp(0) = 1). So
+    ``p_c > t ⟺ z_c = max z and 1/Σ exp(z − max) > t``: one reduction, no per-class probability
+    and no softmax copy kept (where two logits tie for the largest, Σ ≥ 2: no class, as the
+    per-class form gives). Below 0.5 the masks come from the probabilities class by class."""
     xp = get_namespace(prepared.pred)
     z = _detached(prepared.pred)
     if prepared.activation == "softmax":
-        e = xp.exp(z - xp.max(z, axis=1, keepdims=True))
+        largest = xp.max(z, axis=1, keepdims=True)
+        e = xp.exp(z - largest)
         total = xp.sum(e, axis=1, keepdims=True)
-        return lambda c: e[:, c : c + 1] / total
+        if threshold >= 0.5:
+            del e
+            above = 1.0 / total > threshold
+            return lambda c: (z[:, c : c + 1] == largest) & above
+        return lambda c: e[:, c : c + 1] / total > threshold
     if prepared.activation == "sigmoid":
-        return lambda c: 1.0 / (1.0 + xp.exp(-z[:, c : c + 1]))
-    return lambda c: z[:, c : c + 1]
+        return lambda c: 1.0 / (1.0 + xp.exp(-z[:, c : c + 1])) > threshold
+    return lambda c: z[:, c : c + 1] > threshold
+
+
+def _target_class_masks(prepared: Any, classes: list[int]) -> Array:
+    """The target's masks (B, C, *S) bool with only the channels ``classes`` set (the others all
+    false: a map without a boundary, which the kernels fill without a transform). For a label map,
+    class c is ``labels == c`` (none for c = ignore_index, as in the label maps: ignored voxels
+    belong to no class)."""
+    xp = _namespace(prepared)
+    channels = int(prepared.pred.shape[1])
+    masks = _target_masks(prepared)
+    if masks is None:
+        labels = prepared.labels
+        keep = [c for c in classes if prepared.ignore_index is None or c != prepared.ignore_index]
+        empty = xp.zeros_like(labels, dtype=xp.bool)
+        return xp.stack([labels == c if c in keep else empty for c in range(channels)], axis=1)
+    if len(classes) == channels:
+        return masks
+    empty = xp.zeros_like(masks[:, :1])
+    return xp.concat([masks[:, c : c + 1] if c in classes else empty for c in range(channels)], axis=1)
 
 
 def _power(xp: Any, d: Array, alpha: float) -> Array:
@@ -124,21 +158,12 @@ def _boundary_fields(prepared: Any, params: Params, inputs: Mapping[str, Array])
             raise ValueError(f"distance_map must have the shape of pred {shape}, got {tuple(given.shape)}")
         return {BOUNDARY_PHI: _detached(given)}
     spacing = _spacing(params, prepared)
-    normalize = None if params.normalize == "none" else params.normalize
-    masks = _target_masks(prepared)
-    if masks is None:
-        phi = distance_maps.signed_distance_map(
-            prepared.labels,
-            prepared.num_classes,
-            spacing,
-            convention=params.convention,
-            normalize=normalize,
-            ignore_index=prepared.ignore_index,
-        )
-    else:
-        phi = distance_maps.mask_distance_map(masks, spacing, kind=params.convention)
-        if normalize is not None:
-            phi = distance_maps.normalise(_namespace(prepared), phi, normalize, spacing, prepared.spatial_shape)
+    classes = included_classes(params, int(prepared.pred.shape[1]))
+    # the maps of the classes the formula reads; the others (the background by default) are all false
+    # masks, which the kernels fill with 0 without a transform
+    phi = distance_maps.mask_distance_map(_target_class_masks(prepared, classes), spacing, kind=params.convention)
+    if params.normalize != "none":
+        phi = distance_maps.normalise(_namespace(prepared), phi, params.normalize, spacing, prepared.spatial_shape)
     return {BOUNDARY_PHI: phi}
 
 
@@ -149,37 +174,36 @@ def _namespace(prepared: Any) -> Any:
 def _hausdorff_fields(prepared: Any, params: Params, inputs: Mapping[str, Array]) -> dict[str, Array]:
     xp = _namespace(prepared)
     spacing = _spacing(params, prepared)
-    masks = _target_masks(prepared)
-    if masks is None:
-        d_target = distance_maps.distance_map(
-            prepared.labels, prepared.num_classes, spacing, region="boundary", ignore_index=prepared.ignore_index
-        )
-    else:
-        d_target = distance_maps.mask_distance_map(masks, spacing, kind="boundary")
     alpha = params.alpha
-    weight = _power(xp, d_target, alpha)
-    if weight is d_target:
-        weight = xp.asarray(d_target, copy=True)
-    del d_target
-    probability = _class_probabilities(prepared)
+    classes = included_classes(params, int(prepared.pred.shape[1]))
+    # the target's maps of the classes the formula reads (the others all false: filled, not transformed)
+    weight = distance_maps.mask_distance_map(_target_class_masks(prepared, classes), spacing, kind="boundary")
     mutable = is_numpy(xp) or is_cupy(xp) or is_torch(xp)
+    if alpha == 2.0 and mutable:
+        weight *= weight
+    elif alpha != 1.0:
+        weight = _power(xp, weight, alpha)
+    # then the thresholded prediction's maps, one class at a time, added into F
+    mask = _prediction_mask(prepared, params.threshold)
     parts = []
-    channels = int(prepared.pred.shape[1])
-    # classes the formula leaves out need no prediction maps: their statistic is never read
-    for c in included_classes(params, channels):
-        d_pred = distance_maps.mask_distance_map(probability(c) > params.threshold, spacing, kind="boundary")
-        term = _power(xp, d_pred, alpha)
-        if term.dtype != weight.dtype:
-            term = xp.astype(term, weight.dtype)
-        del d_pred
+    for c in classes:
+        d_pred = distance_maps.mask_distance_map(mask(c), spacing, kind="boundary")
+        if alpha == 2.0 and mutable:
+            d_pred *= d_pred
+        elif alpha != 1.0:
+            d_pred = _power(xp, d_pred, alpha)
+        if d_pred.dtype != weight.dtype:
+            d_pred = xp.astype(d_pred, weight.dtype)
         if mutable:
-            weight[:, c : c + 1] += term
+            weight[:, c : c + 1] += d_pred
         else:
-            parts.append((c, term))
+            parts.append((c, d_pred))
+        del d_pred
     if parts:  # immutable arrays (JAX): one concatenation
         added = dict(parts)
         weight = xp.concat(
-            [weight[:, c : c + 1] + added[c] if c in added else weight[:, c : c + 1] for c in range(channels)], axis=1
+            [weight[:, c : c + 1] + added[c] if c in added else weight[:, c : c + 1] for c in range(weight.shape[1])],
+            axis=1,
         )
     return {HAUSDORFF_FIELD: weight}
 

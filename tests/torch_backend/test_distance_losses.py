@@ -8,6 +8,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy.ndimage import distance_transform_edt
 
 from segloss_core import get_loss
@@ -75,6 +77,36 @@ def test_boundary_with_precomputed_map_equals_on_the_fly():
         loss(x, y, distance_map=phi[:, :2])
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"classes": (0, 2)},
+        {"include_background": True, "convention": "signed"},
+        {"ignore_index": 2, "spacing": (1.0, 0.8, 2.5)},
+        {"normalize": "max", "convention": "signed_inside_positive"},
+    ],
+)
+def test_boundary_on_the_fly_maps_only_the_classes_it_reads(options):
+    """On the fly only the classes the loss reads get maps (the others are empty masks): the same loss
+    and gradient as with every class's signed map given (ignored voxels belong to no class)."""
+    x, y = _problem(7)
+    loss = get_loss("boundary", backend="torch", **options)
+    phi = signed_distance_map(
+        y,
+        3,
+        options.get("spacing"),
+        convention=options.get("convention", "boundary_loss"),
+        normalize=options.get("normalize"),
+        ignore_index=options.get("ignore_index"),
+    ).double()
+    v1, g1 = _value_and_grad(loss, x, y)
+    v2, g2 = _value_and_grad(loss, x, y, distance_map=phi)
+    torch.testing.assert_close(v1, v2, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(g1, g2, rtol=1e-6, atol=1e-9)
+    reference = get_loss("boundary", backend="numpy", **options)  # scipy, float64
+    assert float(v1) == pytest.approx(float(reference(x.numpy(), y.numpy())), rel=1e-6)
+
+
 @pytest.mark.parametrize("batch", [False, True])
 @pytest.mark.parametrize("include_background", [False, True])
 @pytest.mark.parametrize("alpha", [2.0, 1.0])
@@ -97,6 +129,75 @@ def test_hausdorff_dt_matches_monai(batch, include_background, alpha):
     torch.testing.assert_close(
         _value_and_grad(log_o, x, y)[0], _value_and_grad(log_m, x, y[:, None])[0], rtol=1e-5, atol=1e-6
     )
+
+
+@given(
+    st.integers(0, 2**16),
+    st.integers(2, 4),
+    st.sampled_from(["blobs", "empty", "one_class", "single_voxel"]),
+    st.booleans(),
+    st.sampled_from([1.0, 2.0]),
+)
+def test_hausdorff_dt_matches_monai_on_ties_and_degenerate_masks(seed, channels, target, include_background, alpha):
+    """Logits from {−1, 0, 1} (many voxels whose largest logits tie: p = 1/2 or less for each, no class of
+    the thresholded prediction), targets without some classes, of one class only, or a single voxel:
+    values and gradients are MONAI's (MONAI gives a zero field for a mask without both sides)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, channels, 5, 4, 3)
+    x = torch.randint(-1, 2, shape, generator=g).double()
+    if target == "blobs":
+        coarse = torch.randint(0, channels, (2, 1, 2, 2, 2), generator=g).double()
+        y = torch.nn.functional.interpolate(coarse, size=(5, 4, 3), mode="nearest")[:, 0].long()
+    elif target == "empty":
+        y = torch.zeros(2, 5, 4, 3, dtype=torch.long)
+    elif target == "one_class":
+        y = torch.full((2, 5, 4, 3), channels - 1, dtype=torch.long)
+    else:
+        y = torch.zeros(2, 5, 4, 3, dtype=torch.long)
+        y[:, 2, 1, 1] = 1
+    monai = monai_losses.HausdorffDTLoss(
+        alpha=alpha, include_background=include_background, softmax=True, to_onehot_y=True
+    )
+    ours = get_loss("hausdorff_dt", backend="torch", alpha=alpha, include_background=include_background)
+    v_m, g_m = _value_and_grad(monai, x, y[:, None])
+    v_o, g_o = _value_and_grad(ours, x, y)
+    torch.testing.assert_close(v_o, v_m, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_o, g_m, rtol=1e-5, atol=1e-7)
+
+
+def _thresholded_field(x, y, threshold, alpha, classes, spacing):
+    """F = d_g^α + d_p^α of the given classes (float64, scipy), p = softmax(x) > threshold per class, with
+    the distance to the other side of each mask (0 for a mask without both sides): MONAI's field,
+    transcribed, with a threshold and spacing."""
+    p = torch.softmax(x, 1).numpy()
+    field = np.zeros(p.shape)
+    for b in range(p.shape[0]):
+        for c in classes:
+            for mask in (y[b].numpy() == c, p[b, c] > threshold):
+                if mask.any() and not mask.all():
+                    d = distance_transform_edt(~mask, sampling=spacing) + distance_transform_edt(mask, sampling=spacing)
+                    field[b, c] += d**alpha
+    return torch.from_numpy(field)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8])
+@pytest.mark.parametrize("classes", [None, (0, 2)])
+def test_hausdorff_dt_threshold_and_classes_match_a_transcription(threshold, classes):
+    """Below 1/2 several classes of a voxel may pass the threshold (the masks come from the probabilities
+    class by class), at or above it only the largest (the fast form): both are the per-class definition."""
+    x, y = _problem(6)
+    spacing = (1.0, 0.8, 2.5)
+    kwargs = {"classes": classes} if classes is not None else {}
+    loss = get_loss("hausdorff_dt", backend="torch", threshold=threshold, alpha=1.0, spacing=spacing, **kwargs)
+    columns = list(classes) if classes is not None else [1, 2]
+    field = _thresholded_field(x, y, threshold, 1.0, columns, spacing)
+    onehot = torch.nn.functional.one_hot(y, 3).permute(0, 4, 1, 2, 3).double()
+    xr = x.detach().clone().requires_grad_(True)
+    expected = ((torch.softmax(xr, 1) - onehot) ** 2 * field)[:, columns].mean(dim=(2, 3, 4)).mean()
+    expected.backward()
+    v_o, g_o = _value_and_grad(loss, x, y)
+    torch.testing.assert_close(v_o, expected.detach(), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(g_o, xr.grad, rtol=1e-6, atol=1e-9)
 
 
 def test_hausdorff_spacing_matters_and_is_exact():
