@@ -4,6 +4,9 @@
   (``distance_map=``, computed once in setup, as ``segloss distmap`` would) against the LIVIAETS
   boundary-loss form ``einsum("bkxyz,bkxyz->bkxyz", softmax(x)[:, idc], φ[:, idc]).mean()``
   (SurfaceLoss, idc the foreground classes);
+- ``boundary_on_the_fly`` at 2×4×128³: the boundary loss computing φ from the labels every step,
+  against the fused Dice+CE step it is added to in training (``dice_ce-fused``; issue 17: the
+  boundary step ≤ 4× that);
 - ``hausdorff_dt`` and ``log_hausdorff_dt`` at 1×4×96³: every implementation computes the maps
   of the thresholded prediction and of the target each step; the peer is MONAI's
   HausdorffDTLoss / LogHausdorffDTLoss(softmax=True, to_onehot_y=True).
@@ -35,10 +38,11 @@ from .common import (
 
 WORKLOADS = {
     "boundary_precomputed": "2x4x128x128x128",
+    "boundary_on_the_fly": "2x4x128x128x128",
     "hausdorff_dt": "1x4x96x96x96",
     "log_hausdorff_dt": "1x4x96x96x96",
 }
-DISTANCE_IMPLEMENTATIONS = ["segloss-fused", "segloss-native", "liviaets", "monai"]
+DISTANCE_IMPLEMENTATIONS = ["segloss-fused", "segloss-native", "liviaets", "monai", "dice_ce-fused"]
 MONAI_CLASSES = {"hausdorff_dt": "HausdorffDTLoss", "log_hausdorff_dt": "LogHausdorffDTLoss"}
 
 
@@ -49,6 +53,10 @@ def distance_loss(workload: str, implementation: str, labels: torch.Tensor, chan
 
     if implementation == "liviaets" and workload != "boundary_precomputed":
         raise NotImplementedError("the LIVIAETS form is the boundary loss's")
+    if implementation == "dice_ce-fused":
+        if workload != "boundary_on_the_fly":
+            raise NotImplementedError("the fused Dice+CE step is the peer of the boundary loss on the fly")
+        return get_loss("dice_ce", backend="torch", impl="fused")
     if implementation == "monai":
         if workload not in MONAI_CLASSES:
             raise NotImplementedError("MONAI has no boundary loss")
@@ -65,7 +73,8 @@ def distance_loss(workload: str, implementation: str, labels: torch.Tensor, chan
             return lambda x, y: torch.einsum("bkxyz,bkxyz->bkxyz", torch.softmax(x, 1)[:, idc], phi[:, idc]).mean()
         module = get_loss("boundary", backend="torch", impl=implementation.removeprefix("segloss-"))
         return lambda x, y: module(x, y, distance_map=phi)
-    return get_loss(workload, backend="torch", impl=implementation.removeprefix("segloss-"))
+    name = "boundary" if workload == "boundary_on_the_fly" else workload
+    return get_loss(name, backend="torch", impl=implementation.removeprefix("segloss-"))
 
 
 class _DistanceCase(Benchmark):
@@ -73,7 +82,7 @@ class _DistanceCase(Benchmark):
     param_names: ClassVar[list] = ["workload", "implementation"]
 
     def prepare(self, cache, workload: str, implementation: str) -> None:
-        if implementation == "segloss-fused":
+        if implementation in ("segloss-fused", "dice_ce-fused"):
             require_fused(cache)
         key = (workload, implementation)
         if getattr(self, "_key", None) != key:  # asv re-runs setup before every sample: keep the inputs

@@ -7,6 +7,7 @@
     python benchmarks/compare.py --dtype bfloat16 --only "segloss native" --only MONAI --only floor
     python benchmarks/compare.py --threads 1      # one thread: on a machine other processes load
     python benchmarks/compare.py --workload boundary_precomputed --workload hausdorff_dt  # distance losses
+    python benchmarks/compare.py --workload boundary_on_the_fly   # φ each step, against a fused Dice+CE step
 
 On a loaded machine (load average above the core count) every multi-threaded torch op waits for
 its threads to be scheduled, so an implementation of many small ops (segloss native: a few dozen
@@ -33,7 +34,11 @@ has no long distances), each at its own shape: ``boundary_precomputed`` (2×4×1
 ``signed_distance_map`` once, outside the timing; peer: the LIVIAETS boundary-loss form
 ``einsum("bkxyz,bkxyz->bkxyz", softmax(x)[:, idc], φ[:, idc]).mean()``), ``hausdorff_dt`` and
 ``log_hausdorff_dt`` (1×4×96³; peer: MONAI's HausdorffDTLoss / LogHausdorffDTLoss, the maps of
-prediction and target computed every step by every implementation).
+prediction and target computed every step by every implementation), and ``boundary_on_the_fly``
+(2×4×128³; φ computed by the loss from the labels every step; the peer row is the fused Dice+CE
+step it is added to in training, measured in the same run: the *speed-up vs peer* column is then
+1 / (boundary step ÷ Dice+CE step), e.g. 0.25× for a boundary step of 4 Dice+CE steps; the row
+*signed maps alone* is ``signed_distance_map`` of the labels, no backward).
 """
 
 from __future__ import annotations
@@ -168,10 +173,14 @@ def _cupy_loss(workload: str) -> Callable | None:
 REGION_WORKLOADS = ("dice", "dice_ce")
 DISTANCE_SHAPES: dict[str, tuple[int, ...]] = {
     "boundary_precomputed": (2, 4, 128, 128, 128),
+    "boundary_on_the_fly": (2, 4, 128, 128, 128),
     "hausdorff_dt": (1, 4, 96, 96, 96),
     "log_hausdorff_dt": (1, 4, 96, 96, 96),
 }
-PEERS = {"boundary_precomputed": "LIVIAETS einsum"}  # the peer of the speed-up columns (else MONAI)
+FUSED_DICE_CE = "segloss fused dice_ce"
+# the peer of the speed-up columns (else MONAI); boundary_on_the_fly's is the fused Dice+CE step it is
+# added to in training (its "speed-up" is then 1 / the cost of the boundary step in Dice+CE steps)
+PEERS = {"boundary_precomputed": "LIVIAETS einsum", "boundary_on_the_fly": FUSED_DICE_CE}
 
 
 def blob_inputs(shape: tuple[int, ...], device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +210,14 @@ def _distance_implementations(workload: str, channels: int, labels: torch.Tensor
         impls["LIVIAETS einsum"] = lambda: (
             lambda x, y: torch.einsum("bkxyz,bkxyz->bkxyz", torch.softmax(x, 1)[:, idc], phi[:, idc]).mean()
         )
+    elif workload == "boundary_on_the_fly":
+        from segloss_torch import signed_distance_map
+
+        for impl in ("fused", "native"):
+            impls[f"segloss {impl}"] = lambda impl=impl: get_loss("boundary", backend="torch", impl=impl)
+        impls[FUSED_DICE_CE] = lambda: get_loss("dice_ce", backend="torch", impl="fused")
+        # the maps alone (what the loss computes first), no backward
+        impls["signed maps alone"] = lambda: lambda x, y: (signed_distance_map(y, channels), None)[1]
     else:
         for impl in ("fused", "native"):
             impls[f"segloss {impl}"] = lambda impl=impl: get_loss(workload, backend="torch", impl=impl)
@@ -304,7 +321,7 @@ def run(
             def step(loss=loss, logits=logits, labels=labels) -> None:
                 x = logits.detach().requires_grad_(True)
                 out = loss(x, labels)
-                if out is not None:  # the CuPy row computes value and gradient in one call
+                if out is not None:  # the CuPy row computes value and gradient in one call (the maps row: none)
                     out.backward()
 
             def forward(loss=loss, logits=logits, labels=labels) -> None:
