@@ -13,9 +13,9 @@ network's parameters, so they are formulas of the field statistics Σ w·p·F an
   the boundary (inside and outside) of the target and of the thresholded prediction (p > 0.5);
   unlike MONAI it honours the voxel ``spacing``. ``log_hausdorff_dt`` is log(1 + that).
 
-Only the classes a formula reads get maps (the target's masks of the others are left empty, which
-the kernels fill with 0 without a transform: with the background excluded, 3 transforms of 4 at
-C = 4). The Hausdorff-DT field starts as d_g^α; then the prediction's mask and maps of one class at
+Only the classes a formula reads get maps (the others are maps without a boundary, which the
+kernels fill with 0 without a transform: with the background excluded, 3 transforms of 4 at C = 4;
+:func:`_target_maps`). The Hausdorff-DT field starts as d_g^α; then the prediction's mask and maps of one class at
 a time are computed and added into F (in place where the library allows), so beside F only one
 class's maps exist at once. With softmax and threshold ≥ 0.5 the masks need no softmax copy
 (:func:`_prediction_mask`).
@@ -124,23 +124,35 @@ def _prediction_mask(prepared: Any, threshold: float) -> Any:
     return lambda c: z[:, c : c + 1] > threshold
 
 
-def _target_class_masks(prepared: Any, classes: list[int]) -> Array:
-    """The target's masks (B, C, *S) bool with only the channels ``classes`` set (the others all
-    false: a map without a boundary, which the kernels fill without a transform). For a label map,
-    class c is ``labels == c`` (none for c = ignore_index, as in the label maps: ignored voxels
-    belong to no class)."""
+def _target_maps(prepared: Any, classes: list[int], spacing: tuple[float, ...], kind: str) -> Array:
+    """The target's maps (B, C, *S) of ``kind`` (a signed convention or an unsigned region) for the
+    channels ``classes``; the others are 0 (a map without a boundary, filled without a transform).
+
+    For a label map, class c is ``labels == c`` (none for c = ignore_index: ignored voxels belong to
+    no class). Where at most one class is left out and it is the ignored one, or nothing is ignored
+    (the default: the background), the label-map transform computes them directly, the left-out
+    class as the ignored one (its voxels then belong to no class, as they do in ``labels == c`` of
+    every other class); otherwise the maps come from the masks."""
     xp = _namespace(prepared)
     channels = int(prepared.pred.shape[1])
     masks = _target_masks(prepared)
     if masks is None:
-        labels = prepared.labels
-        keep = [c for c in classes if prepared.ignore_index is None or c != prepared.ignore_index]
+        labels, ignore = prepared.labels, prepared.ignore_index
+        left_out = sorted(set(range(channels)) - set(classes))
+        if len(left_out) <= 1 and (ignore is None or not left_out or ignore == left_out[0]):
+            ignored = left_out[0] if left_out else ignore
+            if kind in distance_maps.CONVENTIONS:
+                return distance_maps.signed_distance_map(
+                    labels, prepared.num_classes, spacing, convention=kind, ignore_index=ignored
+                )
+            return distance_maps.distance_map(labels, prepared.num_classes, spacing, region=kind, ignore_index=ignored)
+        keep = [c for c in classes if ignore is None or c != ignore]
         empty = xp.zeros_like(labels, dtype=xp.bool)
-        return xp.stack([labels == c if c in keep else empty for c in range(channels)], axis=1)
-    if len(classes) == channels:
-        return masks
-    empty = xp.zeros_like(masks[:, :1])
-    return xp.concat([masks[:, c : c + 1] if c in classes else empty for c in range(channels)], axis=1)
+        masks = xp.stack([labels == c if c in keep else empty for c in range(channels)], axis=1)
+    elif len(classes) < channels:
+        empty = xp.zeros_like(masks[:, :1])
+        masks = xp.concat([masks[:, c : c + 1] if c in classes else empty for c in range(channels)], axis=1)
+    return distance_maps.mask_distance_map(masks, spacing, kind=kind)
 
 
 def _power(xp: Any, d: Array, alpha: float) -> Array:
@@ -159,9 +171,8 @@ def _boundary_fields(prepared: Any, params: Params, inputs: Mapping[str, Array])
         return {BOUNDARY_PHI: _detached(given)}
     spacing = _spacing(params, prepared)
     classes = included_classes(params, int(prepared.pred.shape[1]))
-    # the maps of the classes the formula reads; the others (the background by default) are all false
-    # masks, which the kernels fill with 0 without a transform
-    phi = distance_maps.mask_distance_map(_target_class_masks(prepared, classes), spacing, kind=params.convention)
+    # the maps of the classes the formula reads; the others (the background by default) are 0, no transform
+    phi = _target_maps(prepared, classes, spacing, params.convention)
     if params.normalize != "none":
         phi = distance_maps.normalise(_namespace(prepared), phi, params.normalize, spacing, prepared.spatial_shape)
     return {BOUNDARY_PHI: phi}
@@ -176,8 +187,8 @@ def _hausdorff_fields(prepared: Any, params: Params, inputs: Mapping[str, Array]
     spacing = _spacing(params, prepared)
     alpha = params.alpha
     classes = included_classes(params, int(prepared.pred.shape[1]))
-    # the target's maps of the classes the formula reads (the others all false: filled, not transformed)
-    weight = distance_maps.mask_distance_map(_target_class_masks(prepared, classes), spacing, kind="boundary")
+    # the target's maps of the classes the formula reads (the others 0, not transformed)
+    weight = _target_maps(prepared, classes, spacing, "boundary")
     mutable = is_numpy(xp) or is_cupy(xp) or is_torch(xp)
     if alpha == 2.0 and mutable:
         weight *= weight
