@@ -132,8 +132,9 @@ struct Tile {
 // an exact 0 whatever its real logits are. With regions (LABELS false, pb.regions set) the labels
 // are read as well and each class's target g_c = [label ∈ region c] is written into the tile's
 // target rows (kTile voxels: no (B, C, N) target exists). Computes the activation: for softmax
-// e = exp(z − m), inv = 1/Σe, lse = m + log Σe. Returns the number of invalid labels.
-template <int ACT, bool LABELS, typename T, typename L, typename A>
+// e = exp(z − m), inv = 1/Σe, lse = m + log Σe (LSE false: lse is not computed, the backward needs no
+// log p). Returns the number of invalid labels.
+template <int ACT, bool LABELS, typename T, typename L, typename A, bool LSE = true>
 int64_t load_tile(const Problem& pb, const T* logits, const L* labels, const T* target, int64_t b, int64_t n0,
                   int len, int padded, Tile<A>& tile) {
   const int64_t C = pb.channels, N = pb.voxels;
@@ -223,7 +224,9 @@ int64_t load_tile(const Problem& pb, const T* logits, const L* labels, const T* 
         s[i] += e;
       }
     }
-    for (int i = 0; i < padded; ++i) lse[i] = m[i] + seg_log(s[i]);
+    if (LSE) {
+      for (int i = 0; i < padded; ++i) lse[i] = m[i] + seg_log(s[i]);
+    }
     for (int i = 0; i < padded; ++i) s[i] = A(1) / s[i];
   }
   return invalid;
@@ -322,14 +325,18 @@ void forward_chunk(const Problem& pb, const T* logits, const L* labels, const T*
   out[kInvalid] = invalid_total;
 }
 
-template <int ACT, bool LABELS, typename T, typename L, typename A>
+// The gradient of voxels [n0, n1) of sample b. LEAN (lean_gradient(upstream)): the terms of the
+// statistics the loss does not read are left out and, for softmax, d/dp and d/dlog p are recomputed
+// in the second pass instead of kept in the tile (C × kTile values less to write and read back:
+// for C = 14 the tile then stays in L1), which gives the same values.
+template <int ACT, bool LABELS, bool LEAN, typename T, typename L, typename A>
 void backward_chunk(const Problem& pb, const T* logits, const L* labels, const T* target, const A* upstream,
                     int64_t b, int64_t n0, int64_t n1, T* grad, Tile<A>& tile) {
   const int64_t C = pb.channels, N = pb.voxels;
   for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
     const int len = static_cast<int>(std::min<int64_t>(kTile, n1 - t0));
     const int padded = (len + kLanes - 1) / kLanes * kLanes;
-    load_tile<ACT, LABELS, T, L, A>(pb, logits, labels, target, b, t0, len, padded, tile);
+    load_tile<ACT, LABELS, T, L, A, false>(pb, logits, labels, target, b, t0, len, padded, tile);
     A* __restrict dot = tile.dot.data();
     A* __restrict sdl = tile.sdl.data();
     if (ACT == kSoftmax) {
@@ -350,10 +357,12 @@ void backward_chunk(const Problem& pb, const T* logits, const L* labels, const T
         A p, nlp, nl1mp;
         element_terms<ACT>(v, i, &p, &nlp, &nl1mp);
         A dp, dl, dl1m;
-        element_gradient(p, g, w, su, v.phi[i], v.field[i], &dp, &dl, &dl1m);
+        element_gradient<LEAN>(p, g, w, su, LEAN ? A(0) : v.phi[i], LEAN ? A(0) : v.field[i], &dp, &dl, &dl1m);
         if (ACT == kSoftmax) {
-          dpt[i] = dp;
-          dlt[i] = dl;
+          if (!LEAN) {
+            dpt[i] = dp;
+            dlt[i] = dl;
+          }
           dot[i] += p * dp;
           sdl[i] += dl;
         } else {
@@ -365,25 +374,33 @@ void backward_chunk(const Problem& pb, const T* logits, const L* labels, const T
     if (ACT == kSoftmax) {
       const A* __restrict inv = tile.inv.data();
       for (int64_t c = 0; c < C; ++c) {
+        const StatGradient<A> su = load_stat_gradient(upstream + (b * C + c) * kNumSlots);
+        const A cls = static_cast<A>(label_of_channel(c, C, ACT));
+        const ClassView<A> v(tile, c);
         const A* __restrict et = &tile.e[c * kTile];
         const A* __restrict dpt = &tile.dp[c * kTile];
         const A* __restrict dlt = &tile.dl[c * kTile];
+        A* __restrict dz = &tile.dp[c * kTile];  // T != A: dz replaces d/dp in the tile, then one rounding pass
         T* __restrict gc = grad + (b * C + c) * N + t0;
-        if constexpr (std::is_same_v<T, A>) {
 #pragma GCC ivdep
-          for (int i = 0; i < len; ++i) {
-            const A p = et[i] * inv[i];
-            gc[i] = p * (dpt[i] - dot[i]) + dlt[i] - p * sdl[i];
+        for (int i = 0; i < len; ++i) {
+          const A p = et[i] * inv[i];
+          A dp, dl;
+          if (LEAN) {
+            A dl1m;
+            element_gradient<true>(p, target_value<LABELS>(v, cls, i), v.w[i], su, A(0), A(0), &dp, &dl, &dl1m);
+          } else {
+            dp = dpt[i];
+            dl = dlt[i];
           }
-        } else {  // in the tile (dz replaces d/dp), then rounded to T in one vectorised pass
-          A* __restrict dz = &tile.dp[c * kTile];
-#pragma GCC ivdep
-          for (int i = 0; i < len; ++i) {
-            const A p = et[i] * inv[i];
-            dz[i] = p * (dz[i] - dot[i]) + dlt[i] - p * sdl[i];
+          const A out = p * (dp - dot[i]) + dl - p * sdl[i];
+          if constexpr (std::is_same_v<T, A>) {
+            gc[i] = out;
+          } else {
+            dz[i] = out;
           }
-          store_row(dz, gc, len);
         }
+        if constexpr (!std::is_same_v<T, A>) store_row(dz, gc, len);
       }
     }
   }
@@ -554,6 +571,9 @@ at::Tensor region_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& l
     const scalar_t* z = in.logits.data_ptr<scalar_t>();
     const A* u = upstream.data_ptr<A>();
     scalar_t* out = result.data_ptr<scalar_t>();
+    const bool lean = lean_gradient(u, in.batch * in.channels);
+    Problem lean_pb = pb;  // the lean gradient reads no field
+    lean_pb.field_pred = lean_pb.field_sq_err = nullptr;
     with_labels<scalar_t>(in, [&](auto* label_ptr, const scalar_t* target_ptr) {
       using L = std::remove_const_t<std::remove_pointer_t<decltype(label_ptr)>>;
       auto run = [&](auto act_tag, auto labels_tag, auto) {
@@ -564,7 +584,12 @@ at::Tensor region_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& l
           for (int64_t task = begin; task < end; ++task) {
             const int64_t b = task / chunks, k = task % chunks;
             const int64_t n0 = k * kChunk, n1 = std::min(in.voxels, n0 + kChunk);
-            backward_chunk<ACT, LABELS, scalar_t, L, A>(pb, z, label_ptr, target_ptr, u, b, n0, n1, out, tile);
+            if (lean) {
+              backward_chunk<ACT, LABELS, true, scalar_t, L, A>(lean_pb, z, label_ptr, target_ptr, u, b, n0, n1, out,
+                                                                tile);
+            } else {
+              backward_chunk<ACT, LABELS, false, scalar_t, L, A>(pb, z, label_ptr, target_ptr, u, b, n0, n1, out, tile);
+            }
           }
         });
       };
