@@ -103,16 +103,17 @@ def _target_and_weights(
         if ignore_index is not None:
             keep = labels != ignore_index
             weight = keep.to(dtype).unsqueeze(1)
-        if regions is not None:
-            hit = region_hits(regions, labels)
-        elif channels == 1 and activation != "softmax":
-            hit = (labels == 1).unsqueeze(1)
+        if regions is not None:  # an ignored label is in no region (checked): its row is 0
+            g = region_targets(regions, labels, dtype)
         else:
-            classes = torch.arange(channels, device=labels.device).reshape(1, channels, 1)
-            hit = labels.unsqueeze(1) == classes
-        if ignore_index is not None:
-            hit = hit & keep.unsqueeze(1)  # ignored voxels belong to no class, as in the reference
-        g = hit.to(dtype)
+            if channels == 1 and activation != "softmax":
+                hit = (labels == 1).unsqueeze(1)
+            else:
+                classes = torch.arange(channels, device=labels.device).reshape(1, channels, 1)
+                hit = labels.unsqueeze(1) == classes
+            if ignore_index is not None:
+                hit = hit & keep.unsqueeze(1)  # ignored voxels belong to no class, as in the reference
+            g = hit.to(dtype)
     else:
         assert target is not None
         g = target.to(dtype)
@@ -140,15 +141,35 @@ def _table_tensor(regions: tuple[tuple[int, ...], ...], device: torch.device) ->
 _memoised_table = functools.lru_cache(maxsize=64)(_table_tensor)
 
 
-def region_hits(regions: tuple[tuple[int, ...], ...], labels: torch.Tensor) -> torch.Tensor:
-    """(B, R, n) bool: bit r of each voxel's membership mask (False for a label outside the table,
-    which only an ignored voxel can have here)."""
-    table = membership_table(regions, labels.device)
-    inside = (labels >= 0) & (labels < table.shape[0])
-    bits = table[torch.where(inside, labels, torch.zeros_like(labels)).long()]
-    bits = torch.where(inside, bits, torch.zeros_like(bits))
-    shifts = torch.arange(len(regions), device=labels.device, dtype=torch.int64).view(1, -1, 1)
-    return ((bits.unsqueeze(1) >> shifts) & 1).bool()
+def region_targets(regions: tuple[tuple[int, ...], ...], labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, R, n) in ``dtype``: g_r = [label ∈ regions[r]] of labels (B, n), one row lookup per voxel
+    in :func:`region_target_table` (0 for a label outside the table: an ignored voxel, or one the
+    fused kernels would count as invalid), never a (B, R, n) integer or boolean temporary."""
+    table = region_target_table(regions, labels.device, dtype)
+    rows = (labels.long() + 1).clamp_(0, int(table.shape[0]) - 1)
+    return F.embedding(rows, table).transpose(1, 2).contiguous()
+
+
+def region_target_table(regions: tuple[tuple[int, ...], ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(L + 3, R) in ``dtype``: row l + 1 is label l's membership of each region (bit r of
+    ``segloss_core.regions.membership_table``), rows 0 and L + 2 are 0 (labels below 0 and above L);
+    memoised as :func:`membership_table`."""
+    if torch.compiler.is_compiling():
+        return _target_table_tensor(regions, device, dtype)
+    return _memoised_target_table(regions, device, dtype)
+
+
+def _target_table_tensor(
+    regions: tuple[tuple[int, ...], ...], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    masks = regions_module.membership_table(regions)
+    rows = [[0.0] * len(regions)]
+    rows += [[float((mask >> r) & 1) for r in range(len(regions))] for mask in masks]
+    rows.append([0.0] * len(regions))
+    return torch.tensor(rows, dtype=dtype, device=device)
+
+
+_memoised_target_table = functools.lru_cache(maxsize=64)(_target_table_tensor)
 
 
 @dataclass(frozen=True)
@@ -170,6 +191,23 @@ class Layout:
 
     def reads(self) -> frozenset[str]:
         return frozenset().union(*(entry.reads for entry, _ in self.entries()))
+
+
+FIELD_ONE_HOT: dict[str, tuple[stat_names.Term | None, stat_names.Term | None]] = {
+    "field_pred_sum": (lambda xp, v: v.p * v.field, None),  # p·F reads no g
+    "field_sq_err_sum": (  # (p − 1)²·F − p²·F = (1 − 2p)·F
+        lambda xp, v: v.p * v.p * v.field,
+        lambda xp, v: (1.0 - 2.0 * v.p) * v.field,
+    ),
+}
+"""The split (f(p, 0), f(p, 1) − f(p, 0)) of the field statistics for one-hot targets, as the
+table's ``one_hot`` of the others, with ``Voxel.field`` the field at each voxel (all classes) or at
+its label: the label path then runs boundary and Hausdorff-DT without a one-hot."""
+
+
+def one_hot_split(entry: stat_names.Statistic) -> tuple[stat_names.Term | None, stat_names.Term | None] | None:
+    """The one-hot split of a statistic (the table's, or :data:`FIELD_ONE_HOT`), None: no label path."""
+    return entry.one_hot if entry.one_hot is not None else FIELD_ONE_HOT.get(entry.name)
 
 
 def _entry(name: str) -> tuple[stat_names.Statistic, Any]:
@@ -253,12 +291,11 @@ class _Chunk:
         start: int,
         stop: int,
         with_target: bool,
-        log_terms: bool = True,
+        reads: frozenset[str],
     ):
         z, labels, target, mask, *fields = tensors
         dtype = accumulation_dtype(z.dtype)
         self.z = z[:, :, start:stop].to(dtype).contiguous()
-        reads = layout.reads() if log_terms else frozenset()  # without: p alone (log terms are the caller's)
         self.p, self.log_p, self.log_1mp = _activation(self.z, layout.activation, reads)
         self.labels = None if labels is None else labels[:, start:stop]
         chunk_mask = None if mask is None else mask[:, :, start:stop]
@@ -283,11 +320,22 @@ class _Chunk:
             if chunk_mask is not None:
                 m = chunk_mask.reshape(chunk_mask.shape[0], -1).to(dtype)
                 self.w = m if self.w is None else self.w * m
-        self.fields = {name: f[:, :, start:stop].to(dtype) for name, f in zip(layout.fields, fields, strict=True)}
+        self.start = start
+        self.whole_fields = dict(zip(layout.fields, fields, strict=True))
+        self.fields = {name: f[:, :, start:stop].to(dtype) for name, f in self.whole_fields.items()}
 
     def voxel(self, entry: stat_names.Statistic, arg: Any) -> stat_names.Voxel:
         field = self.fields[arg] if "field" in entry.reads else None
         return stat_names.Voxel(p=self.p, g=self.g, log_p=self.log_p, log_1mp=self.log_1mp, field=field, arg=arg)
+
+    def field_at_label(self, name: str, bins: torch.Tensor) -> torch.Tensor:
+        """The field ``name`` at each voxel's label (B, 1, n), read from the whole (B, C, N) field at
+        (b·C + y)·N + start + i (1-D index_select, no copy of the chunk's strided slice)."""
+        whole = self.whole_fields[name]
+        voxels, n = int(whole.shape[2]), int(bins.shape[1])
+        index = bins * voxels + (self.start + torch.arange(n, device=bins.device))
+        values = whole.reshape(-1).index_select(0, index.reshape(-1)).view(int(bins.shape[0]), 1, n)
+        return values.to(self.p.dtype)
 
 
 def _label_index(labels: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,20 +352,33 @@ def _at_label(values: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1).index_select(0, flat.reshape(-1)).view(flat.shape[0], 1, flat.shape[1])
 
 
-def _label_sums(layout: Layout, chunk: _Chunk) -> list[torch.Tensor]:
+def _split_entries(layout: Layout) -> list[tuple[stat_names.Statistic, Any, tuple[Any, Any]]]:
+    """(entry, argument, one-hot split) of each statistic of a label-path layout."""
+    return [(entry, arg, one_hot_split(entry)) for entry, arg in layout.entries()]  # type: ignore[misc]
+
+
+def _label_sums(
+    layout: Layout, chunk: _Chunk, entries: list[tuple[stat_names.Statistic, Any, Any]]
+) -> list[torch.Tensor]:
     """Each statistic of a chunk from its one-hot split: the g = 0 part summed over every class
-    (weights w (B, n), or None: all 1), the rest taken at each voxel's label and added into its class."""
+    (weights w (B, n), or None: all 1), the rest taken at each voxel's label and added into its class
+    (no label index at all when no statistic has such a part, as boundary's p·φ)."""
     channels, w = layout.channels, chunk.w
     batch = int(chunk.p.shape[0])
-    bins, flat = _label_index(chunk.labels, channels)
-    p_y = _at_label(chunk.p, flat)
-    log_p_y = None if chunk.log_p is None else _at_label(chunk.log_p, flat)
+    bins = flat = p_y = log_p_y = None
+    if any(foreground is not None for _, _, (_, foreground) in entries):
+        bins, flat = _label_index(chunk.labels, channels)
+        p_y = _at_label(chunk.p, flat)
+        log_p_y = None if chunk.log_p is None else _at_label(chunk.log_p, flat)
     sums = []
-    for entry, arg in layout.entries():
-        background, foreground = entry.one_hot
+    for entry, arg, (background, foreground) in entries:
+        field = chunk.fields[arg] if "field" in entry.reads else None
         value = None
-        if background is not None:
-            term = background(xp_torch, stat_names.Voxel(p=chunk.p, g=None, log_p=chunk.log_p, arg=arg))
+        if entry.name == "count" and w is None:  # Σ 1 = n
+            value = chunk.p.new_full((batch, channels), float(chunk.p.shape[2]))
+        elif background is not None:
+            voxel = stat_names.Voxel(p=chunk.p, g=None, log_p=chunk.log_p, field=field, arg=arg)
+            term = background(xp_torch, voxel)
             if w is None:
                 value = term.sum(dim=-1)
             else:
@@ -326,7 +387,9 @@ def _label_sums(layout: Layout, chunk: _Chunk) -> list[torch.Tensor]:
                 value = torch.einsum("bcn,bn->bc", term, w)
             value = value.expand(batch, channels)
         if foreground is not None:
-            term = foreground(xp_torch, stat_names.Voxel(p=p_y, g=None, log_p=log_p_y, arg=arg))
+            assert bins is not None and flat is not None
+            field_y = None if field is None else chunk.field_at_label(arg, bins)
+            term = foreground(xp_torch, stat_names.Voxel(p=p_y, g=None, log_p=log_p_y, field=field_y, arg=arg))
             weighted = term.expand(batch, 1, flat.shape[1]).reshape(batch, -1)
             if w is not None:
                 weighted = weighted * w
@@ -354,7 +417,13 @@ def _difference(at_one: Any, at_zero: Any) -> Any:
     return -at_zero if at_one is None else at_one - at_zero
 
 
-def _label_backward(layout: Layout, chunk: _Chunk, grad_out: torch.Tensor, out: torch.Tensor) -> None:
+def _label_backward(
+    layout: Layout,
+    chunk: _Chunk,
+    entries: list[tuple[stat_names.Statistic, Any, Any]],
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
     """The chunk's gradient for softmax and integer labels from the table's one-hot split, without a
     one-hot: d/dp = a + δ_{c,y}·α and d/dlog p = b + δ_{c,y}·β, with a, b the partials at g = 0 over
     every class (only the statistics with a g = 0 part) and α, β the partials' change from g = 0 to
@@ -362,55 +431,97 @@ def _label_backward(layout: Layout, chunk: _Chunk, grad_out: torch.Tensor, out: 
 
         dz = p ⊙ (a − S) + b + δ_{c,y}·(p_y·α + β),   S = Σ_c p_c·a_c + p_y·α + Σ_c b_c + β,
 
-    times the voxel weights w; written into ``out`` (the gradient's slice, in the logits' dtype)."""
+    times the voxel weights w; written into ``out`` (the gradient's slice, in the logits' dtype).
+    Without a part at the label (α = β = 0: boundary's p·φ with count) no label index is built."""
     p = chunk.p  # the chunk without log terms: log p only where a partial may read it
-    bins, flat = _label_index(chunk.labels, layout.channels)
-    p_y = _at_label(p, flat)
-    entries = layout.entries()
-    log_p = log_p_y = None
-    if any("log_p" in entry.reads for entry, _ in entries):
+    at_labels = any(foreground is not None for _, _, (_, foreground) in entries)
+    reads_log_p = any("log_p" in entry.reads for entry, _, _ in entries)
+    bins = flat = p_y = log_p = log_p_y = None
+    if at_labels:
+        bins, flat = _label_index(chunk.labels, layout.channels)
+        p_y = _at_label(p, flat)
+    if reads_log_p:
         lse = chunk.z.amax(dim=1, keepdim=True) - torch.log(p.amax(dim=1, keepdim=True))  # as in _activation
-        log_p_y = _at_label(chunk.z, flat) - lse
-        if any("log_p" in entry.reads and entry.one_hot[0] is not None for entry, _ in entries):
+        if at_labels:
+            assert flat is not None
+            log_p_y = _at_label(chunk.z, flat) - lse
+        if any("log_p" in entry.reads and split[0] is not None for entry, _, split in entries):
             log_p = chunk.z - lse
     a = b = alpha = beta = None
-    for k, (entry, arg) in enumerate(entries):
-        background, foreground = entry.one_hot
+    for k, (entry, arg, (background, foreground)) in enumerate(entries):
         upstream = grad_out[:, :, k]
+        field = chunk.fields[arg] if "field" in entry.reads else None
+        field_y = None
+        if foreground is not None and field is not None:
+            assert bins is not None
+            field_y = chunk.field_at_label(arg, bins)
         at_zero: tuple[Any, ...] = (None, None, None)
         if background is not None:
-            d_p, d_logp, _ = entry.partials(xp_torch, stat_names.Voxel(p=p, g=0.0, log_p=log_p, arg=arg))
+            voxel = stat_names.Voxel(p=p, g=0.0, log_p=log_p, field=field, arg=arg)
+            d_p, d_logp, _ = entry.partials(xp_torch, voxel)
             a = _add_product(a, upstream.unsqueeze(-1), d_p)
             b = _add_product(b, upstream.unsqueeze(-1), d_logp)
             if foreground is not None:
-                at_zero = entry.partials(xp_torch, stat_names.Voxel(p=p_y, g=0.0, log_p=log_p_y, arg=arg))
+                voxel_y = stat_names.Voxel(p=p_y, g=0.0, log_p=log_p_y, field=field_y, arg=arg)
+                at_zero = entry.partials(xp_torch, voxel_y)
         if foreground is not None:
-            at_one = entry.partials(xp_torch, stat_names.Voxel(p=p_y, g=1.0, log_p=log_p_y, arg=arg))
+            assert bins is not None and p_y is not None
+            voxel_y = stat_names.Voxel(p=p_y, g=1.0, log_p=log_p_y, field=field_y, arg=arg)
+            at_one = entry.partials(xp_torch, voxel_y)
             upstream_y = upstream.reshape(-1).index_select(0, bins.reshape(-1)).view_as(p_y)
             alpha = _add_product(alpha, upstream_y, _difference(at_one[0], at_zero[0]))
             beta = _add_product(beta, upstream_y, _difference(at_one[1], at_zero[1]))
-    total = torch.zeros_like(p_y)  # S
-    at_label = torch.zeros_like(p_y)  # p_y·α + β
+    if a is not None and a.shape == p.shape and b is None and alpha is None and beta is None:
+        # d/dp only, per voxel (boundary's u·φ): dz = p·a' − p·Σ_c p·a' with a' = w·a, three passes
+        if chunk.w is not None:
+            a.mul_(chunk.w.unsqueeze(1))  # a is a fresh product
+        pa = p * a
+        torch.addcmul(pa, p, pa.sum(dim=1, keepdim=True), value=-1.0, out=out)
+        return
+    total = None  # S
+    at_label = None  # p_y·α + β
     if a is not None:
         if a.shape[-1] == 1:  # a per (sample, class): S's part is a matrix product
-            total = total + torch.einsum("bcn,bc->bn", p, a.squeeze(-1)).unsqueeze(1)
+            total = torch.einsum("bcn,bc->bn", p, a.squeeze(-1)).unsqueeze(1)
         else:
-            total = total + (p * a).sum(dim=1, keepdim=True)
+            total = (p * a).sum(dim=1, keepdim=True)
     if alpha is not None:
-        at_label = at_label + p_y * alpha
+        at_label = p_y * alpha
     if b is not None:
-        total = total + b.sum(dim=1, keepdim=True)
+        total = _sum(total, b.sum(dim=1, keepdim=True))
     if beta is not None:
-        at_label = at_label + beta
-    total = total + at_label
-    inner = -total if a is None else a - total
+        at_label = _sum(at_label, beta)
+    total = _sum(total, at_label)
+    if total is None:
+        out.zero_()
+        return
+    if a is None:
+        inner = -total
+    elif a.shape == p.shape:  # a fresh product per voxel (a field's partial): in place
+        inner = a.sub_(total)
+    else:
+        inner = a - total
+    if b is None and at_label is None:  # dz = w·p ⊙ (a − S), written straight into the gradient
+        if chunk.w is not None:
+            inner = inner * chunk.w.unsqueeze(1)
+        torch.mul(p, inner, out=out)
+        return
     grad = p * inner
     if b is not None:
         grad = grad + b
-    grad.view(-1).index_add_(0, flat.reshape(-1), at_label.reshape(-1))
+    if at_label is not None:
+        assert flat is not None
+        grad.view(-1).index_add_(0, flat.reshape(-1), at_label.reshape(-1))
     if chunk.w is not None:
         grad.mul_(chunk.w.unsqueeze(1))
     out.copy_(grad)
+
+
+def _sum(left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor | None:
+    """left + right, None as 0."""
+    if left is None:
+        return right
+    return left if right is None else left + right
 
 
 def _bounds(layout: Layout, voxels: int) -> list[tuple[int, int]]:
@@ -430,10 +541,12 @@ class ChunkedStatistics(torch.autograd.Function):
         batch, channels, voxels = (int(n) for n in z.shape)
         out = z.new_zeros((batch, channels, len(layout.names)), dtype=accumulation_dtype(z.dtype))
         entries = layout.entries()
+        splits = _split_entries(layout) if layout.label_path else []
+        reads = layout.reads()
         for start, stop in _bounds(layout, voxels):
-            chunk = _Chunk(layout, tensors, start, stop, with_target=not layout.label_path)
+            chunk = _Chunk(layout, tensors, start, stop, with_target=not layout.label_path, reads=reads)
             if layout.label_path:
-                sums = _label_sums(layout, chunk)
+                sums = _label_sums(layout, chunk, splits)
             else:
                 sums = [
                     stat_names.weighted_sum(
@@ -454,10 +567,12 @@ class ChunkedStatistics(torch.autograd.Function):
         grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)
         entries = layout.entries()
         label_backward = layout.label_path and layout.activation == "softmax"
+        splits = _split_entries(layout) if label_backward else []
+        reads = frozenset() if label_backward else layout.reads()  # the label path: p alone (log p its own)
         for start, stop in _bounds(layout, int(z.shape[2])):
-            chunk = _Chunk(layout, tensors, start, stop, with_target=not label_backward, log_terms=not label_backward)
+            chunk = _Chunk(layout, tensors, start, stop, with_target=not label_backward, reads=reads)
             if label_backward:
-                _label_backward(layout, chunk, grad_out, grad[:, :, start:stop])
+                _label_backward(layout, chunk, splits, grad_out, grad[:, :, start:stop])
                 continue
             d: list[torch.Tensor | None] = [None, None, None]  # d/dp, d/dlog p, d/dlog(1 − p)
             for k, (entry, arg) in enumerate(entries):
@@ -497,7 +612,7 @@ def compute_statistics(prepared: PreparedInputs, names: Any) -> dict[str, torch.
         and prepared.activation != "sigmoid"
         and channels > 1
         and (mask is None or int(mask.shape[1]) == 1)
-        and all(_entry(name)[0].one_hot is not None for name in ordered)
+        and all(one_hot_split(_entry(name)[0]) is not None for name in ordered)
         and not (z.is_cuda and torch.are_deterministic_algorithms_enabled())  # scatter_add
     )
     layout = Layout(
