@@ -12,8 +12,12 @@ besides that gradient: extra memory is the gradient plus a few chunk-sized tempo
 Integer labels with softmax (or probabilities) and all statistics split for one-hot targets
 take the label path in forward: the g = 0 part of each term is summed over every class, the rest
 gathered at each voxel's label and scatter-added into its class, so no one-hot is built (ignored
-voxels get class 0 with weight 0, so no kernel indexes with an ignored label). Accumulates in
-float32 for float16/bfloat16 logits (float64 stays float64).
+voxels get class 0 with weight 0, so no kernel indexes with an ignored label). The field
+statistics (boundary's Σ w·p·φ, Hausdorff-DT's Σ w·(p − g)²·F) take their split from
+:data:`FIELD_ONE_HOT`, the field at each voxel's label read from the whole field. Region targets
+(``regions=``, sigmoid: the dense path) are one row lookup per voxel in a float membership table
+(:func:`region_targets`). Accumulates in float32 for float16/bfloat16 logits (float64 stays
+float64).
 
 Chunk size (:func:`chunk_voxels`): elements (B·C·voxels) per chunk such that one temporary in
 the accumulation dtype is at most 1/32 of the logits' bytes (:data:`TEMPORARY_SHARE`; a chunk
@@ -476,7 +480,7 @@ def _label_backward(
         if chunk.w is not None:
             a.mul_(chunk.w.unsqueeze(1))  # a is a fresh product
         pa = p * a
-        torch.addcmul(pa, p, pa.sum(dim=1, keepdim=True), value=-1.0, out=out)
+        _write(out, torch.addcmul, pa, p, pa.sum(dim=1, keepdim=True), value=-1.0)
         return
     total = None  # S
     at_label = None  # p_y·α + β
@@ -504,7 +508,7 @@ def _label_backward(
     if b is None and at_label is None:  # dz = w·p ⊙ (a − S), written straight into the gradient
         if chunk.w is not None:
             inner = inner * chunk.w.unsqueeze(1)
-        torch.mul(p, inner, out=out)
+        _write(out, torch.mul, p, inner)
         return
     grad = p * inner
     if b is not None:
@@ -515,6 +519,15 @@ def _label_backward(
     if chunk.w is not None:
         grad.mul_(chunk.w.unsqueeze(1))
     out.copy_(grad)
+
+
+def _write(out: torch.Tensor, op: Any, *args: Any, **kwargs: Any) -> None:
+    """op(*args, **kwargs) written into ``out`` (a strided slice of the gradient): with ``out=``
+    eagerly, as a copy under ``torch.compile`` (Dynamo takes no non-contiguous ``out=``)."""
+    if torch.compiler.is_compiling():
+        out.copy_(op(*args, **kwargs))
+    else:
+        op(*args, **kwargs, out=out)
 
 
 def _sum(left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor | None:

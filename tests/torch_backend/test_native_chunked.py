@@ -337,6 +337,34 @@ def test_region_targets_equal_the_core_definition(labels_dtype):
         assert negative[0, :, 0].tolist() == [0.0] * 4 and negative[0, :, 1].tolist() == [1.0, 1.0, 1.0, 0.0]
 
 
+@pytest.mark.parametrize("case", ["boundary", "regions"])
+def test_torch_compile_fullgraph_fields_and_regions(case, small_chunks):
+    """The field label path (boundary with a given φ) and region targets (the table lookup) under
+    torch.compile(fullgraph=True): value and gradient as eager."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 6, 5, generator=g)
+    y = torch.randint(0, 3, (2, 6, 5), generator=g)
+    if case == "boundary":
+        phi = torch.randn(2, 3, 6, 5, generator=g)
+        module = get_loss("boundary", backend="torch", impl="native")
+
+        def loss(x, y):
+            return module(x, y, distance_map=phi)
+    else:
+        loss = get_loss(
+            "dice_ce", backend="torch", impl="native", preset="nnunet_regions", regions=((1, 2), (2,), (0,))
+        )
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (loss, compiled):
+        xd = x.clone().requires_grad_(True)
+        value = fn(xd, y)
+        value.backward()
+        results.append((value.detach(), xd.grad))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1])
+
+
 def test_every_table_statistic_is_covered():
     bases = {stat_names.parse(n)[0] for n in SIGMOID_STATS}
     assert bases == set(stat_names.TABLE)
