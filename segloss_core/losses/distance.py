@@ -113,12 +113,11 @@ def _prediction_mask(prepared: Any, threshold: float) -> Any:
     z = _detached(prepared.pred)
     if prepared.activation == "softmax":
         largest = xp.max(z, axis=1, keepdims=True)
+        if threshold >= 0.5:
+            above = 1.0 / xp.sum(xp.exp(z - largest), axis=1, keepdims=True) > threshold  # exp(z − max) freed
+            return lambda c: (z[:, c : c + 1] == largest) & above
         e = xp.exp(z - largest)
         total = xp.sum(e, axis=1, keepdims=True)
-        if threshold >= 0.5:
-            del e
-            above = 1.0 / total > threshold
-            return lambda c: (z[:, c : c + 1] == largest) & above
         return lambda c: e[:, c : c + 1] / total > threshold
     if prepared.activation == "sigmoid":
         return lambda c: 1.0 / (1.0 + xp.exp(-z[:, c : c + 1])) > threshold
