@@ -79,7 +79,8 @@ class Statistic:
     None (zero), for hand-written VJPs: log terms are differentiated w.r.t. log p so they stay
     finite where p underflows. ``one_hot`` splits f for a one-hot g into (f(p, 0), f(p, 1) − f(p, 0))
     (None: identically 0), so label paths sum the first over all classes and the second only at each
-    voxel's label; None where a label path does not apply. ``reads`` names the optional inputs.
+    voxel's label (a field statistic's ``Voxel.field`` is then the field at each voxel, or at each
+    voxel's label); None where a label path does not apply. ``reads`` names the optional inputs.
     """
 
     name: str
@@ -267,7 +268,7 @@ TABLE: dict[str, Statistic] = {
             "boundary loss (F = signed distance map)",
             lambda xp, v: v.p * v.field,
             lambda xp, v: (v.field, None, None),
-            None,
+            (lambda xp, v: v.p * v.field, None),  # p·F reads no g
             reads=frozenset({"field"}),
         ),
         Statistic(
@@ -276,7 +277,7 @@ TABLE: dict[str, Statistic] = {
             "Hausdorff-DT loss (F = d_p^α + d_g^α)",
             lambda xp, v: (v.p - v.g) * (v.p - v.g) * v.field,
             lambda xp, v: (2.0 * (v.p - v.g) * v.field, None, None),
-            None,
+            (lambda xp, v: v.p * v.p * v.field, lambda xp, v: (1.0 - 2.0 * v.p) * v.field),  # (p − 1)²F − p²F
             reads=frozenset({"field"}),
         ),
     )

@@ -13,8 +13,8 @@ Integer labels with softmax (or probabilities) and all statistics split for one-
 take the label path in forward: the g = 0 part of each term is summed over every class, the rest
 gathered at each voxel's label and scatter-added into its class, so no one-hot is built (ignored
 voxels get class 0 with weight 0, so no kernel indexes with an ignored label). The field
-statistics (boundary's Σ w·p·φ, Hausdorff-DT's Σ w·(p − g)²·F) take their split from
-:data:`FIELD_ONE_HOT`, the field at each voxel's label read from the whole field. Region targets
+statistics (boundary's Σ w·p·φ, Hausdorff-DT's Σ w·(p − g)²·F) take their split from the table
+like the others, the field at each voxel's label read from the whole field. Region targets
 (``regions=``, sigmoid: the dense path) are one row lookup per voxel in a float membership table
 (:func:`region_targets`). Accumulates in float32 for float16/bfloat16 logits (float64 stays
 float64).
@@ -197,23 +197,6 @@ class Layout:
         return frozenset().union(*(entry.reads for entry, _ in self.entries()))
 
 
-FIELD_ONE_HOT: dict[str, tuple[stat_names.Term | None, stat_names.Term | None]] = {
-    "field_pred_sum": (lambda xp, v: v.p * v.field, None),  # p·F reads no g
-    "field_sq_err_sum": (  # (p − 1)²·F − p²·F = (1 − 2p)·F
-        lambda xp, v: v.p * v.p * v.field,
-        lambda xp, v: (1.0 - 2.0 * v.p) * v.field,
-    ),
-}
-"""The split (f(p, 0), f(p, 1) − f(p, 0)) of the field statistics for one-hot targets, as the
-table's ``one_hot`` of the others, with ``Voxel.field`` the field at each voxel (all classes) or at
-its label: the label path then runs boundary and Hausdorff-DT without a one-hot."""
-
-
-def one_hot_split(entry: stat_names.Statistic) -> tuple[stat_names.Term | None, stat_names.Term | None] | None:
-    """The one-hot split of a statistic (the table's, or :data:`FIELD_ONE_HOT`), None: no label path."""
-    return entry.one_hot if entry.one_hot is not None else FIELD_ONE_HOT.get(entry.name)
-
-
 def _entry(name: str) -> tuple[stat_names.Statistic, Any]:
     base, arg = stat_names.parse(name)
     return stat_names.TABLE[base], arg
@@ -358,7 +341,7 @@ def _at_label(values: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
 
 def _split_entries(layout: Layout) -> list[tuple[stat_names.Statistic, Any, tuple[Any, Any]]]:
     """(entry, argument, one-hot split) of each statistic of a label-path layout."""
-    return [(entry, arg, one_hot_split(entry)) for entry, arg in layout.entries()]  # type: ignore[misc]
+    return [(entry, arg, entry.one_hot) for entry, arg in layout.entries()]  # type: ignore[misc]
 
 
 def _label_sums(
@@ -625,7 +608,7 @@ def compute_statistics(prepared: PreparedInputs, names: Any) -> dict[str, torch.
         and prepared.activation != "sigmoid"
         and channels > 1
         and (mask is None or int(mask.shape[1]) == 1)
-        and all(one_hot_split(_entry(name)[0]) is not None for name in ordered)
+        and all(_entry(name)[0].one_hot is not None for name in ordered)
         and not (z.is_cuda and torch.are_deterministic_algorithms_enabled())  # scatter_add
     )
     layout = Layout(

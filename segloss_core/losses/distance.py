@@ -155,9 +155,13 @@ def _target_maps(prepared: Any, classes: list[int], spacing: tuple[float, ...], 
     return distance_maps.mask_distance_map(masks, spacing, kind=kind)
 
 
-def _power(xp: Any, d: Array, alpha: float) -> Array:
-    """d**α for distances d ≥ 0 (d·d for α = 2, d itself for α = 1)."""
+def _power(xp: Any, d: Array, alpha: float, in_place: bool) -> Array:
+    """d**α for distances d ≥ 0 (d itself for α = 1; d·d for α = 2, into d where ``in_place``: the
+    array is the caller's own and its library allows it)."""
     if alpha == 1.0:
+        return d
+    if alpha == 2.0 and in_place:
+        d *= d
         return d
     return d * d if alpha == 2.0 else d**alpha
 
@@ -190,17 +194,11 @@ def _hausdorff_fields(prepared: Any, params: Params, inputs: Mapping[str, Array]
     # the target's maps of the classes the formula reads (the others 0, not transformed)
     weight = _target_maps(prepared, classes, spacing, "boundary")
     mutable = is_numpy(xp) or is_cupy(xp) or is_torch(xp)
-    if alpha == 2.0 and mutable:
-        weight *= weight
-    elif alpha != 1.0:
-        weight = _power(xp, weight, alpha)
+    weight = _power(xp, weight, alpha, mutable)
     # then the thresholded prediction's maps of the same classes, in one transform call, added into F
     mask = _prediction_mask(prepared, params.threshold)
     d_pred = distance_maps.mask_distance_map(xp.concat([mask(c) for c in classes], axis=1), spacing)
-    if alpha == 2.0 and mutable:
-        d_pred *= d_pred
-    elif alpha != 1.0:
-        d_pred = _power(xp, d_pred, alpha)
+    d_pred = _power(xp, d_pred, alpha, mutable)
     if d_pred.dtype != weight.dtype:
         d_pred = xp.astype(d_pred, weight.dtype)
     if mutable:

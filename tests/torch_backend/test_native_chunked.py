@@ -166,7 +166,7 @@ HAUSDORFF_STATS = ("count", "field_sq_err_sum:phi")
 def test_label_path_equals_the_one_hot_path(form, names, small_chunks):
     """Forward (the one-hot split) and backward (the closed-form softmax VJP from the split) of the
     label path equal the one-hot path's, float64, values and VJP for a random upstream (the field
-    statistics from native.FIELD_ONE_HOT, their field read at each voxel's label)."""
+    statistics from the table's split too, their field read at each voxel's label)."""
     prepared = _prepared("softmax", form)
     labels = prepared.labels.reshape(2, -1)
     mask = None if prepared.mask is None else prepared.mask.reshape(2, 1, -1)
