@@ -22,7 +22,8 @@ the memory measurement makes every block above 128 KiB a fresh mapping whose pag
 first touch, which would charge code of many mid-size temporaries (the chunked native path) for
 page faults it does not have in training. *Extra peak memory* is the peak resident memory (CPU:
 VmHWM, reset through /proc/self/clear_refs before each run; CUDA: max_memory_allocated) above what
-was in use before the step, as a multiple of the logits' size: 1.0 is the gradient itself, the
+was in use before the step (plus the freed blocks the fused CPU kernels keep for the step to take:
+``segloss_torch.fused.host_cache_bytes``), as a multiple of the logits' size: 1.0 is the gradient itself, the
 least any loss can allocate. The *floor* row is ``(x * 1.0).sum()`` forward + backward: it does
 nothing but read the logits, allocate and write a gradient. On CUDA, *% copy bw* relates each step
 to the device's measured copy bandwidth (``y.copy_(x)`` on the logits): the bytes a fused step must
@@ -71,6 +72,7 @@ if (
 import torch
 
 from segloss_core import get_loss
+from segloss_torch import fused
 
 warnings.simplefilter("ignore")
 
@@ -119,9 +121,12 @@ def measure_peak(fn: Callable[[], None], device: str) -> float:
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - before)
     _reset_peak()
+    # the freed blocks the fused CPU kernels keep (segloss_torch.fused.host_cache_bytes) are resident
+    # before the step and taken by it: counted as its memory, as a CUDA caching allocator's reserve
+    held = fused.host_cache_bytes()
     before = _rss_kb("VmRSS:")
     fn()
-    return float(_rss_kb("VmHWM:") - before) * 1024.0
+    return float(_rss_kb("VmHWM:") - before) * 1024.0 + held
 
 
 def median_ms(fn: Callable[[], None], device: str, warmup: int, repeat: int) -> float:

@@ -14,10 +14,8 @@
 
 #include "edt.h"
 #include "edt_planes.h"
+#include "host_buffers.h"
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace segloss {
 namespace {
@@ -60,18 +58,11 @@ void run_tasks(int64_t count, Task task) {
 }
 
 // A fresh output of many MiB costs a page fault per 4 KiB page when it is first written (as much
-// CPU time as a fifth of the transforms at 128³ × 4 classes): ask Linux for huge pages on the
-// part of it that is 2 MiB-aligned (a hint; nothing changes where it is not honoured).
+// CPU time as a fifth of the transforms at 128³ × 4 classes): the maps come from the host block
+// cache (host_buffers.h), where the block a previous step freed has its pages resident.
 at::Tensor empty_maps(at::IntArrayRef shape, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(shape, options.dtype(at::kFloat));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr<float>());
-  const uintptr_t end = begin + static_cast<uintptr_t>(out.numel()) * sizeof(float);
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-  return out;
+  TORCH_CHECK(options.device().is_cpu(), "segloss: CPU distance maps on ", options.device());
+  return host_buffers::empty(shape, at::kFloat);
 }
 
 constexpr int64_t kColumns = 1024;  // phase-A task: this many columns of a plane

@@ -5,7 +5,7 @@
 // buffers; sums are kept in kLanes independent lanes per (class, statistic) and reduced in a
 // fixed order, so results are bitwise identical run to run and for any thread count. The
 // loops over a tile are written so the compiler can vectorise them (seg_exp is branch-free).
-// The gradient is allocated with transparent huge pages when large: its first-touch page
+// The gradient comes from the host block cache when large (host_buffers.h): its first-touch page
 // faults are otherwise a large part of the cost of a backward pass. float16/bfloat16 logits are
 // converted to float32 a row of a tile at a time and the gradient written back the same way, in
 // loops that vectorise (bfloat16: bit shifts; float16: F16C's 8-wide conversions where the CPU
@@ -15,7 +15,6 @@
 #include <c10/util/Half.h>
 #include <c10/util/BFloat16.h>
 
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -28,6 +27,7 @@
 #endif
 
 #include "../kernels/region_stats.cuh"
+#include "host_buffers.h"
 #include "region_stats.h"
 
 namespace segloss {
@@ -476,22 +476,10 @@ void with_labels(const RegionStatsInputs& in, F&& f) {
   }
 }
 
-// Fresh memory for a large gradient, backed by transparent huge pages where the kernel allows
-// (2 MiB pages: ~500 times fewer first-touch page faults than 4 KiB ones).
+// The gradient: from the host block cache when large (csrc/torch/host_buffers.cpp: a block the
+// last step freed has its pages resident; a fresh one is advised to use huge pages).
 at::Tensor empty_for_gradient(const at::Tensor& like) {
-  const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
-  constexpr size_t kHuge = size_t(2) << 20;
-  if (bytes < 2 * kHuge) return at::empty_like(like, at::MemoryFormat::Contiguous);
-  const size_t length = (bytes + kHuge - 1) / kHuge * kHuge + kHuge;
-  void* base = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (base == MAP_FAILED) return at::empty_like(like, at::MemoryFormat::Contiguous);
-  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + kHuge - 1) / kHuge * kHuge;
-#ifdef MADV_HUGEPAGE
-  madvise(reinterpret_cast<void*>(aligned), length - (aligned - reinterpret_cast<uintptr_t>(base)), MADV_HUGEPAGE);
-#endif
-  return at::from_blob(
-      reinterpret_cast<void*>(aligned), like.sizes(), [base, length](void*) { munmap(base, length); },
-      like.options().memory_format(at::MemoryFormat::Contiguous));
+  return host_buffers::empty(like.sizes(), like.scalar_type());
 }
 
 }  // namespace

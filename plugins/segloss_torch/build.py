@@ -71,7 +71,13 @@ class Part:
 
 CPU_PART = Part(
     "cpu",
-    ("torch/common.cpp", "torch/region_stats_cpu.cpp", "torch/edt_cpu.cpp", "torch/register_cpu.cpp"),
+    (
+        "torch/common.cpp",
+        "torch/host_buffers.cpp",
+        "torch/region_stats_cpu.cpp",
+        "torch/edt_cpu.cpp",
+        "torch/register_cpu.cpp",
+    ),
     with_cuda=False,
     core_seconds=100.0,
 )
