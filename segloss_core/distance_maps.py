@@ -71,6 +71,9 @@ class DistanceMapKernels(Protocol):
         """None where the compiled kernels run, else why not (the maps then come from a fallback)."""
         ...  # pragma: no cover - a protocol
 
+    # optional: ``softmax_prediction_labels(logits, threshold) -> labels or None``
+    # (:func:`softmax_prediction_labels`; a backend without it leaves the masks to the losses)
+
 
 def check_spacing(spacing: float | Sequence[float] | None, ndim: int) -> tuple[float, ...]:
     """Per-axis spacing as a tuple of ``ndim`` positive floats (``None`` = 1 everywhere)."""
@@ -336,6 +339,19 @@ def distance_map(
     return _reference_fallback(
         _reference_labels, labels, num_classes, spacing, region, no_boundary_value, normalize, ignore_index
     )
+
+
+def softmax_prediction_labels(logits: Array, threshold: float) -> Array | None:
+    """The softmax prediction of ``logits`` (B, C, *spatial) thresholded as one label map
+    (B, *spatial): the class of a voxel's largest logit where its probability exceeds ``threshold``
+    (1/Σ exp(z − max): the largest logit's exp(0) over the sum), C (no class) elsewhere. For a
+    threshold ≥ 0.5 the map of class c of it is that of the mask ``softmax(z)_c > threshold`` (no
+    other class can exceed 1/2). From the backend's kernels where they offer it (an optional
+    function of :class:`DistanceMapKernels`: the torch CPU op), else None (the caller builds the
+    masks: no reference here)."""
+    kernels = _kernels(logits, False)
+    function = getattr(kernels, "softmax_prediction_labels", None)
+    return None if function is None else function(logits, threshold)
 
 
 def mask_distance_map(

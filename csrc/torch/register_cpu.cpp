@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "edt.h"
+#include "prediction_labels.h"
 #include "region_stats.h"
 
 TORCH_LIBRARY_IMPL(segloss, CPU, m) {
@@ -10,4 +11,5 @@ TORCH_LIBRARY_IMPL(segloss, CPU, m) {
   m.impl("region_stats_backward", &segloss::region_stats_backward_cpu);
   m.impl("label_distance_maps", &segloss::label_distance_maps_cpu);
   m.impl("mask_distance_maps", &segloss::mask_distance_maps_cpu);
+  m.impl("softmax_prediction_labels", &segloss::softmax_prediction_labels_cpu);
 }

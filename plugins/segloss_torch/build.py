@@ -76,6 +76,7 @@ CPU_PART = Part(
         "torch/host_buffers.cpp",
         "torch/region_stats_cpu.cpp",
         "torch/edt_cpu.cpp",
+        "torch/prediction_labels_cpu.cpp",
         "torch/register_cpu.cpp",
     ),
     with_cuda=False,

@@ -23,7 +23,7 @@ from segloss_core.distance_maps import check_spacing, normalise
 
 from . import fused
 
-__all__ = ["distance_map", "mask_distance_map", "signed_distance_map", "unavailable"]
+__all__ = ["distance_map", "mask_distance_map", "signed_distance_map", "softmax_prediction_labels", "unavailable"]
 
 KINDS = reference.KIND_CODES
 
@@ -140,3 +140,14 @@ def mask_distance_map(
         return torch.ops.segloss.mask_distance_maps(masks, list(sampling), KINDS[kind], float(no_boundary_value))
     field = reference.mask_distance_map(masks.cpu().numpy(), sampling, kind=kind, no_boundary_value=no_boundary_value)
     return torch.from_numpy(field).to(device=masks.device, dtype=torch.float32)
+
+
+def softmax_prediction_labels(logits: torch.Tensor, threshold: float) -> torch.Tensor | None:
+    """The softmax of ``logits`` (B, C, *spatial) thresholded as one label map (B, *spatial) uint8:
+    the class of a voxel's largest logit where its probability 1/Σ exp(z − max) exceeds
+    ``threshold``, else C (no class), from one read of the logits (``segloss::softmax_prediction_labels``,
+    no softmax copy). None where that kernel does not run (CUDA tensors, no compiled library, more
+    than 255 classes): the caller then thresholds the probabilities itself."""
+    if logits.device.type != "cpu" or not 1 <= int(logits.shape[1]) <= 255 or not fused.available_on("cpu"):
+        return None
+    return torch.ops.segloss.softmax_prediction_labels(logits, float(threshold))

@@ -18,7 +18,11 @@ kernels (no graph break), autograd uses the hand-written backward op, and
   contiguous);
 - ``label_distance_maps(labels, num_classes, spacing, kind, no_boundary_value, ignore_index,
   has_ignore) -> (B, C, *spatial) float32`` exact distance maps (``csrc/kernels/edt.cuh``);
-- ``mask_distance_maps(masks, spacing, kind, no_boundary_value) -> masks' shape, float32``.
+- ``mask_distance_maps(masks, spacing, kind, no_boundary_value) -> masks' shape, float32``;
+- ``softmax_prediction_labels(logits, threshold) -> (B, *spatial) uint8``: the first class of a
+  voxel's largest logit where its softmax probability 1/Σ exp(z − max) exceeds ``threshold``, else
+  C (no class); 1 to 255 classes; a CPU kernel only (``csrc/torch/prediction_labels_cpu.cpp``: the
+  CUDA tensors keep the masks path of :mod:`segloss_core.losses.distance`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ SCHEMAS = {
     "mask_distance_maps": (
         "mask_distance_maps(Tensor masks, float[] spacing, int kind, float no_boundary_value) -> Tensor"
     ),
+    "softmax_prediction_labels": "softmax_prediction_labels(Tensor logits, float threshold) -> Tensor",
 }
 
 _LIBRARY: torch.library.Library | None = None
@@ -91,6 +96,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("segloss::mask_distance_maps")
     def _mask_distance_maps(masks, spacing, kind, no_boundary_value):
         return masks.new_empty(masks.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("segloss::softmax_prediction_labels")
+    def _softmax_prediction_labels(logits, threshold):
+        return logits.new_empty((logits.shape[0], *logits.shape[2:]), dtype=torch.uint8)
 
 
 def _register_autograd() -> None:

@@ -19,7 +19,10 @@ kernels fill with 0 without a transform: with the background excluded, 3 transfo
 classes read go through one transform call (one call of all classes schedules the transform's
 threads better than a call per class: a third less time under load, the same peak memory, which
 lies elsewhere in the step) and their d_p^α are added into F (in place where the library allows).
-With softmax and threshold ≥ 0.5 the masks need no softmax copy (:func:`_prediction_mask`).
+With softmax and threshold ≥ 0.5 the masks need no softmax copy (:func:`_prediction_mask`), and
+they are mutually exclusive: where the backend's kernels offer it (the torch CPU op), the
+thresholded prediction is one label map of one byte a voxel that goes through the label-map
+transform like the target, its maps already in F's layout (:func:`_prediction_labels`).
 """
 
 from __future__ import annotations
@@ -186,14 +189,56 @@ def _namespace(prepared: Any) -> Any:
     return get_namespace(prepared.pred)
 
 
+def _prediction_labels(prepared: Any, threshold: float, classes: list[int]) -> tuple[Array, int | None] | None:
+    """The thresholded prediction of a softmax with threshold ≥ 0.5 as one label map (B, *S) and
+    the class to leave out (its ignore_index), or None where the masks are needed instead.
+
+    There the masks ``p_c > t`` are mutually exclusive (:func:`_prediction_mask`): the label map is
+    the class of the largest logit where 1/Σ exp(z − max) > t and C (no class) elsewhere, so the
+    label-map transform gives every class's d_p with no per-class mask and no concatenation (class
+    c's map is that of ``labels == c``, i.e. of ``p_c > t``). It comes from the backend's kernel
+    where one exists (:func:`segloss_core.distance_maps.softmax_prediction_labels`: one read of the
+    logits); at most one class may be left out (as the ignored one, whose voxels then belong to no
+    class: its map is 0 without a transform, like the target's)."""
+    channels = int(prepared.pred.shape[1])
+    left_out = sorted(set(range(channels)) - set(classes))
+    if prepared.activation != "softmax" or threshold < 0.5 or len(left_out) > 1:
+        return None
+    labels = distance_maps.softmax_prediction_labels(_detached(prepared.pred), threshold)
+    return None if labels is None else (labels, left_out[0] if left_out else None)
+
+
+def _add_power(xp: Any, field: Array, d: Array, alpha: float, mutable: bool) -> Array:
+    """field + d**α (into ``field`` where ``mutable``: d is the caller's own, squared in place for
+    α = 2, then added; not an addcmul, whose fused multiply-add would round differently)."""
+    d = _power(xp, d, alpha, mutable)
+    if d.dtype != field.dtype:
+        d = xp.astype(d, field.dtype)
+    if mutable:
+        field += d
+        return field
+    return field + d
+
+
 def _hausdorff_fields(prepared: Any, params: Params, inputs: Mapping[str, Array]) -> dict[str, Array]:
     xp = _namespace(prepared)
     spacing = _spacing(params, prepared)
     alpha = params.alpha
     classes = included_classes(params, int(prepared.pred.shape[1]))
+    mutable = is_numpy(xp) or is_cupy(xp) or is_torch(xp)
+    # the prediction as one label map where the thresholded masks are exclusive (before the
+    # target's maps exist: the softmax it takes is freed before them)
+    predicted = _prediction_labels(prepared, params.threshold, classes)
     # the target's maps of the classes the formula reads (the others 0, not transformed)
     weight = _target_maps(prepared, classes, spacing, "boundary")
-    mutable = is_numpy(xp) or is_cupy(xp) or is_torch(xp)
+    if predicted is not None:
+        # d_p of every class read, in the field's layout (the left-out class: 0), added into F
+        codes, left_out = predicted
+        d_pred = distance_maps.distance_map(
+            codes, int(prepared.pred.shape[1]), spacing, region="boundary", ignore_index=left_out
+        )
+        weight = _power(xp, weight, alpha, mutable)
+        return {HAUSDORFF_FIELD: _add_power(xp, weight, d_pred, alpha, mutable)}
     weight = _power(xp, weight, alpha, mutable)
     # then the thresholded prediction's maps of the same classes, in one transform call, added into F
     mask = _prediction_mask(prepared, params.threshold)

@@ -165,6 +165,45 @@ def test_hausdorff_dt_matches_monai_on_ties_and_degenerate_masks(seed, channels,
     torch.testing.assert_close(g_o, g_m, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"include_background": True},
+        {"classes": (0, 2), "threshold": 0.7},
+        {"classes": (1,)},  # two classes left out: the masks path
+        {"ignore_index": 2, "alpha": 1.0, "spacing": (1.0, 0.8, 2.5)},
+        {"batch": True, "alpha": 1.5},
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["hausdorff_dt", "log_hausdorff_dt"])
+def test_hausdorff_dt_prediction_label_map_equals_the_masks(monkeypatch, fused_kernels, name, dtype, options):
+    """The thresholded softmax as one label map (segloss::softmax_prediction_labels, then the
+    label-map transform) gives the field of the per-class masks exactly: same value and gradient as
+    the masks path (the op removed), and the op runs where at most one class is left out."""
+    from segloss_core import distance_maps
+
+    x, y = _problem(8)
+    x[:, :, :2] = torch.randint(-1, 2, x[:, :, :2].shape).double()  # tied logits: no class there
+    x = x.to(dtype)
+    calls = []
+    original = distance_maps.softmax_prediction_labels
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(distance_maps, "softmax_prediction_labels", counted)
+    loss = get_loss(name, backend="torch", **options)
+    fast = _value_and_grad(loss, x, y)
+    left_out = 3 - len(options.get("classes", (0, 1, 2) if options.get("include_background") else (1, 2)))
+    assert len(calls) == (1 if left_out <= 1 else 0)
+    monkeypatch.setattr(distance_maps, "softmax_prediction_labels", lambda *args: None)
+    masks = _value_and_grad(loss, x, y)
+    torch.testing.assert_close(fast, masks, rtol=0, atol=0)
+
+
 def _thresholded_field(x, y, threshold, alpha, classes, spacing):
     """F = d_g^α + d_p^α of the given classes (float64, scipy), p = softmax(x) > threshold per class, with
     the distance to the other side of each mask (0 for a mask without both sides): MONAI's field,
