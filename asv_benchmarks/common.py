@@ -340,24 +340,22 @@ def extra_peak_bytes(fn: Callable[[], None], device: str) -> float:
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - before)
     exact_rss_accounting()
+    empty_host_cache()  # before the mark is reset: the blocks it unmaps are not part of the step's peak
     if not reset_peak_rss():
         raise NotImplementedError("/proc/self/clear_refs is not writable: no per-call peak RSS")
-    held = host_cache_bytes()
     before = _status_kb("VmRSS:")
     fn()
-    return float(_status_kb("VmHWM:") - before) * 1024.0 + held
+    return float(_status_kb("VmHWM:") - before) * 1024.0
 
 
-def host_cache_bytes() -> int:
-    """The freed blocks the fused CPU kernels keep for reuse (``segloss_torch.fused.host_cache_bytes``):
-    resident before a step, so the step's growth of the resident set leaves them out although the
-    step takes them (or, on a miss, unmaps them first: then the growth is net of them). Counted as
-    the step's memory, as the blocks a CUDA caching allocator reserves are."""
-    try:
+def empty_host_cache() -> None:
+    """Unmap the freed blocks the fused CPU kernels keep for reuse (``segloss_torch.fused``'s host
+    block cache): resident before a step, they would hide the step's own blocks from the growth of
+    the resident set, or count against another implementation."""
+    with contextlib.suppress(ImportError):
         from segloss_torch import fused
-    except ImportError:
-        return 0
-    return fused.host_cache_bytes()
+
+        fused.empty_host_cache()
 
 
 def preload_fused_if_built() -> None:

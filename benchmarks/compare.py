@@ -18,17 +18,18 @@ Every workload is one training step of the loss alone — forward and backward o
 labels — plus the forward alone. Times are the median of ``--repeat`` runs after ``--warmup`` runs;
 on the CPU they come from a child process with glibc's default allocator settings
 (``--same-process-times``: from this one), as a training process runs: the fixed mmap threshold of
-the memory measurement makes every block above 128 KiB a fresh mapping whose pages fault in on
-first touch, which would charge code of many mid-size temporaries (the chunked native path) for
-page faults it does not have in training. *Extra peak memory* is the peak resident memory (CPU:
-VmHWM, reset through /proc/self/clear_refs before each run; CUDA: max_memory_allocated) above what
-was in use before the step (plus the freed blocks the fused CPU kernels keep for the step to take:
-``segloss_torch.fused.host_cache_bytes``), as a multiple of the logits' size: 1.0 is the gradient itself, the
-least any loss can allocate. The *floor* row is ``(x * 1.0).sum()`` forward + backward: it does
-nothing but read the logits, allocate and write a gradient. On CUDA, *% copy bw* relates each step
-to the device's measured copy bandwidth (``y.copy_(x)`` on the logits): the bytes a fused step must
-move (read the logits and labels in the forward and again in the backward, write the gradient)
-divided by the step's time, as a percentage of that bandwidth. Output format: docs/benchmarks.md.
+the memory measurement makes every block above 128 KiB a fresh mapping whose pages fault in on first
+touch, which would charge code of many mid-size temporaries (the chunked native path) for page
+faults it does not have in training. *Extra peak memory* is the peak resident memory (CPU: VmHWM,
+reset through /proc/self/clear_refs before each run; CUDA: max_memory_allocated) above what was in
+use before the step (the freed blocks the fused CPU kernels keep for reuse,
+``segloss_torch.fused.host_cache_bytes``, unmapped first), as a multiple of the logits' size: 1.0 is
+the gradient itself, the least any loss can allocate. The *floor* row is ``(x * 1.0).sum()`` forward
++ backward: it does nothing but read the logits, allocate and write a gradient. On CUDA, *% copy bw*
+relates each step to the device's measured copy bandwidth (``y.copy_(x)`` on the logits): the bytes
+a fused step must move (read the logits and labels in the forward and again in the backward, write
+the gradient) divided by the step's time, as a percentage of that bandwidth. Output format:
+docs/benchmarks.md.
 
 The distance workloads run on smooth multi-class blobs (not voxel noise: a map of noise labels
 has no long distances), each at its own shape: ``boundary_precomputed`` (2×4×128³; φ from
@@ -120,13 +121,13 @@ def measure_peak(fn: Callable[[], None], device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - before)
+    # the freed blocks the fused CPU kernels keep for reuse (segloss_torch.fused.host_cache_bytes) are
+    # unmapped first: resident, they would hide the step's own blocks, or count against another row
+    fused.empty_host_cache()
     _reset_peak()
-    # the freed blocks the fused CPU kernels keep (segloss_torch.fused.host_cache_bytes) are resident
-    # before the step and taken by it: counted as its memory, as a CUDA caching allocator's reserve
-    held = fused.host_cache_bytes()
     before = _rss_kb("VmRSS:")
     fn()
-    return float(_rss_kb("VmHWM:") - before) * 1024.0 + held
+    return float(_rss_kb("VmHWM:") - before) * 1024.0
 
 
 def median_ms(fn: Callable[[], None], device: str, warmup: int, repeat: int) -> float:
