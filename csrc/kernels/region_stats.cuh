@@ -94,13 +94,19 @@ SEGLOSS_HD void accumulate_element_strided(A p, A g, A w, A neg_log_p, A neg_log
   acc[kCount * STRIDE] += w;
 }
 
-// The field statistics of one element into acc[s * STRIDE]: Σ w p φ and Σ w (p − g)² F (phi, field
-// 0 where the caller has no such field; a weight-0 element adds exact zeros if φ and F are finite).
-template <int STRIDE, typename A>
+// Which field statistics a kernel computes (FIELDS below): the bits of kFieldPred and kFieldSqErr.
+enum FieldBits : int { kNoFields = 0, kFieldPredBit = 1, kFieldSqErrBit = 2, kBothFields = 3 };
+
+// The field statistics of one element into acc[s * STRIDE]: Σ w p φ and Σ w (p − g)² F, those whose
+// bit is in FIELDS (phi, field 0 where the caller has no such field; a weight-0 element adds exact
+// zeros if φ and F are finite).
+template <int STRIDE, int FIELDS = kBothFields, typename A>
 SEGLOSS_HD void accumulate_field_element_strided(A p, A g, A w, A phi, A field, A* acc) {
-  const A diff = p - g;
-  acc[kFieldPred * STRIDE] += w * p * phi;
-  acc[kFieldSqErr * STRIDE] += w * diff * diff * field;
+  if (FIELDS & kFieldPredBit) acc[kFieldPred * STRIDE] += w * p * phi;
+  if (FIELDS & kFieldSqErrBit) {
+    const A diff = p - g;
+    acc[kFieldSqErr * STRIDE] += w * diff * diff * field;
+  }
 }
 
 // The same for an element of weight w > 0 into acc[kNumSlots], with a run-time want_ce_neg.
@@ -133,35 +139,58 @@ SEGLOSS_HD StatGradient<A> load_stat_gradient(const A* u) {
   return out;
 }
 
-// Whether the upstream gradient u[count][kNumSlots] reaches only the lean statistics: kIntersection,
-// kPredSum, kCePos, kCeNeg (and those without a gradient, kTargetSum/Sq, kCount, kInvalid) — dice,
-// jaccard, tversky, generalized dice, CE, BCE and their compounds. Then element_gradient<true>
-// leaves out the terms of kPredSq, kAbsDiff and the fields, whose factor u is an exact 0 (and
-// reads no field value): the same gradient (an exact 0 added is no change), with less work.
+// Whether the upstream gradient u[count][kNumSlots] is 0 on kPredSq and kAbsDiff: it reaches only
+// kIntersection, kPredSum, kCePos, kCeNeg, the fields (and those without a gradient, kTargetSum/Sq,
+// kCount, kInvalid) — dice, jaccard, tversky, generalized dice, CE, BCE, boundary, Hausdorff-DT and
+// their compounds. Then element_gradient<true> leaves out the terms of kPredSq and kAbsDiff, whose
+// factor u is an exact 0: the same gradient (an exact 0 added is no change), with less work.
 template <typename A>
 SEGLOSS_HD bool lean_gradient(const A* u, int64_t count) {
   bool lean = true;
   for (int64_t k = 0; k < count; ++k) {
     const A* v = u + k * kNumSlots;
-    lean = lean & (v[kPredSq] == A(0)) & (v[kAbsDiff] == A(0)) & (v[kFieldPred] == A(0)) & (v[kFieldSqErr] == A(0));
+    lean = lean & (v[kPredSq] == A(0)) & (v[kAbsDiff] == A(0));
   }
   return lean;
 }
 
+// The FieldBits of the field slots on which the upstream gradient u[count][kNumSlots] is not 0
+// everywhere: the field terms element_gradient needs (the others' factor u is an exact 0).
+template <typename A>
+SEGLOSS_HD int field_gradient_bits(const A* u, int64_t count) {
+  int bits = kNoFields;
+  for (int64_t k = 0; k < count; ++k) {
+    const A* v = u + k * kNumSlots;
+    bits |= (v[kFieldPred] != A(0) ? kFieldPredBit : 0) | (v[kFieldSqErr] != A(0) ? kFieldSqErrBit : 0);
+  }
+  return bits;
+}
+
+// Whether the upstream gradient v[kNumSlots] of one (sample, class) is 0 on every statistic with a
+// gradient: that class's d/dp, d/dlog p and d/dlog(1 − p) are then exact zeros (finite p, g, fields).
+template <typename A>
+SEGLOSS_HD bool class_without_gradient(const A* v) {
+  return (v[kIntersection] == A(0)) & (v[kPredSum] == A(0)) & (v[kPredSq] == A(0)) & (v[kAbsDiff] == A(0)) &
+         (v[kCePos] == A(0)) & (v[kCeNeg] == A(0)) & (v[kFieldPred] == A(0)) & (v[kFieldSqErr] == A(0));
+}
+
 // ∂L/∂p, ∂L/∂log p and ∂L/∂log(1 − p) of one element (branch-free, so the CPU loops vectorise);
 // phi and field are the element's field values (0 without fields). LEAN: only for an upstream
-// gradient that lean_gradient accepts (phi and field are then not read).
-template <bool LEAN = false, typename A>
+// gradient that lean_gradient accepts; FIELDS: the field terms computed (a field whose bit is not
+// set is not read; its upstream must be 0). The terms are added in the same order either way.
+template <bool LEAN = false, int FIELDS = kBothFields, typename A>
 SEGLOSS_HD void element_gradient(A p, A g, A w, const StatGradient<A>& u, A phi, A field, A* dp, A* dlogp,
                                  A* dlog1mp) {
-  if (LEAN) {
-    *dp = w * (u.intersection * g + u.pred_sum);
-  } else {
-    const A diff = p - g;
+  const A diff = p - g;
+  A sum = u.intersection * g + u.pred_sum;
+  if (!LEAN) {
     const A sign = (diff > A(0) ? A(1) : A(0)) - (diff < A(0) ? A(1) : A(0));
-    *dp = w * (u.intersection * g + u.pred_sum + u.twice_pred_sq * p + u.abs_diff * sign + u.field_pred * phi +
-               u.twice_field_sq_err * diff * field);
+    sum += u.twice_pred_sq * p;
+    sum += u.abs_diff * sign;
   }
+  if (FIELDS & kFieldPredBit) sum += u.field_pred * phi;
+  if (FIELDS & kFieldSqErrBit) sum += u.twice_field_sq_err * diff * field;
+  *dp = w * sum;
   *dlogp = -w * u.ce_pos * g;
   *dlog1mp = -w * u.ce_neg * (A(1) - g);
 }

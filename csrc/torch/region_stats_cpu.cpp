@@ -116,14 +116,17 @@ inline void store_row(const A* __restrict src, T* __restrict dst, int len) {
 template <typename A>
 struct Tile {
   std::vector<A> z, e, t, dp, dl;  // C × kTile
-  std::vector<A> phi, field;       // C × kTile: the fields' values, 0 where a field is absent
+  std::vector<A> phi, field;       // C × kTile: the fields' values of a ragged tile, 0 where a field is absent
+  std::vector<const A*> phi_row, field_row;  // C: where the tile's field values are (in place, or phi/field)
   std::vector<A> m, inv, lse, w, dot, sdl;
   std::vector<A> label;  // the label as A (exact below 2^24), −1 for weight-0 voxels
   std::vector<int64_t> bits;  // regions: each voxel's membership bits (0 for weight-0 voxels)
   explicit Tile(int64_t channels)
       : z(channels * kTile), e(channels * kTile), t(channels * kTile), dp(channels * kTile), dl(channels * kTile),
         phi(channels * kTile, A(0)), field(channels * kTile, A(0)), m(kTile), inv(kTile), lse(kTile), w(kTile),
-        dot(kTile), sdl(kTile), label(kTile), bits(kTile) {}
+        dot(kTile), sdl(kTile), label(kTile), bits(kTile), phi_row(channels), field_row(channels) {
+    for (int64_t c = 0; c < channels; ++c) phi_row[c] = &phi[c * kTile], field_row[c] = &field[c * kTile];
+  }
 };
 
 // Loads logits (and soft targets, weights, labels) of voxels [n0, n0 + len) of sample b into the
@@ -133,7 +136,10 @@ struct Tile {
 // are read as well and each class's target g_c = [label ∈ region c] is written into the tile's
 // target rows (kTile voxels: no (B, C, N) target exists). Computes the activation: for softmax
 // e = exp(z − m), inv = 1/Σe, lse = m + log Σe (LSE false: lse is not computed, the backward needs no
-// log p). Returns the number of invalid labels.
+// log p). The fields are not copied: a full tile reads them in place (phi_row, field_row), a ragged
+// one (len < padded, the end of a sample) from the tile's rows, padded with 0; the element loops
+// take 0 where w = 0 (field_value), so a non-finite field value at a weight-0 voxel adds nothing.
+// Returns the number of invalid labels.
 template <int ACT, bool LABELS, typename T, typename L, typename A, bool LSE = true>
 int64_t load_tile(const Problem& pb, const T* logits, const L* labels, const T* target, int64_t b, int64_t n0,
                   int len, int padded, Tile<A>& tile) {
@@ -195,12 +201,18 @@ int64_t load_tile(const Problem& pb, const T* logits, const L* labels, const T* 
     }
     const A* fields[2] = {static_cast<const A*>(pb.field_pred), static_cast<const A*>(pb.field_sq_err)};
     A* tiles[2] = {&tile.phi[c * kTile], &tile.field[c * kTile]};
+    const A** rows[2] = {&tile.phi_row[c], &tile.field_row[c]};
     for (int f = 0; f < 2; ++f) {
       if (fields[f] == nullptr) continue;  // the tile's values stay 0
       const A* __restrict fc = fields[f] + (b * C + c) * N + n0;
+      if (len == padded) {
+        *rows[f] = fc;
+        continue;
+      }
       A* __restrict ft = tiles[f];
-      for (int i = 0; i < len; ++i) ft[i] = w[i] == A(0) ? A(0) : fc[i];
+      for (int i = 0; i < len; ++i) ft[i] = fc[i];
       for (int i = len; i < padded; ++i) ft[i] = A(0);
+      *rows[f] = ft;
     }
   }
   if (ACT == kSoftmax) {
@@ -247,9 +259,15 @@ struct ClassView {
   const A* __restrict field;
   ClassView(const Tile<A>& tile, int64_t c)
       : z(&tile.z[c * kTile]), e(&tile.e[c * kTile]), t(&tile.t[c * kTile]), inv(tile.inv.data()),
-        lse(tile.lse.data()), w(tile.w.data()), label(tile.label.data()), phi(&tile.phi[c * kTile]),
-        field(&tile.field[c * kTile]) {}
+        lse(tile.lse.data()), w(tile.w.data()), label(tile.label.data()), phi(tile.phi_row[c]),
+        field(tile.field_row[c]) {}
 };
+
+// A field value of element i (row phi or field of a class view): 0 where the weight is 0.
+template <typename A>
+inline A field_value(const ClassView<A>& v, const A* __restrict row, int i) {
+  return v.w[i] == A(0) ? A(0) : row[i];
+}
 
 template <bool LABELS, typename A>
 inline A target_value(const ClassView<A>& v, A cls, int i) {
@@ -274,11 +292,12 @@ inline void element_terms(const ClassView<A>& v, int i, A* p, A* nlp, A* nl1mp) 
   }
 }
 
-template <int ACT, bool LABELS, bool CE_NEG, typename T, typename L, typename A>
+// The statistics of voxels [n0, n1) of sample b; FIELDS: the FieldBits of the fields given (their
+// statistics in the same loop as the others, from the same p and g).
+template <int ACT, bool LABELS, bool CE_NEG, int FIELDS, typename T, typename L, typename A>
 void forward_chunk(const Problem& pb, const T* logits, const L* labels, const T* target, int64_t b, int64_t n0,
                    int64_t n1, A* out /* C × kNumSlots */, Tile<A>& tile, std::vector<A>& lanes) {
   const int64_t C = pb.channels;
-  const bool fields = pb.field_pred != nullptr || pb.field_sq_err != nullptr;
   std::fill(lanes.begin(), lanes.end(), A(0));
   A invalid_total = A(0);
   for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
@@ -298,17 +317,11 @@ void forward_chunk(const Problem& pb, const T* logits, const L* labels, const T*
           A p, nlp, nl1mp;
           element_terms<ACT>(v, i, &p, &nlp, &nl1mp);
           accumulate_element_strided<kLanes, !LABELS, CE_NEG>(p, g, w, nlp, nl1mp, acc + l);
-        }
-      }
-      if (!fields) continue;
-      for (int i0 = 0; i0 < padded; i0 += kLanes) {
-#pragma GCC ivdep
-        for (int l = 0; l < kLanes; ++l) {
-          const int i = i0 + l;
-          const A g = target_value<LABELS>(v, cls, i);
-          A p, nlp, nl1mp;
-          element_terms<ACT>(v, i, &p, &nlp, &nl1mp);
-          accumulate_field_element_strided<kLanes>(p, g, v.w[i], v.phi[i], v.field[i], acc + l);
+          if (FIELDS != kNoFields) {
+            const A phi = (FIELDS & kFieldPredBit) ? field_value(v, v.phi, i) : A(0);
+            const A field = (FIELDS & kFieldSqErrBit) ? field_value(v, v.field, i) : A(0);
+            accumulate_field_element_strided<kLanes, FIELDS>(p, g, w, phi, field, acc + l);
+          }
         }
       }
     }
@@ -325,14 +338,24 @@ void forward_chunk(const Problem& pb, const T* logits, const L* labels, const T*
   out[kInvalid] = invalid_total;
 }
 
-// The gradient of voxels [n0, n1) of sample b. LEAN (lean_gradient(upstream)): the terms of the
-// statistics the loss does not read are left out and, for softmax, d/dp and d/dlog p are recomputed
-// in the second pass instead of kept in the tile (C × kTile values less to write and read back:
-// for C = 14 the tile then stays in L1), which gives the same values.
-template <int ACT, bool LABELS, bool LEAN, typename T, typename L, typename A>
+template <int V>
+using IntTag = std::integral_constant<int, V>;
+template <bool V>
+using BoolTag = std::integral_constant<bool, V>;
+
+// The gradient of voxels [n0, n1) of sample b. LEAN (lean_gradient(upstream)): the terms of kPredSq and
+// kAbsDiff are left out; a class whose upstream gradient is 0 on every statistic with a gradient
+// (active[c] false, class_without_gradient: e.g. the background of a boundary loss without it) gets no
+// d/dp and reads no field; for softmax, d/dp and d/dlog p are recomputed in the second pass instead of
+// kept in the tile (C × kTile values less to write and read back: for C = 14 the tile then stays in
+// L1; a field row is read a second time, from cache). The same values either way. FIELDS: the field
+// terms computed (field_gradient_bits of the fields given; the generic path takes both, reading the
+// tile's zero rows for an absent field).
+template <int ACT, bool LABELS, bool LEAN, int FIELDS, typename T, typename L, typename A>
 void backward_chunk(const Problem& pb, const T* logits, const L* labels, const T* target, const A* upstream,
-                    int64_t b, int64_t n0, int64_t n1, T* grad, Tile<A>& tile) {
+                    const char* active, int64_t b, int64_t n0, int64_t n1, T* grad, Tile<A>& tile) {
   const int64_t C = pb.channels, N = pb.voxels;
+  const StatGradient<A> none{};  // all 0
   for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
     const int len = static_cast<int>(std::min<int64_t>(kTile, n1 - t0));
     const int padded = (len + kLanes - 1) / kLanes * kLanes;
@@ -343,21 +366,27 @@ void backward_chunk(const Problem& pb, const T* logits, const L* labels, const T
       for (int i = 0; i < padded; ++i) dot[i] = sdl[i] = A(0);
     }
     for (int64_t c = 0; c < C; ++c) {
+      T* __restrict gc = grad + (b * C + c) * N + t0;
+      if (LEAN && !active[b * C + c]) {  // d/dp = d/dlog p = 0: nothing to add to dot and sdl
+        if (ACT != kSoftmax) std::fill(gc, gc + len, T(0));
+        continue;
+      }
       const A* u = upstream + (b * C + c) * kNumSlots;
       const StatGradient<A> su = load_stat_gradient(u);
       const A cls = static_cast<A>(label_of_channel(c, C, ACT));
       const ClassView<A> v(tile, c);
       A* __restrict dpt = &tile.dp[c * kTile];
       A* __restrict dlt = &tile.dl[c * kTile];
-      T* __restrict gc = grad + (b * C + c) * N + t0;
 #pragma GCC ivdep
       for (int i = 0; i < padded; ++i) {
         const A w = v.w[i];
         const A g = target_value<LABELS>(v, cls, i);
         A p, nlp, nl1mp;
         element_terms<ACT>(v, i, &p, &nlp, &nl1mp);
+        const A phi = (FIELDS & kFieldPredBit) ? field_value(v, v.phi, i) : A(0);
+        const A field = (FIELDS & kFieldSqErrBit) ? field_value(v, v.field, i) : A(0);
         A dp, dl, dl1m;
-        element_gradient<LEAN>(p, g, w, su, LEAN ? A(0) : v.phi[i], LEAN ? A(0) : v.field[i], &dp, &dl, &dl1m);
+        element_gradient<LEAN, FIELDS>(p, g, w, su, phi, field, &dp, &dl, &dl1m);
         if (ACT == kSoftmax) {
           if (!LEAN) {
             dpt[i] = dp;
@@ -374,7 +403,6 @@ void backward_chunk(const Problem& pb, const T* logits, const L* labels, const T
     if (ACT == kSoftmax) {
       const A* __restrict inv = tile.inv.data();
       for (int64_t c = 0; c < C; ++c) {
-        const StatGradient<A> su = load_stat_gradient(upstream + (b * C + c) * kNumSlots);
         const A cls = static_cast<A>(label_of_channel(c, C, ACT));
         const ClassView<A> v(tile, c);
         const A* __restrict et = &tile.e[c * kTile];
@@ -382,23 +410,34 @@ void backward_chunk(const Problem& pb, const T* logits, const L* labels, const T
         const A* __restrict dlt = &tile.dl[c * kTile];
         A* __restrict dz = &tile.dp[c * kTile];  // T != A: dz replaces d/dp in the tile, then one rounding pass
         T* __restrict gc = grad + (b * C + c) * N + t0;
+        // F: the field terms of this class (none for an inactive class, whose su is then 0)
+        auto second_pass = [&](auto fields_tag, const StatGradient<A>& su) {
+          constexpr int F = decltype(fields_tag)::value;
 #pragma GCC ivdep
-        for (int i = 0; i < len; ++i) {
-          const A p = et[i] * inv[i];
-          A dp, dl;
-          if (LEAN) {
-            A dl1m;
-            element_gradient<true>(p, target_value<LABELS>(v, cls, i), v.w[i], su, A(0), A(0), &dp, &dl, &dl1m);
-          } else {
-            dp = dpt[i];
-            dl = dlt[i];
+          for (int i = 0; i < len; ++i) {
+            const A p = et[i] * inv[i];
+            A dp, dl;
+            if (LEAN) {
+              const A phi = (F & kFieldPredBit) ? field_value(v, v.phi, i) : A(0);
+              const A field = (F & kFieldSqErrBit) ? field_value(v, v.field, i) : A(0);
+              A dl1m;
+              element_gradient<true, F>(p, target_value<LABELS>(v, cls, i), v.w[i], su, phi, field, &dp, &dl, &dl1m);
+            } else {
+              dp = dpt[i];
+              dl = dlt[i];
+            }
+            const A out = p * (dp - dot[i]) + dl - p * sdl[i];
+            if constexpr (std::is_same_v<T, A>) {
+              gc[i] = out;
+            } else {
+              dz[i] = out;
+            }
           }
-          const A out = p * (dp - dot[i]) + dl - p * sdl[i];
-          if constexpr (std::is_same_v<T, A>) {
-            gc[i] = out;
-          } else {
-            dz[i] = out;
-          }
+        };
+        if (LEAN && !active[b * C + c]) {
+          second_pass(IntTag<kNoFields>{}, none);
+        } else {
+          second_pass(IntTag<FIELDS>{}, load_stat_gradient(upstream + (b * C + c) * kNumSlots));
         }
         if constexpr (!std::is_same_v<T, A>) store_row(dz, gc, len);
       }
@@ -425,11 +464,6 @@ Problem make_problem(const RegionStatsInputs& in, int64_t activation, int64_t ig
   return pb;
 }
 
-template <int V>
-using IntTag = std::integral_constant<int, V>;
-template <bool V>
-using BoolTag = std::integral_constant<bool, V>;
-
 // Calls f(activation, has_labels, want_ce_neg) with each as a compile-time constant.
 template <typename F>
 void dispatch_flags(int activation, bool labels, bool ce_neg, F&& f) {
@@ -454,6 +488,30 @@ void dispatch_flags(int activation, bool labels, bool ce_neg, F&& f) {
   } else {
     with_labels(IntTag<kNone>{});
   }
+}
+
+// Calls f(IntTag<bits>{}) with the FieldBits bits as a compile-time constant.
+template <typename F>
+void dispatch_fields(int bits, F&& f) {
+  switch (bits) {
+    case kFieldPredBit:
+      f(IntTag<kFieldPredBit>{});
+      break;
+    case kFieldSqErrBit:
+      f(IntTag<kFieldSqErrBit>{});
+      break;
+    case kBothFields:
+      f(IntTag<kBothFields>{});
+      break;
+    default:
+      f(IntTag<kNoFields>{});
+      break;
+  }
+}
+
+// The FieldBits of the fields given.
+int given_fields(const Problem& pb) {
+  return (pb.field_pred != nullptr ? kFieldPredBit : 0) | (pb.field_sq_err != nullptr ? kFieldSqErrBit : 0);
 }
 
 // Dispatch on the label type (or soft targets): f(labels_ptr_or_null) with the right L.
@@ -507,15 +565,18 @@ at::Tensor region_stats_cpu(const at::Tensor& logits, const std::optional<at::Te
         constexpr int ACT = decltype(act_tag)::value;
         constexpr bool LABELS = decltype(labels_tag)::value;
         constexpr bool CE_NEG = decltype(ce_neg_tag)::value;
-        at::parallel_for(0, in.batch * chunks, 1, [&](int64_t begin, int64_t end) {
-          Tile<A> tile(in.channels);
-          std::vector<A> lanes(static_cast<size_t>(in.channels * kNumSlots * kLanes));
-          for (int64_t task = begin; task < end; ++task) {
-            const int64_t b = task / chunks, k = task % chunks;
-            const int64_t n0 = k * kChunk, n1 = std::min(in.voxels, n0 + kChunk);
-            forward_chunk<ACT, LABELS, CE_NEG, scalar_t, L, A>(pb, z, label_ptr, target_ptr, b, n0, n1,
-                                                               &partial[task * in.channels * kNumSlots], tile, lanes);
-          }
+        dispatch_fields(given_fields(pb), [&](auto fields_tag) {
+          constexpr int FIELDS = decltype(fields_tag)::value;
+          at::parallel_for(0, in.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+            Tile<A> tile(in.channels);
+            std::vector<A> lanes(static_cast<size_t>(in.channels * kNumSlots * kLanes));
+            for (int64_t task = begin; task < end; ++task) {
+              const int64_t b = task / chunks, k = task % chunks;
+              const int64_t n0 = k * kChunk, n1 = std::min(in.voxels, n0 + kChunk);
+              forward_chunk<ACT, LABELS, CE_NEG, FIELDS, scalar_t, L, A>(
+                  pb, z, label_ptr, target_ptr, b, n0, n1, &partial[task * in.channels * kNumSlots], tile, lanes);
+            }
+          });
         });
       };
       // regions: the target path, its rows filled from the labels (load_tile)
@@ -560,26 +621,32 @@ at::Tensor region_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& l
     const A* u = upstream.data_ptr<A>();
     scalar_t* out = result.data_ptr<scalar_t>();
     const bool lean = lean_gradient(u, in.batch * in.channels);
-    Problem lean_pb = pb;  // the lean gradient reads no field
-    lean_pb.field_pred = lean_pb.field_sq_err = nullptr;
+    const int fields = field_gradient_bits(u, in.batch * in.channels) & given_fields(pb);
+    std::vector<char> active(static_cast<size_t>(in.batch * in.channels));
+    for (int64_t k = 0; k < in.batch * in.channels; ++k) active[k] = !class_without_gradient(u + k * kNumSlots);
     with_labels<scalar_t>(in, [&](auto* label_ptr, const scalar_t* target_ptr) {
       using L = std::remove_const_t<std::remove_pointer_t<decltype(label_ptr)>>;
       auto run = [&](auto act_tag, auto labels_tag, auto) {
         constexpr int ACT = decltype(act_tag)::value;
         constexpr bool LABELS = decltype(labels_tag)::value;
-        at::parallel_for(0, in.batch * chunks, 1, [&](int64_t begin, int64_t end) {
-          Tile<A> tile(in.channels);
-          for (int64_t task = begin; task < end; ++task) {
-            const int64_t b = task / chunks, k = task % chunks;
-            const int64_t n0 = k * kChunk, n1 = std::min(in.voxels, n0 + kChunk);
-            if (lean) {
-              backward_chunk<ACT, LABELS, true, scalar_t, L, A>(lean_pb, z, label_ptr, target_ptr, u, b, n0, n1, out,
-                                                                tile);
-            } else {
-              backward_chunk<ACT, LABELS, false, scalar_t, L, A>(pb, z, label_ptr, target_ptr, u, b, n0, n1, out, tile);
+        auto chunks_of = [&](auto lean_tag, auto fields_tag) {
+          constexpr bool LEAN = decltype(lean_tag)::value;
+          constexpr int FIELDS = decltype(fields_tag)::value;
+          at::parallel_for(0, in.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+            Tile<A> tile(in.channels);
+            for (int64_t task = begin; task < end; ++task) {
+              const int64_t b = task / chunks, k = task % chunks;
+              const int64_t n0 = k * kChunk, n1 = std::min(in.voxels, n0 + kChunk);
+              backward_chunk<ACT, LABELS, LEAN, FIELDS, scalar_t, L, A>(pb, z, label_ptr, target_ptr, u, active.data(),
+                                                                        b, n0, n1, out, tile);
             }
-          }
-        });
+          });
+        };
+        if (lean) {
+          dispatch_fields(fields, [&](auto fields_tag) { chunks_of(BoolTag<true>{}, fields_tag); });
+        } else {
+          chunks_of(BoolTag<false>{}, IntTag<kBothFields>{});
+        }
       };
       dispatch_flags(pb.activation, label_ptr != nullptr && pb.regions == nullptr, false, run);
     });

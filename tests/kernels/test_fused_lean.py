@@ -1,8 +1,10 @@
 """The lean backward of the fused CPU kernels: an upstream gradient that reaches only the lean statistics.
 
-When ∂L/∂stat is 0 for kPredSq, kAbsDiff and both field slots (``lean_gradient`` in
-``csrc/kernels/region_stats.cuh``: dice, jaccard, tversky, generalized dice, CE, BCE and their compounds),
-``region_stats_backward`` leaves those terms out and, for softmax, recomputes d/dp and d/dlog p in
+When ∂L/∂stat is 0 for kPredSq and kAbsDiff (``lean_gradient`` in ``csrc/kernels/region_stats.cuh``:
+dice, jaccard, tversky, generalized dice, CE, BCE, boundary, Hausdorff-DT and their compounds),
+``region_stats_backward`` leaves those terms out, computes only the field terms whose upstream is not 0
+(``field_gradient_bits``), skips a class whose upstream is 0 on every statistic with a gradient
+(``class_without_gradient``: its field is not read) and, for softmax, recomputes d/dp and d/dlog p in
 its second pass. These tests check that path against a float64 autograd reference written from the
 per-voxel definitions (``docs/architecture.md``, "Statistics, then a formula"), against the generic
 path (linearity of the backward in the upstream gradient), by float64 gradcheck, and for every
@@ -15,18 +17,23 @@ import pytest
 import torch
 
 from segloss_core import get_loss
-from segloss_core.statistics import FUSED_NUM_SLOTS, FUSED_SLOTS
+from segloss_core.statistics import FUSED_FIELD_SLOTS, FUSED_NUM_SLOTS, FUSED_SLOTS
+
+SLOTS = {**FUSED_SLOTS, **FUSED_FIELD_SLOTS}  # every named slot of the kernels' output
 
 pytestmark = pytest.mark.usefixtures("fused_kernels")  # built at run time, never at collection
 
 ACTIVATIONS = {"softmax": 0, "sigmoid": 1, "none": 2}
 LEAN_SLOTS = ("intersection", "pred_sum", "target_sum", "ce_pos", "ce_neg", "count")
-OTHER_SLOTS = ("pred_sq_sum", "abs_diff_sum")  # with a gradient, outside the lean set (fields: test_fused_fields)
+FIELD_SLOTS = ("field_pred_sum", "field_sq_err_sum")  # in the lean set, each with its field (φ, F)
+OTHER_SLOTS = ("pred_sq_sum", "abs_diff_sum")  # with a gradient, outside the lean set
+SLOT_SETS = {"lean": LEAN_SLOTS, "fields": LEAN_SLOTS + FIELD_SLOTS, "every": LEAN_SLOTS + FIELD_SLOTS + OTHER_SLOTS}
 EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 1e-6, torch.float64: 1e-13}
 
 
 def _inputs(activation: str, targets: str, dtype: torch.dtype, voxels: int = 131, seed: int = 3):
-    """(logits, labels, soft target, mask) of (2, 3, voxels): 131 voxels leave a ragged tile."""
+    """(logits, labels, soft target, mask) of (2, 3, voxels): 131 voxels leave a ragged tile (the
+    fields of a full tile are read in place, those of a ragged one from the tile)."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(2, 3, voxels, generator=g, dtype=torch.float64) * 2
     if activation == "none":
@@ -48,20 +55,33 @@ def _upstream(slots: tuple[str, ...], activation: str, seed: int = 5) -> torch.T
     for name in slots:
         if name == "ce_neg" and activation == "softmax":
             continue
-        u[:, :, FUSED_SLOTS[name]] = torch.randn(2, 3, generator=g, dtype=torch.float64)
+        u[:, :, SLOTS[name]] = torch.randn(2, 3, generator=g, dtype=torch.float64)
     return u
 
 
-def _op_gradient(z, labels, target, mask, activation: str, upstream: torch.Tensor) -> torch.Tensor:
+def _fields(voxels: int = 131, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """φ (signed, as a distance map) and F (non-negative, as d_p^α + d_g^α) of (2, 3, voxels), float64."""
+    g = torch.Generator().manual_seed(seed)
+    phi = torch.randn(2, 3, voxels, generator=g, dtype=torch.float64) * 4
+    return phi, phi.abs() + torch.rand(2, 3, voxels, generator=g, dtype=torch.float64)
+
+
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _op_gradient(z, labels, target, mask, activation: str, upstream: torch.Tensor, fields=(None, None)) -> torch.Tensor:
     act = ACTIVATIONS[activation]
     z = z.detach().clone().requires_grad_(True)
-    stats = torch.ops.segloss.region_stats(z, labels, target, mask, act, 0, False, act != 0, False)
+    phi, weight = (None if f is None else f.to(_accumulation(z.dtype)) for f in fields)
+    stats = torch.ops.segloss.region_stats(z, labels, target, mask, act, 0, False, act != 0, False, None, phi, weight)
     (grad,) = torch.autograd.grad((stats * upstream.to(stats.dtype)).sum(), z)
     return grad
 
 
-def _reference_gradient(z, labels, target, mask, activation: str, upstream: torch.Tensor) -> torch.Tensor:
-    """∂(Σ upstream · stat)/∂z in float64, by autograd through the statistics' per-voxel terms."""
+def _reference_gradient(z, labels, target, mask, activation: str, upstream: torch.Tensor, fields=(None, None)):
+    """∂(Σ upstream · stat)/∂z in float64, by autograd through the statistics' per-voxel terms (a field
+    that is not given is 0)."""
     z = z.detach().double().requires_grad_(True)
     if activation == "softmax":
         p, neg_log_p = torch.softmax(z, 1), -torch.log_softmax(z, 1)
@@ -83,22 +103,27 @@ def _reference_gradient(z, labels, target, mask, activation: str, upstream: torc
         "ce_neg": w * (1 - g) * neg_log_1mp,
         "count": w.expand_as(p),
     }
-    loss = sum((upstream[:, :, FUSED_SLOTS[name]][..., None] * term).sum() for name, term in terms.items())
+    phi, weight = (torch.zeros_like(p) if f is None else f.to(_accumulation(z.dtype)).double() for f in fields)
+    terms["field_pred_sum"] = w * p * phi
+    terms["field_sq_err_sum"] = w * (p - g) ** 2 * weight
+    loss = sum((upstream[:, :, SLOTS[name]][..., None] * term).sum() for name, term in terms.items())
     (grad,) = torch.autograd.grad(loss, z)
     return grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-@pytest.mark.parametrize("slots", ["lean", "every"])
+@pytest.mark.parametrize("slots", list(SLOT_SETS))
 @pytest.mark.parametrize("targets", ["labels", "soft"])
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
 def test_backward_matches_float64_autograd(activation, targets, slots, dtype):
     """The gradient in the logits' dtype, accumulated in float32 (float64 for float64): equal to the
-    float64 reference on the same (rounded) inputs within one rounding of the dtype."""
+    float64 reference on the same (rounded) inputs within one rounding of the dtype (the fields given
+    with every slot set: their slots' upstream is 0 with "lean")."""
     z, labels, target, mask = _inputs(activation, targets, dtype)
-    upstream = _upstream(LEAN_SLOTS if slots == "lean" else LEAN_SLOTS + OTHER_SLOTS, activation)
-    grad = _op_gradient(z, labels, target, mask, activation, upstream)
-    reference = _reference_gradient(z, labels, target, mask, activation, upstream)
+    upstream = _upstream(SLOT_SETS[slots], activation)
+    fields = _fields()
+    grad = _op_gradient(z, labels, target, mask, activation, upstream, fields)
+    reference = _reference_gradient(z, labels, target, mask, activation, upstream, fields)
     assert grad.dtype == dtype
     eps = EPS[dtype]
     accumulate = 1e-6 if dtype != torch.float64 else 1e-13  # float32 accumulation of the statistics
@@ -113,29 +138,53 @@ def test_lean_path_is_the_generic_path(activation, targets):
     """The backward is linear in the upstream gradient: the lean path's gradient of the lean slots plus
     the generic path's gradient of the others is the generic path's gradient of their sum (float64)."""
     z, labels, target, mask = _inputs(activation, targets, torch.float64)
-    lean = _upstream(LEAN_SLOTS, activation)
-    other = _upstream(OTHER_SLOTS, activation, seed=9)
-    both = _op_gradient(z, labels, target, mask, activation, lean + other)
-    parts = _op_gradient(z, labels, target, mask, activation, lean) + _op_gradient(
-        z, labels, target, mask, activation, other
-    )
-    torch.testing.assert_close(parts, both, rtol=1e-12, atol=1e-14)
+    fields = _fields()
+    for lean_slots in (LEAN_SLOTS, LEAN_SLOTS + FIELD_SLOTS, FIELD_SLOTS[:1], FIELD_SLOTS[1:]):
+        lean = _upstream(lean_slots, activation)
+        other = _upstream(OTHER_SLOTS, activation, seed=9)
+        both = _op_gradient(z, labels, target, mask, activation, lean + other, fields)
+        parts = _op_gradient(z, labels, target, mask, activation, lean, fields) + _op_gradient(
+            z, labels, target, mask, activation, other, fields
+        )
+        torch.testing.assert_close(parts, both, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("slots", ["lean", "fields"])
+@pytest.mark.parametrize("targets", ["labels", "soft"])
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
+def test_a_class_without_gradient_reads_no_field(activation, targets, slots):
+    """A class whose upstream is 0 on every statistic with a gradient (the background of a boundary
+    loss without it; its count may have one) is skipped: the gradient equals the float64 reference,
+    and a non-finite field of that class does not reach it (float64)."""
+    z, labels, target, mask = _inputs(activation, targets, torch.float64)
+    upstream = _upstream(SLOT_SETS[slots], activation)
+    upstream[:, 0] = 0.0
+    upstream[:, 0, SLOTS["count"]] = 1.5
+    phi, weight = _fields()
+    reference = _reference_gradient(z, labels, target, mask, activation, upstream, (phi, weight))
+    phi[:, 0], weight[:, 0] = float("nan"), float("inf")
+    grad = _op_gradient(z, labels, target, mask, activation, upstream, (phi, weight))
+    torch.testing.assert_close(grad, reference, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("variant", ["labels", "ignore", "soft"])
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
 def test_gradcheck_lean_backward(activation, variant):
-    """float64 gradcheck of the op's lean slots (gradcheck's upstream is then 0 on every other slot)."""
+    """float64 gradcheck of the op's lean slots, the fields' with them (gradcheck's upstream is then 0
+    on every other slot)."""
     z, labels, target, mask = _inputs(activation, "soft" if variant == "soft" else "labels", torch.float64, voxels=13)
     act = ACTIVATIONS[activation]
     has_ignore = variant == "ignore"
     if has_ignore:
         labels = labels.clone()
         labels[:, :3] = 255
-    index = torch.tensor([FUSED_SLOTS[name] for name in LEAN_SLOTS])
+    index = torch.tensor([SLOTS[name] for name in LEAN_SLOTS + FIELD_SLOTS])
+    phi, weight = _fields(voxels=13)
 
     def lean_stats(t):
-        stats = torch.ops.segloss.region_stats(t, labels, target, mask, act, 255, has_ignore, act != 0, False)
+        stats = torch.ops.segloss.region_stats(
+            t, labels, target, mask, act, 255, has_ignore, act != 0, False, None, phi, weight
+        )
         return stats.index_select(2, index)
 
     assert torch.autograd.gradcheck(lean_stats, (z.requires_grad_(True),), eps=1e-6, atol=1e-6)
